@@ -1,0 +1,32 @@
+# Thin wrappers: each target runs one documented command. `make setup` is idempotent.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-slow lint demo eval clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	bash scripts/setup_venv.sh $(VENV)
+	touch $(STAMP)
+
+# pytest exits 5 when no test was collected: not a failure of the suite.
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+eval: $(STAMP)
+	bash scripts/eval_latest.sh $(DRAFT)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,169 @@
+"""Native draft checkpoints: ``model.safetensors`` + ``config.json`` (+ ``calibration.json`` when calibrated).
+
+Only the draft's own weights are stored by default: the embedding and LM head belong to the target and are
+shared at load time. ``config.json`` says which target the draft was trained for (id, revision, depth,
+width, vocabulary), which layers it taps and in which convention, and everything needed to rebuild the
+module. Loading checks the draft against the target and stops with a message naming the mismatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark_model import __version__
+from dspark_model.config import TargetSpec
+from dspark_model.draft import DSparkDraft
+from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
+
+CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME = "config.json", "model.safetensors", "calibration.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the target it is loaded against (or is not a draft checkpoint)."""
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON next to its destination, then rename over it: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None, target=None,
+                      dtype: torch.dtype | None = None) -> dict:
+    """The config.json content for a draft."""
+    arch = dict(draft.arch)
+    spec = dataclasses.asdict(target_spec) if target_spec is not None else {}
+    if target is not None:
+        spec.setdefault("id", target.name_or_path)
+        spec.update(num_layers=target.num_layers, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                    model_type=getattr(target.config, "model_type", None),
+                    architectures=getattr(target.model.config, "architectures", None))
+    return {
+        "model_type": "dspark",
+        "format_version": FORMAT_VERSION,
+        "toolkit_version": __version__,
+        "target": spec,
+        "tap_layer_ids": list(draft.tap_layer_ids),
+        "tap_layer_convention": f"{TAP_CONVENTION}: id i is the output of decoder layer i, i.e. "
+                                f"hidden_states[i + 1] in transformers; speculators counts id + 1",
+        "final_hidden": FINAL_HIDDEN_CONVENTION,
+        "block_size": draft.block_size,
+        "mask_token_id": draft.mask_token_id,
+        "sequential_head": draft.sequential_head,
+        "markov_rank": arch["markov_rank"] if draft.markov_head is not None else 0,
+        "confidence_head": draft.confidence_head is not None,
+        "confidence_head_with_markov": bool(draft.confidence_head is not None and draft.markov_head is not None),
+        "num_layers": draft.num_layers,
+        "dtype": str(dtype or next(draft.parameters()).dtype).replace("torch.", ""),
+        "includes_target_embeddings": False,
+        "arch": arch,
+    }
+
+
+def save_pretrained(draft: DSparkDraft, out_dir: str | Path, target_spec: TargetSpec | None = None,
+                    extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write the draft to ``out_dir`` atomically (a temp folder renamed into place)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in draft.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_type": "dspark"})
+        config = draft_config_dict(draft, target_spec, getattr(draft, "target", None), dtype)
+        config.update(extra or {})
+        write_json_atomic(tmp / CONFIG_NAME, config)
+        if draft.calibration is not None:
+            write_json_atomic(tmp / CALIBRATION_NAME, draft.calibration)
+        elif (out_dir / CALIBRATION_NAME).exists():  # keep a calibration written earlier beside the weights
+            shutil.copy2(out_dir / CALIBRATION_NAME, tmp / CALIBRATION_NAME)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_draft_config(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointMismatchError(f"{ckpt_dir} is not a draft checkpoint: {CONFIG_NAME} is missing "
+                                      f"(expected the output of save_pretrained, e.g. runs/train/<name>/final)")
+    config = json.loads(path.read_text())
+    if config.get("model_type") != "dspark":
+        raise CheckpointMismatchError(f"{path} has model_type {config.get('model_type')!r}, not 'dspark'")
+    return config
+
+
+def target_spec_from_checkpoint(ckpt_dir: str | Path) -> TargetSpec:
+    """The TargetSpec a checkpoint was trained with, with the draft's tap layers."""
+    config = read_draft_config(ckpt_dir)
+    names = {f.name for f in dataclasses.fields(TargetSpec)}
+    spec = TargetSpec(**{k: v for k, v in config.get("target", {}).items() if k in names})
+    spec.tap_layer_ids = list(config["tap_layer_ids"])
+    return spec
+
+
+def check_against_target(config: dict, target) -> None:
+    """Raise CheckpointMismatchError naming every way the checkpoint does not fit ``target``."""
+    problems = []
+    arch, trained = config["arch"], config.get("target", {})
+    if arch["vocab_size"] != target.vocab_size:
+        problems.append(f"vocab size: draft {arch['vocab_size']} vs target {target.vocab_size}")
+    if arch["hidden_size"] != target.hidden_size:
+        problems.append(f"width: draft {arch['hidden_size']} vs target {target.hidden_size}")
+    if trained.get("num_layers") not in (None, target.num_layers):
+        problems.append(f"depth: draft trained on a {trained['num_layers']}-layer target, this one has "
+                        f"{target.num_layers}")
+    if list(config["tap_layer_ids"]) != list(target.tap_layer_ids):
+        problems.append(f"tap layer ids: draft {config['tap_layer_ids']} vs target {target.tap_layer_ids} "
+                        f"(load the target with tap_layer_ids={config['tap_layer_ids']})")
+    if problems:
+        raise CheckpointMismatchError(
+            f"draft checkpoint (trained for {trained.get('id', '?')}) does not fit target "
+            f"{target.name_or_path}: " + "; ".join(problems))
+
+
+def load_draft(ckpt_dir: str | Path, target=None, device=None) -> DSparkDraft:
+    """Rebuild a draft from ``ckpt_dir``; with a target, check it and attach it."""
+    config = read_draft_config(ckpt_dir)
+    if target is not None:
+        check_against_target(config, target)
+    draft = DSparkDraft(**config["arch"])
+    weights = Path(ckpt_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointMismatchError(f"{ckpt_dir}: {WEIGHTS_NAME} is missing")
+    state = load_file(str(weights))
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointMismatchError(f"{weights}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
+    draft.to(dtype=next(iter(state.values())).dtype)
+    calib = Path(ckpt_dir) / CALIBRATION_NAME
+    if calib.is_file():
+        draft.calibration = json.loads(calib.read_text())
+    if target is not None:
+        draft.to(device=device or target.device).attach_target(target)
+    elif device is not None:
+        draft.to(device)
+    return draft.eval()

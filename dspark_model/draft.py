@@ -1,0 +1,405 @@
+"""The DSpark draft: one implementation for every target family (paper section 3.1, DESIGN.md).
+
+Backbone (DFlash-style parallel block diffusion):
+  context features  H_ctx = RMSNorm(fc([h_{l1}; ...; h_{lm}]))          from tapped target layers
+  block input       [anchor x_p, mask, ..., mask] (gamma slots), slot k at position p + k, predicts x_{p+k+1}
+  each layer        queries from the block; keys/values = [W_k H_ctx ; W_k H_block] (KV injection);
+                    the block attends bidirectionally to itself and only to context positions < p
+  output            h_k after a final RMSNorm; base logits U_k = target lm_head(h_k)
+Then a sequential head (heads.py) adds a bias from the previous token, and a confidence head predicts
+P(slot k accepted | earlier slots accepted).
+
+Sizes (heads, KV heads, MLP width, RoPE) come from the target config; the embedding and LM head are the
+target's own, frozen and shared - they are NOT parameters of this module (see ``attach_target``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark_model.config import DraftConfig
+from dspark_model.heads import HEAD_KINDS, ConfidenceHead, SequentialHead
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, S, hd); cos/sin (B, S, hd)."""
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv: int, head_dim: int, eps: float):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, n_kv * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, n_kv * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=False)
+        self.q_norm = nn.RMSNorm(head_dim, eps=eps)
+        self.k_norm = nn.RMSNorm(head_dim, eps=eps)
+
+    def project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (B, S, d) -> k, v (B, n_kv, S, hd), k normed and rotated."""
+        B, S, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
+
+    def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
+        """h (B, Q, d) block states; ctx_k/v (B, n_kv, C, hd); mask (B, 1, Q, C + Q) bool or None."""
+        B, Q, _ = h.shape
+        q = self.q_norm(self.q_proj(h).view(B, Q, self.n_heads, self.head_dim)).transpose(1, 2)
+        q = apply_rope(q, cos, sin)  # (B, H, Q, hd)
+        kb, vb = self.project_kv(h, cos, sin)
+        k = torch.cat([ctx_k.to(kb.dtype), kb], dim=2)  # (B, n_kv, C + Q, hd)
+        v = torch.cat([ctx_v.to(vb.dtype), vb], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, hidden, n_heads, n_kv, head_dim, intermediate, eps, act):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.self_attn = DraftAttention(hidden, n_heads, n_kv, head_dim, eps)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.mlp = nn.ModuleDict(dict(
+            gate_proj=nn.Linear(hidden, intermediate, bias=False),
+            up_proj=nn.Linear(hidden, intermediate, bias=False),
+            down_proj=nn.Linear(intermediate, hidden, bias=False),
+        ))
+        self.act = ACT2FN[act]
+
+    def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, ctx_k, ctx_v, mask)
+        x = self.post_attention_layernorm(h)
+        return h + self.mlp["down_proj"](self.act(self.mlp["gate_proj"](x)) * self.mlp["up_proj"](x))
+
+
+@dataclass
+class DraftProposal:
+    tokens: torch.Tensor  # (B, G) drafted tokens
+    probs: torch.Tensor  # (B, G, V) fp32 draft distributions they were sampled from (one-hot when greedy)
+    confidences: torch.Tensor | None  # (B, G) c_k in (0, 1), or None without a confidence head
+
+
+class DraftContextCache:
+    """Per-layer keys/values of the projected context features, grown as the target accepts tokens."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer] = k if self.k[layer] is None else torch.cat([self.k[layer], k], dim=2)
+        self.v[layer] = v if self.v[layer] is None else torch.cat([self.v[layer], v], dim=2)
+
+    def crop(self, length: int) -> None:
+        self.k = [None if t is None else t[:, :, :length] for t in self.k]
+        self.v = [None if t is None else t[:, :, :length] for t in self.v]
+
+
+class DSparkDraft(nn.Module):
+    """Parallel block backbone + sequential head + confidence head. See the module docstring."""
+
+    def __init__(self, *, hidden_size: int, num_layers: int, num_attention_heads: int, num_key_value_heads: int,
+                 head_dim: int, intermediate_size: int, rms_norm_eps: float, hidden_act: str,
+                 vocab_size: int, tap_layer_ids: list[int], block_size: int, mask_token_id: int | None,
+                 sequential_head: str, markov_rank: int, confidence_head: bool, rope_config: dict,
+                 initializer_range: float = 0.02):
+        super().__init__()
+        if sequential_head not in HEAD_KINDS:
+            raise ValueError(f"draft.sequential_head must be one of {HEAD_KINDS}, got {sequential_head!r}")
+        if block_size < 1:
+            raise ValueError(f"draft.block_size must be >= 1, got {block_size}")
+        self.arch = dict(hidden_size=hidden_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
+                         num_key_value_heads=num_key_value_heads, head_dim=head_dim,
+                         intermediate_size=intermediate_size, rms_norm_eps=rms_norm_eps, hidden_act=hidden_act,
+                         vocab_size=vocab_size, tap_layer_ids=list(tap_layer_ids), block_size=block_size,
+                         mask_token_id=mask_token_id, sequential_head=sequential_head, markov_rank=markov_rank,
+                         confidence_head=confidence_head, rope_config=dict(rope_config),
+                         initializer_range=initializer_range)
+        self.block_size, self.mask_token_id, self.tap_layer_ids = block_size, mask_token_id, list(tap_layer_ids)
+        self.fc = nn.Linear(len(tap_layer_ids) * hidden_size, hidden_size, bias=False)
+        self.hidden_norm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(hidden_size, num_attention_heads, num_key_value_heads, head_dim,
+                                               intermediate_size, rms_norm_eps, hidden_act)
+                                    for _ in range(num_layers))
+        self.norm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
+        rank = markov_rank if sequential_head != "none" else 0
+        self.markov_head = SequentialHead(sequential_head, vocab_size, rank, hidden_size) if rank else None
+        self.confidence_head = ConfidenceHead(hidden_size, rank) if confidence_head else None
+        self.rotary = _rotary_from_config(rope_config, head_dim)
+        self.calibration: dict | None = None  # filled by checkpoint loading when calibration.json exists
+        self._init_weights(initializer_range)
+
+    def _init_weights(self, std: float) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.device.type != "meta":
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ---- the frozen, shared target pieces ------------------------------------------------------------
+    def attach_target(self, target) -> DSparkDraft:
+        """Share the target's embedding and LM head (kept out of this module's parameters and state)."""
+        if target.hidden_size != self.arch["hidden_size"] or target.vocab_size != self.arch["vocab_size"]:
+            raise ValueError(f"draft (width {self.arch['hidden_size']}, vocab {self.arch['vocab_size']}) does not "
+                             f"fit target (width {target.hidden_size}, vocab {target.vocab_size})")
+        self.__dict__["target"] = target  # plain attribute: not a submodule, not in state_dict
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def sequential_head(self) -> str:
+        return self.arch["sequential_head"]
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.target.embed_tokens(ids).to(self.fc.weight.dtype)
+
+    def context_features(self, tap_hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_taps * d) tapped target states -> (B, T, d) projected, normed context features."""
+        return self.hidden_norm(self.fc(tap_hidden.to(self.fc.weight.dtype)))
+
+    def _rope(self, positions: torch.Tensor, like: torch.Tensor):
+        return self.rotary(like, positions)
+
+    def _run_layers(self, block_emb, block_pos, ctx_feats, ctx_pos, mask, cache: DraftContextCache | None):
+        """Backbone over the block. ctx_feats are new context positions (appended to cache if given)."""
+        cos_b, sin_b = self._rope(block_pos, block_emb)
+        cos_c, sin_c = self._rope(ctx_pos, block_emb) if ctx_feats is not None else (None, None)
+        h = block_emb
+        for i, layer in enumerate(self.layers):
+            if ctx_feats is not None:
+                ck, cv = layer.self_attn.project_kv(ctx_feats, cos_c, sin_c)
+                if cache is not None:
+                    cache.append(i, ck, cv)
+            if cache is not None:
+                ck, cv = cache.k[i], cache.v[i]
+            h = layer(h, cos_b, sin_b, ck, cv, mask)
+        return self.norm(h)
+
+    # ---- training forward ------------------------------------------------------------------------------
+    def block_inputs(self, input_ids: torch.Tensor, anchors: torch.Tensor):
+        """Tokens around anchors: (B, T) ids, (B, A) anchor positions ->
+        prev (B, A, G) previous-token ids (anchor, then x_{p+k}), labels (B, A, G) = x_{p+k+1},
+        in_range (B, A, G) bool (label inside the sequence)."""
+        G, T = self.block_size, input_ids.shape[1]
+        offs = torch.arange(G, device=anchors.device)
+        pos = anchors.unsqueeze(-1) + offs  # (B, A, G) = p + k
+        in_range = pos + 1 < T
+        b = torch.arange(input_ids.shape[0], device=anchors.device)[:, None, None]
+        prev = input_ids[b, pos.clamp(max=T - 1)]
+        labels = input_ids[b, (pos + 1).clamp(max=T - 1)]
+        return prev, labels, in_range
+
+    def forward_train(self, tap_hidden: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor):
+        """Many blocks per sequence in one pass.
+
+        tap_hidden (B, T, n_taps*d), input_ids (B, T), anchors (B, A) positions p with 1 <= p < T.
+        Returns final-normed block states (B, A, G, d). Logits are left to ``logits`` per chunk.
+        """
+        B, T = input_ids.shape
+        A, G = anchors.shape[1], self.block_size
+        if self.mask_token_id is None:
+            raise ValueError("draft has no mask_token_id; build it with build_draft_for(target, cfg)")
+        block_pos = (anchors.unsqueeze(-1) + torch.arange(G, device=anchors.device)).reshape(B, A * G)
+        block_ids = torch.full((B, A, G), self.mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        block_ids[:, :, 0] = input_ids.gather(1, anchors)
+        ctx_pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        # mask (B, 1, A*G, T + A*G): context strictly before the anchor; bidirectional within a block.
+        anchor_of_q = anchors.repeat_interleave(G, dim=1)  # (B, A*G)
+        ctx_ok = ctx_pos[:, None, :] < anchor_of_q[:, :, None]  # (B, A*G, T)
+        blk = torch.arange(A, device=anchors.device).repeat_interleave(G)
+        blk_ok = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # (B, A*G, A*G)
+        mask = torch.cat([ctx_ok, blk_ok], dim=-1).unsqueeze(1)
+        feats = self.context_features(tap_hidden)
+        h = self._run_layers(self._embed(block_ids.reshape(B, A * G)), block_pos, feats, ctx_pos, mask, None)
+        return h.view(B, A, G, -1)
+
+    # ---- heads (shared by training and inference) ------------------------------------------------------
+    def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Draft logits for whole blocks: h (N, G, d), prev (N, G) teacher-forced -> (N, G, V) fp32.
+
+        Call it on chunks of blocks: the output is full-vocabulary.
+        """
+        base = self.target.logits(h.to(self.target.dtype)).float()
+        if self.markov_head is None:
+            return base
+        return base + self.markov_head.bias(self.markov_head.features(h, prev)).float()
+
+    def confidence_logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        """(N, G, d), (N, G) -> (N, G) pre-sigmoid confidences, or None without a confidence head."""
+        if self.confidence_head is None:
+            return None
+        emb = self.markov_head.markov_w1(prev) if self.markov_head is not None else None
+        return self.confidence_head(h, emb)
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def new_cache(self) -> DraftContextCache:
+        return DraftContextCache(self.num_layers)
+
+    def extend_context(self, cache: DraftContextCache, tap_hidden: torch.Tensor) -> None:
+        """Append context positions cache.length .. cache.length + n - 1 from (B, n, n_taps*d) tap states."""
+        n, start = tap_hidden.shape[1], cache.length
+        pos = torch.arange(start, start + n, device=tap_hidden.device).expand(tap_hidden.shape[0], n)
+        feats = self.context_features(tap_hidden)
+        cos, sin = self._rope(pos, feats)
+        for i, layer in enumerate(self.layers):
+            cache.append(i, *layer.self_attn.project_kv(feats, cos, sin))
+
+    @torch.no_grad()
+    def propose(self, cache: DraftContextCache, anchor: torch.Tensor, temperature: float = 0.0,
+                generator: torch.Generator | None = None, gamma: int | None = None) -> DraftProposal:
+        """Draft ``gamma`` tokens after ``anchor`` (B,), at position cache.length (context = all cached).
+
+        The backbone runs once; the sequential head then samples left to right. Sampling is fp32.
+        """
+        G = gamma or self.block_size
+        if G > self.block_size:
+            raise ValueError(f"gamma {G} exceeds the trained block size {self.block_size}")
+        B, p = anchor.shape[0], cache.length
+        ids = torch.full((B, G), self.mask_token_id, dtype=anchor.dtype, device=anchor.device)
+        ids[:, 0] = anchor
+        pos = torch.arange(p, p + G, device=anchor.device).expand(B, G)
+        h = self._run_layers(self._embed(ids), pos, None, None, None, cache)  # (B, G, d)
+        base = self.target.logits(h.to(self.target.dtype)).float()  # (B, G, V)
+        tokens, probs, confs = [], [], []
+        prev, state = anchor, None
+        for k in range(G):
+            logit = base[:, k]
+            if self.markov_head is not None:
+                feat, state = self.markov_head.step(h[:, k], prev, state)
+                logit = logit + self.markov_head.bias(feat).float()
+            if self.confidence_head is not None:
+                emb = self.markov_head.markov_w1(prev) if self.markov_head is not None else None
+                confs.append(torch.sigmoid(self.confidence_head(h[:, k], emb).float()))
+            x, q = sample_from_logits(logit, temperature, generator)
+            tokens.append(x)
+            probs.append(q)
+            prev = x
+        return DraftProposal(torch.stack(tokens, 1), torch.stack(probs, 1),
+                             torch.stack(confs, 1) if confs else None)
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float, generator=None):
+    """(B, V) logits -> token (B,), distribution (B, V) fp32. T = 0 is greedy (one-hot distribution)."""
+    logits = logits.float()
+    if temperature <= 0:
+        x = logits.argmax(-1)
+        return x, F.one_hot(x, logits.shape[-1]).float()
+    q = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
+
+
+class _Rotary(nn.Module):
+    """RoPE from the target's own rope parameters, computed by transformers (llama3/yarn/... scaling too)."""
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.inner = LlamaRotaryEmbedding(config)
+        self._inv_freq_fp32 = self.inner.inv_freq.detach().clone().float()  # plain attribute: never cast
+
+    def _apply(self, fn, recurse=True):
+        # Casting the draft to bf16 must not round RoPE frequencies: restore them in fp32 after any move.
+        super()._apply(fn, recurse)
+        device = self.inner.inv_freq.device
+        self.inner.inv_freq = self._inv_freq_fp32.to(device)
+        self.inner.original_inv_freq = self._inv_freq_fp32.to(device)
+        return self
+
+    def forward(self, like: torch.Tensor, positions: torch.Tensor):
+        return self.inner(like, positions)
+
+
+def _rotary_from_config(rope_config: dict, head_dim: int) -> nn.Module:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
+                      max_position_embeddings=rope_config.get("max_position_embeddings", 4096),
+                      rope_parameters=dict(rope_config["rope_parameters"]))
+    return _Rotary(cfg)
+
+
+def draft_kwargs(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask_token_id: int | None,
+                 vocab_size: int | None = None) -> dict:
+    """Map the draft config + the target's config to ``DSparkDraft`` constructor arguments."""
+    tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    n_heads = cfg.num_attention_heads or tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    rope = getattr(tc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 1e4)}
+    return dict(
+        hidden_size=tc.hidden_size, num_layers=cfg.num_layers, num_attention_heads=n_heads,
+        num_key_value_heads=cfg.num_key_value_heads or getattr(tc, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim, intermediate_size=cfg.intermediate_size or tc.intermediate_size,
+        rms_norm_eps=cfg.rms_norm_eps or getattr(tc, "rms_norm_eps", 1e-6),
+        hidden_act=getattr(tc, "hidden_act", "silu"), vocab_size=vocab_size or tc.vocab_size,
+        tap_layer_ids=list(tap_layer_ids), block_size=cfg.block_size, mask_token_id=mask_token_id,
+        sequential_head=cfg.sequential_head, markov_rank=cfg.markov_rank, confidence_head=cfg.confidence_head,
+        rope_config={"rope_parameters": dict(rope), "max_position_embeddings": tc.max_position_embeddings},
+        initializer_range=cfg.initializer_range,
+    )
+
+
+def build_draft(cfg: DraftConfig, target_config, tap_layer_ids: list[int] | None = None,
+                mask_token_id: int | None = None) -> DSparkDraft:
+    """Config -> draft module (no target attached; works on the meta device for sizing)."""
+    from dspark_model.target import default_tap_layer_ids, text_config
+
+    tc = text_config(target_config)
+    taps = tap_layer_ids or default_tap_layer_ids(tc.num_hidden_layers)
+    return DSparkDraft(**draft_kwargs(cfg, tc, taps, cfg.mask_token_id if mask_token_id is None else mask_token_id))
+
+
+def choose_mask_token_id(tokenizer, embedding_rows: int) -> int:
+    """The embedding row fed to mask slots (DESIGN.md): the tokenizer's mask token; else the first spare
+    embedding row beyond the tokenizer's vocabulary; else pad, then unk."""
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        return int(tokenizer.mask_token_id)
+    if embedding_rows > len(tokenizer):
+        return len(tokenizer)
+    for name in ("pad_token_id", "unk_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            return int(getattr(tokenizer, name))
+    raise ValueError("cannot choose a mask token: the tokenizer has no mask/pad/unk token and the embedding "
+                     "has no spare row; set draft.mask_token_id explicitly")
+
+
+def build_draft_for(target, cfg: DraftConfig) -> DSparkDraft:
+    """Build a draft for a loaded target (tap layers and mask token derived) and attach the target."""
+    mask = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(target.tokenizer,
+                                                                                         target.vocab_size)
+    draft = DSparkDraft(**draft_kwargs(cfg, target.config, target.tap_layer_ids, mask, target.vocab_size))
+    return draft.to(device=target.device).attach_target(target)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def position_weights(gamma: int, decay: float, device=None) -> torch.Tensor:
+    """w_k = exp(-(k-1)/decay) for slots k = 1..gamma (paper 3.3; decay = block size in the text, 4 in code)."""
+    return torch.exp(-torch.arange(gamma, device=device, dtype=torch.float32) / decay)
+
+
+__all__ = ["DSparkDraft", "DraftProposal", "DraftContextCache", "build_draft", "build_draft_for",
+           "choose_mask_token_id", "count_parameters", "position_weights", "sample_from_logits"]
