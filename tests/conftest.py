@@ -10,6 +10,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+torch.set_num_threads(1)  # tiny ops: thread hand-off costs more than it saves
+
 from dspark_model.config import DraftConfig, TargetSpec  # noqa: E402
 from dspark_model.target import load_target  # noqa: E402
 

@@ -1,0 +1,438 @@
+"""Model card (README.md) for an exported draft: Hub metadata, how to serve it, and what was measured.
+
+The card is rendered from the export folder itself (config.json, calibration.json, the weights header) plus
+optional documents found beside the checkpoint or named on the command line:
+
+* the eval ``report.json`` (tau per dataset, acceptance by position, tokens/s and speed-ups),
+* the resolved training config (yaml or json),
+* the data_prep ``manifest.json`` (prompt sources and their hashes).
+
+Secrets never reach the card: any config key that looks like a token, key, secret or password is redacted.
+The license follows the target's (a small map of known families; anything else is ``other`` with a note).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dspark_model import __version__
+from dspark_model.export_schema import (
+    TOOLKIT_KEY,
+    deepspec_architecture,
+    deepspec_can_evaluate,
+    describe,
+    detect_format,
+    native_config,
+    read_config,
+    read_weights_header,
+)
+
+
+class CardError(ValueError):
+    """A document meant for the card cannot be read; the message names the file and the fix."""
+
+
+@dataclass
+class CardSources:
+    """Optional documents for the card (paths, or already-parsed dicts), and the repo id for usage snippets."""
+
+    report: str | dict | None = None
+    data_manifest: str | dict | None = None
+    train_config: str | dict | None = None
+    repo_id: str | None = None
+
+
+@dataclass
+class CardContext:
+    fmt: str
+    config: dict
+    native: dict  # native_config(fmt, config)
+    target_id: str
+    target_revision: str | None
+    target_model_type: str | None
+    target_architectures: list[str]
+    target_num_layers: int | None
+    dtype: str
+    num_parameters: int
+    includes_embeddings: bool
+    repo_id: str | None = None
+    calibration: dict | None = None
+    report: dict | None = None
+    train_config: dict | None = None
+    data_manifest: dict | None = None
+    toolkit_version: str = __version__
+    files: list[str] = field(default_factory=list)
+
+
+# (pattern on the lower-cased target id, Hub license id, note or None). First match wins.
+_LICENSES = (
+    (r"qwen2\.5-(3b|72b)", "other", "Qwen2.5-3B/72B use the Qwen research / Qwen license; see the target's card"),
+    (r"qwen", "apache-2.0", None),
+    (r"llama-?3\.1", "llama3.1", None),
+    (r"llama-?3\.2", "llama3.2", None),
+    (r"llama-?3\.3", "llama3.3", None),
+    (r"llama-?3", "llama3", None),
+    (r"llama-?2", "llama2", None),
+    (r"gemma", "gemma", None),
+    (r"mistral-7b|mixtral", "apache-2.0", None),
+    (r"smollm", "apache-2.0", None),
+    (r"phi-?[34]", "mit", None),
+)
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+REPO_PLACEHOLDER = "<this-repo-id>"
+# Key names that hold credentials (hf_token, api_key, wandb_api_key, password, ...); not mask_token_id etc.
+_SECRET = re.compile(r"(^|_)(token|api_?key|key|secret|password|passwd|credentials?|auth)$", re.IGNORECASE)
+
+
+def license_for(target_id: str) -> tuple[str, str | None]:
+    """(Hub license id, note) following the target's license."""
+    low = (target_id or "").lower()
+    for pattern, lic, note in _LICENSES:
+        if re.search(pattern, low):
+            return lic, note
+    return "other", (f"the license of {target_id or 'the target'} is not in this toolkit's map; this draft is "
+                     f"derived from it (trained on its outputs, shares its embeddings): apply the target's license")
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def _is_secret(key, value) -> bool:
+    # special-token strings such as pad_token: "<|endoftext|>" are not credentials
+    return bool(_SECRET.search(str(key))) and isinstance(value, str) and bool(value) and not value.startswith("<")
+
+
+def redact(obj):
+    """Copy of a nested config with credential-looking string values replaced by '<redacted>'."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if _is_secret(k, v) else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def _read_doc(path: str | dict | None, what: str) -> dict | None:
+    if isinstance(path, dict) or not path:
+        return path or None
+    p = Path(path)
+    if not p.is_file():
+        raise CardError(f"{what} {path} does not exist; fix the path or leave the option out")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(p.read_text())
+        else:
+            doc = json.loads(p.read_text())
+    except Exception as exc:  # yaml and json raise different types
+        raise CardError(f"{what} {path} cannot be parsed ({type(exc).__name__}: {exc})") from None
+    if not isinstance(doc, dict):
+        raise CardError(f"{what} {path} must hold a mapping at the top level")
+    return doc
+
+
+def discover_sources(ckpt_dir: str | Path) -> CardSources:
+    """Documents conventionally kept with a checkpoint: files beside it (report.json, eval/report.json,
+    train_config.yaml|json, config.yaml, .hydra/config.yaml, data_manifest.json, manifest.json), else the
+    ``train_config`` / ``data_manifest`` entries of its config.json (a dict, or a path to a file)."""
+    ck = Path(ckpt_dir)
+
+    def first(*names):
+        for n in names:
+            if (ck / n).is_file():
+                return str(ck / n)
+        return None
+
+    try:
+        extra = json.loads((ck / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        extra = {}
+
+    def embedded(key):
+        value = extra.get(key)
+        if isinstance(value, str) and not Path(value).is_file():
+            return None
+        return value if isinstance(value, (dict, str)) else None
+
+    return CardSources(report=first("report.json", "eval/report.json"),
+                       data_manifest=first("data_manifest.json", "manifest.json") or embedded("data_manifest"),
+                       train_config=first("train_config.yaml", "train_config.json", "config.yaml",
+                                          ".hydra/config.yaml") or embedded("train_config"))
+
+
+def _target_facts(fmt: str, config: dict, target) -> tuple:
+    prov = config.get(TOOLKIT_KEY, {})
+    if fmt == "native":
+        t = config.get("target", {})
+        facts = [t.get("id"), t.get("revision"), t.get("model_type"), t.get("architectures"), t.get("num_layers")]
+    elif fmt == "deepspec":
+        facts = [prov.get("target_id"), prov.get("target_revision"), config.get("model_type"), None,
+                 prov.get("target_num_hidden_layers")]
+    else:
+        v = config["speculators_config"]["verifier"]
+        facts = [v.get("name_or_path"), prov.get("target_revision"),
+                 config["transformer_layer_config"].get("model_type"), v.get("architectures"),
+                 prov.get("target_num_hidden_layers")]
+    if target is not None:
+        facts = [target.name_or_path, target.revision, getattr(target.config, "model_type", None),
+                 getattr(target.model.config, "architectures", None) or [type(target.model).__name__],
+                 target.num_layers]
+    return tuple(facts)
+
+
+def context_from_export(export_dir: str | Path, sources: CardSources | None = None, target=None) -> CardContext:
+    """Everything the card needs, read from an export folder (+ optional documents and the live target)."""
+    export_dir, sources = Path(export_dir), sources or CardSources()
+    config = read_config(export_dir)
+    fmt = detect_format(config)
+    native = native_config(fmt, config)
+    tid, rev, mtype, archs, depth = _target_facts(fmt, config, target)
+    header = read_weights_header(export_dir / "model.safetensors")
+    n_params = 0
+    for name, (shape, _) in header.items():
+        if name not in ("embed_tokens.weight", "lm_head.weight"):
+            count = 1
+            for s in shape:
+                count *= s
+            n_params += count
+    dtypes = sorted({dt for _, dt in header.values()})
+    calib = export_dir / "calibration.json"
+    return CardContext(
+        fmt=fmt, config=config, native=native, target_id=tid or "unknown", target_revision=rev,
+        target_model_type=mtype, target_architectures=list(archs or []), target_num_layers=depth,
+        dtype=",".join(_SAFETENSORS_DTYPES.get(d, d) for d in dtypes), num_parameters=n_params,
+        includes_embeddings="embed_tokens.weight" in header, repo_id=sources.repo_id,
+        calibration=json.loads(calib.read_text()) if calib.is_file() else None,
+        report=_read_doc(sources.report, "eval report"),
+        train_config=_read_doc(sources.train_config, "training config"),
+        data_manifest=_read_doc(sources.data_manifest, "data manifest"),
+        files=sorted(p.name for p in export_dir.iterdir() if not p.name.startswith(".")) + ["README.md"],
+    )
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------
+def _num(x, digits: int = 3) -> str:
+    if isinstance(x, bool) or x is None:
+        return "n/a" if x is None else str(x)
+    if isinstance(x, (int, float)):
+        return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+    return str(x)
+
+
+def _yaml_front_matter(ctx: CardContext) -> str:
+    lic, note = license_for(ctx.target_id)
+    tags = ["speculative-decoding", "dspark", "draft-model", f"{ctx.fmt}-format"]
+    if ctx.native["sequential_head"] == "none":
+        tags.append("dflash")
+    lines = ["---", f"base_model: {ctx.target_id}",
+             f"library_name: {'speculators' if ctx.fmt == 'speculators' else 'dspark-toolkit'}",
+             f"license: {lic}"]
+    if lic == "other":
+        lines.append("license_name: same-as-base-model")
+    lines += ["pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags] + ["---"]
+    return "\n".join(lines)
+
+
+def _layer_section(ctx: CardContext) -> str:
+    taps = ctx.native["tap_layer_ids"]
+    depth = ctx.target_num_layers
+    return "\n".join([
+        "## Layer ids (read this before serving)",
+        f"The draft reads the hidden states of {len(taps)} target layers"
+        + (f" of {depth}" if depth else "") + ". Engines count them differently:",
+        "",
+        "| convention | key | ids |", "|---|---|---|",
+        f"| decoder layer (this toolkit, DeepSpec): layer i's output = `hidden_states[i + 1]` "
+        f"| `tap_layer_ids` / `target_layer_ids` | {taps} |",
+        f"| hidden_states index (vLLM speculators) = decoder-layer id + 1 | `aux_hidden_state_layer_ids` "
+        f"| {[i + 1 for i in taps]} |",
+        "",
+        f"This {ctx.fmt} export stores "
+        + {"native": "decoder-layer ids (no conversion).",
+           "deepspec": "decoder-layer ids in `target_layer_ids` (no conversion).",
+           "speculators": "hidden_states indices in `aux_hidden_state_layer_ids` (converted: ours + 1)."}[ctx.fmt],
+    ])
+
+
+def _serving_section(ctx: CardContext) -> str:
+    repo = ctx.repo_id or REPO_PLACEHOLDER
+    G = ctx.native["block_size"]
+    taps = ctx.native["tap_layer_ids"]
+    mtype = ctx.target_model_type or "unknown"
+    out = ["## How to serve", "",
+           "### vLLM (speculators format)",
+           "Export with `--format speculators`; the config names its verifier, so a vLLM build with the "
+           "speculators `dspark` algorithm can serve it directly:", "```bash",
+           f"vllm serve {repo if ctx.fmt == 'speculators' else '<speculators-export-repo>'}", "```",
+           f"or next to the target: `vllm serve {ctx.target_id} --speculative-config "
+           f"'{{\"model\": \"{repo}\", \"num_speculative_tokens\": {G}}}'`.", "",
+           "### SGLang / DeepSpec (deepspec format)",
+           f"Export with `--format deepspec` (config `architectures` = `{deepspec_architecture(mtype)}`, "
+           "`embed_tokens`/`lm_head` included). Point the engine's draft-model path at this repo with "
+           f"{G} draft tokens per step, e.g. `--speculative-draft-model-path {repo} "
+           f"--speculative-num-draft-tokens {G}` next to `--model-path {ctx.target_id}`."]
+    if not deepspec_can_evaluate(mtype):
+        out.append(f"Note: DeepSpec's evaluator only dispatches on `Qwen3DSparkModel` and `Gemma4DSparkModel`; "
+                   f"it cannot evaluate this `{mtype}` draft.")
+    out += ["", "### This toolkit", "```python", "from dspark_model import TargetSpec, load_target",
+            "from dspark_model.export import load_export",
+            f"target = load_target(TargetSpec(id=\"{ctx.target_id}\", path=None, tap_layer_ids={taps}))",
+            "draft = load_export(\"<downloaded folder>\", target)  # any of the three formats", "```"]
+    return "\n".join(out)
+
+
+def _files_section(ctx: CardContext) -> str:
+    included = {
+        "native": "draft weights only (the target's embedding and LM head are shared at load time)",
+        "deepspec": ("draft weights plus the target's `embed_tokens.weight` and `lm_head.weight`"
+                     if ctx.includes_embeddings else
+                     "draft weights only: exported with --no-embeddings, DeepSpec's evaluator would use "
+                     "RANDOM embeddings"),
+        "speculators": "draft weights only: neither `embed_tokens` nor `lm_head` (vLLM shares the verifier's)",
+    }[ctx.fmt]
+    return "\n".join([f"## Files ({ctx.fmt} format, {ctx.dtype}, safetensors only)",
+                      f"Contents: {included}.", "", "Files: " + ", ".join(f"`{f}`" for f in ctx.files), "",
+                      "<details><summary>config.json schema</summary>", "", describe(ctx.fmt), "", "</details>"])
+
+
+def _report_section(report: dict | None) -> str:
+    if not report:
+        return "## Measured acceptance\nNo eval report was given at export time (`--report report.json`)."
+    out = ["## Measured acceptance", "tau = tokens emitted per target verification forward (accepted + bonus)."]
+    given = {**report, **(report.get("settings") or {})}
+    settings = {k: given[k] for k in ("temperature", "gamma", "max_new_tokens", "device", "hardware") if k in given
+                and not isinstance(given[k], (dict, list))}
+    if settings:
+        out.append("Settings: " + ", ".join(f"{k} = {_num(v)}" for k, v in settings.items()))
+    by_ds = report.get("tau_by_dataset") or {}
+    speed = report.get("speedup_vs_generate")
+    out += ["", "| dataset | tau | speed-up vs generate |", "|---|---|---|"]
+    for name, val in by_ds.items():
+        tau = val.get("tau") if isinstance(val, dict) else val
+        s = speed.get(name) if isinstance(speed, dict) else None
+        out.append(f"| {name} | {_num(tau)} | {_num(s, 2) if s is not None else ''} |")
+    pooled_speed = speed if not isinstance(speed, dict) else speed.get("pooled", speed.get("all"))
+    out.append(f"| **pooled** | **{_num(report.get('tau'))}** | {_num(pooled_speed, 2)} |")
+    tps = report.get("tokens_per_s") or {}
+    if all(isinstance(tps.get(k), (int, float)) for k in ("spec", "generate")):
+        row = f"Tokens/s: speculative {_num(tps['spec'], 1)}, plain generate {_num(tps['generate'], 1)}"
+        vs_lookup = report.get("speedup_vs_prompt_lookup")
+        if isinstance(tps.get("prompt_lookup"), (int, float)) and tps["prompt_lookup"]:
+            vs_lookup = vs_lookup if isinstance(vs_lookup, (int, float)) else tps["spec"] / tps["prompt_lookup"]
+            row += f", prompt lookup {_num(tps['prompt_lookup'], 1)}"
+        if isinstance(vs_lookup, (int, float)):
+            row += f" (speed-up vs prompt lookup {vs_lookup:.2f}x)"
+        out += ["", row + "."]
+    for key, label in (("conditional_acceptance", "Conditional acceptance P(k accepted | 1..k-1 accepted)"),
+                       ("prefix_survival", "Prefix survival P(1..k all accepted)")):
+        val = report.get(key)
+        if isinstance(val, dict):
+            val = val.get("pooled", val.get("all"))
+        if isinstance(val, list):
+            out.append(f"{label} by position: " + ", ".join(_num(v) for v in val) + ".")
+    if "greedy_match_rate" in report:
+        out.append(f"Greedy outputs identical to plain greedy decoding: {_num(report['greedy_match_rate'])} "
+                   f"(lossless check, must be 1.0).")
+    return "\n".join(out)
+
+
+def _calibration_section(calib: dict | None, ctx: CardContext) -> str:
+    if ctx.native["confidence_head"] is False:
+        return "## Confidence calibration\nThis draft has no confidence head."
+    if not calib:
+        return "## Confidence calibration\nNot calibrated (no calibration.json)."
+    temps = calib.get("temperatures")
+    out = ["## Confidence calibration",
+           "Sequential Temperature Scaling of the confidence head (calibration.json holds the temperatures).",
+           f"- positions: {_num(calib.get('gamma'))}; temperatures: "
+           + (", ".join(_num(t, 3) for t in temps) if isinstance(temps, list) else "n/a"),
+           f"- ECE of prefix survival (held out): {_num(calib.get('ece_before'))} before -> "
+           f"{_num(calib.get('ece_after'))} after; AUROC {_num(calib.get('auroc'))}; "
+           f"Brier {_num(calib.get('brier'))}"]
+    thr = calib.get("threshold")
+    if isinstance(thr, dict) and "recommended" in thr:
+        out.append(f"- recommended static threshold: {_num(thr['recommended'])} ({thr.get('rule', '')})")
+    if isinstance(calib.get("scheduler_vs_best_fixed"), (int, float)):
+        out.append(f"- verification-budget scheduler vs best fixed gamma (simulated throughput): "
+                   f"{_num(calib['scheduler_vs_best_fixed'])}")
+    return "\n".join(out)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        elif isinstance(v, list) and len(v) > 8:
+            out.append((key, f"[{len(v)} items]"))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _training_section(ctx: CardContext) -> str:
+    a = ctx.native["arch"]
+    out = ["## Draft and training",
+           f"- {a['num_layers']} draft layers, width {a['hidden_size']}, {a['num_attention_heads']} heads "
+           f"({a['num_key_value_heads']} KV), MLP {a['intermediate_size']}; {ctx.num_parameters:,} parameters "
+           "(without the shared embedding / LM head)",
+           f"- block size gamma = {ctx.native['block_size']}, mask token id {ctx.native['mask_token_id']}, "
+           f"sequential head `{ctx.native['sequential_head']}` (rank {ctx.native['markov_rank']}), confidence "
+           f"head: {'yes' if ctx.native['confidence_head'] else 'no'}"]
+    if ctx.train_config:
+        rows = _flatten(redact(ctx.train_config))
+        out += ["", "<details><summary>training config</summary>", "", "```"]
+        out += [f"{k}: {v}" for k, v in rows[:80]] + (["..."] if len(rows) > 80 else []) + ["```", "</details>"]
+    else:
+        out.append("- training config: not given at export time (`--train-config`)")
+    return "\n".join(out)
+
+
+def _data_section(manifest: dict | None) -> str:
+    if not manifest:
+        return "## Data provenance\nNo data_prep manifest was given at export time (`--data-manifest`)."
+    m = redact(manifest)
+    out = ["## Data provenance", "Prompts (responses regenerated by the target):", "",
+           "| source | location | rows | hash |", "|---|---|---|---|"]
+    for s in m.get("sources") or []:
+        if not isinstance(s, dict):
+            continue
+        loc = s.get("path") or ":".join(str(x) for x in (s.get("hf_name"), s.get("hf_config"), s.get("split"))
+                                        if x)
+        hashes = [f"{k}={v}" for k, v in s.items() if re.search("hash|sha256|fingerprint", k) and v]
+        rows = s.get("rows", s.get("num_rows", s.get("num_samples", "")))
+        out.append(f"| {s.get('name') or ''} | {loc} | {rows} | {'; '.join(hashes)} |")
+    facts = [(k, v) for k, v in m.items() if k != "sources" and not isinstance(v, (dict, list))]
+    facts += [(k, json.dumps(v)) for k, v in m.items() if k in ("target", "generation", "counts", "skipped")]
+    out += [""] + [f"- {k}: {v}" for k, v in facts[:25]]
+    return "\n".join(out)
+
+
+def render_card(ctx: CardContext) -> str:
+    lic, note = license_for(ctx.target_id)
+    head = ctx.native["sequential_head"]
+    kind = "DFlash (no sequential head)" if head == "none" else f"DSpark ({head} sequential head)"
+    intro = (f"# {kind} draft for {ctx.target_id}\n\n"
+             f"A speculative-decoding draft model for [{ctx.target_id}](https://huggingface.co/{ctx.target_id})"
+             f"{' (revision ' + ctx.target_revision + ')' if ctx.target_revision else ''}: it reads hidden "
+             f"states of the target, drafts {ctx.native['block_size']} tokens per target forward in one "
+             f"parallel block, and the target verifies them losslessly.")
+    footer = (f"## Toolkit\nExported by dspark-toolkit {ctx.toolkit_version} ({ctx.fmt} format).\n\n"
+              f"## License\n`{lic}`, following the target's license."
+              + (f" Note: {note}." if note else ""))
+    parts = [_yaml_front_matter(ctx), intro, _files_section(ctx), _layer_section(ctx), _serving_section(ctx),
+             _report_section(ctx.report), _calibration_section(ctx.calibration, ctx), _training_section(ctx),
+             _data_section(ctx.data_manifest), footer]
+    return "\n\n".join(parts) + "\n"

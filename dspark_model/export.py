@@ -1,0 +1,344 @@
+"""Export a trained draft for serving engines, and load any export back into our own module.
+
+    python -m dspark_model.export runs/train/<name>/final --format speculators --out runs/export/<name>
+
+Formats (schemas and checks in ``export_schema.py``):
+
+* ``native``      our checkpoint, recast to the export dtype: model.safetensors, config.json,
+                  calibration.json (when calibrated), README.md. No target weights.
+* ``deepspec``    SGLang / DeepSpec: config.json = the target's text config with ``num_hidden_layers`` = draft
+                  layers, ``architectures`` = [<Family>DSparkModel], the DSpark keys, ``target_layer_ids`` in
+                  OUR decoder-layer convention (no conversion). Weights under our names (``layers.{i}.*``,
+                  ``fc``, ``hidden_norm``, ``norm``, ``markov_head.*``, ``confidence_head.proj``) PLUS the
+                  target's ``embed_tokens.weight`` and ``lm_head.weight`` (DeepSpec's evaluator silently
+                  runs with random ones otherwise); ``--no-embeddings`` omits them.
+* ``speculators`` vLLM speculators (``speculators_model_type: dspark``): ``aux_hidden_state_layer_ids`` =
+                  our ids + 1 (hidden_states indices). Neither embed_tokens nor lm_head: vLLM shares the
+                  verifier's.
+
+A DFlash draft (no sequential head) is exported with ``markov_rank: 0`` and the readers' default
+``markov_head_type: "vanilla"`` (inert at rank 0, and accepted by strict validators); no markov weights.
+Every export is validated against its schema and loaded back before it is moved into place; the folder
+appears atomically (written to a temporary sibling, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dspark_model import __version__
+from dspark_model.checkpoint import (
+    CALIBRATION_NAME,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    CheckpointMismatchError,
+    load_draft,
+    read_draft_config,
+    target_spec_from_checkpoint,
+    write_json_atomic,
+)
+from dspark_model.draft import DSparkDraft
+from dspark_model.export_schema import (
+    FORMATS,
+    HEAD_TYPE_OF,
+    TARGET_WEIGHTS,
+    TOOLKIT_KEY,
+    ExportSchemaError,
+    deepspec_architecture,
+    native_config,
+    read_config,
+    validate_export,
+)
+from dspark_model.target import TargetNotFoundError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+SPECULATORS_VERSION = "0.3.0"
+SPECULATORS_ARCHITECTURE = "DSparkSpeculator"
+README_NAME = "README.md"
+INCLUDES_EMBEDDINGS = {"native": False, "deepspec": True, "speculators": False}  # per-format default
+DECODER_CONVENTION = "decoder-layer ids: id i is the output of decoder layer i = hidden_states[i + 1]"
+SPECULATORS_CONVENTION = "hidden_states indices: aux id = decoder-layer id + 1 (0 would be the embeddings)"
+
+
+class ExportError(ValueError):
+    """An export cannot be written as asked; the message names the problem and the fix."""
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ExportError(f"unknown export dtype {name!r}; choose bf16, fp16 or fp32")
+    return DTYPES[name]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---- configs ------------------------------------------------------------------------------------------------
+def layer_config(draft: DSparkDraft, target) -> dict:
+    """The draft's decoder layers in Hugging Face config style (shared by deepspec and speculators)."""
+    a = draft.arch
+    rope = dict(a["rope_config"]["rope_parameters"])
+    out = {"model_type": getattr(target.config, "model_type", None), "hidden_size": a["hidden_size"],
+           "num_attention_heads": a["num_attention_heads"], "num_key_value_heads": a["num_key_value_heads"],
+           "head_dim": a["head_dim"], "intermediate_size": a["intermediate_size"],
+           "rms_norm_eps": a["rms_norm_eps"], "hidden_act": a["hidden_act"], "rope_parameters": rope,
+           "max_position_embeddings": a["rope_config"]["max_position_embeddings"],
+           "num_hidden_layers": a["num_layers"], "vocab_size": a["vocab_size"],
+           "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+    if "rope_theta" in rope:  # flat copy for readers that predate rope_parameters
+        out["rope_theta"] = rope["rope_theta"]
+    return out
+
+
+def _head_keys(draft: DSparkDraft) -> dict:
+    has_markov = draft.markov_head is not None
+    return {"block_size": draft.block_size, "mask_token_id": draft.mask_token_id,
+            "markov_rank": draft.arch["markov_rank"] if has_markov else 0,
+            "markov_head_type": HEAD_TYPE_OF.get(draft.sequential_head, "vanilla"),
+            "enable_confidence_head": draft.confidence_head is not None,
+            "confidence_head_with_markov": bool(draft.confidence_head is not None and has_markov)}
+
+
+def _provenance(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embeddings: bool) -> dict:
+    return {"toolkit_version": __version__, "format": fmt, "target_id": target.name_or_path,
+            "target_revision": target.revision, "target_num_hidden_layers": target.num_layers,
+            "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": DECODER_CONVENTION,
+            "sequential_head": draft.sequential_head, "includes_target_embeddings": embeddings,
+            "includes_lm_head": embeddings, "dtype": _dtype_name(dtype)}
+
+
+def deepspec_config(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: bool) -> dict:
+    """The target's text config, reshaped into the draft's (layer count, sizes) plus the DSpark keys."""
+    cfg = target.config.to_dict()
+    for private in ("_name_or_path", "transformers_version", "auto_map"):  # local paths / remote code
+        cfg.pop(private, None)
+    lc = layer_config(draft, target)
+    lc.pop("tie_word_embeddings")
+    cfg.update(lc)
+    n = draft.num_layers
+    if "layer_types" in cfg:  # draft layers are all full attention (they attend to the whole context)
+        cfg["layer_types"] = ["full_attention"] * n
+    model_type = cfg.get("model_type") or "unknown"
+    cfg.update(architectures=[deepspec_architecture(model_type)], model_type=model_type,
+               target_layer_ids=list(draft.tap_layer_ids), dtype=_dtype_name(dtype),
+               torch_dtype=_dtype_name(dtype), **_head_keys(draft))
+    cfg[TOOLKIT_KEY] = _provenance(draft, target, "deepspec", dtype, embeddings)
+    return cfg
+
+
+def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype) -> dict:
+    """vLLM speculators config: hidden_states-index layer ids, verifier = the target."""
+    archs = getattr(target.model.config, "architectures", None) or [type(target.model).__name__]
+    G = draft.block_size
+    return {
+        "architectures": [SPECULATORS_ARCHITECTURE], "speculators_model_type": "dspark",
+        "speculators_version": SPECULATORS_VERSION, "transformer_layer_config": layer_config(draft, target),
+        "draft_vocab_size": draft.arch["vocab_size"], "target_hidden_size": target.hidden_size,
+        "aux_hidden_state_layer_ids": [i + 1 for i in draft.tap_layer_ids], "sample_from_anchor": True,
+        **_head_keys(draft),
+        "speculators_config": {
+            "algorithm": "dspark",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": G}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": target.name_or_path, "architectures": list(archs)},
+        },
+        "torch_dtype": _dtype_name(dtype),
+        TOOLKIT_KEY: _provenance(draft, target, "speculators", dtype, False),
+    }
+
+
+def export_tensors(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: bool) -> dict[str, torch.Tensor]:
+    """Draft weights under their own names (all formats share them), plus the target's embedding and LM
+    head when asked. Tied target weights are cloned: safetensors refuses shared storage."""
+    out = {k: v.detach().to(dtype).cpu().contiguous() for k, v in draft.state_dict().items()}
+    if embeddings:
+        out["embed_tokens.weight"] = target.embed.weight.detach().to(dtype).cpu().clone()  # (V, d)
+        out["lm_head.weight"] = target.lm_head.weight.detach().to(dtype).cpu().clone()  # (V, d)
+    return out
+
+
+def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embeddings: bool,
+                 ckpt_config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json content, tensors) of one format."""
+    tensors = export_tensors(draft, target, dtype, embeddings)
+    if fmt == "native":
+        from dspark_model.card import redact  # the checkpoint may embed a training config with credentials
+
+        config = redact(dict(ckpt_config, dtype=_dtype_name(dtype), includes_target_embeddings=False))
+    elif fmt == "deepspec":
+        config = deepspec_config(draft, target, dtype, embeddings)
+    else:
+        config = speculators_config(draft, target, dtype)
+    return config, tensors
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def _swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # an empty folder is simply replaced
+    if out_dir.exists():
+        if not overwrite:
+            raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _check_out_dir(ckpt_dir: Path, out_dir: Path) -> None:
+    ck, out = ckpt_dir.resolve(), out_dir.resolve()
+    if out == ck or out in ck.parents:
+        raise ExportError(f"--out {out_dir} would replace the checkpoint {ckpt_dir}; choose another folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {out_dir} is a file; choose a folder")
+
+
+def _verify_round_trip(tmp: Path, target, tensors: dict[str, torch.Tensor]) -> None:
+    """Load the written export with our loader and require the very same draft weights."""
+    loaded = load_export(tmp, target).state_dict()
+    bad = [k for k, v in loaded.items() if k not in tensors or not torch.equal(v.cpu(), tensors[k])]
+    if bad or len(loaded) != len(tensors) - sum(k in tensors for k in TARGET_WEIGHTS):
+        raise ExportError(f"internal error: the export does not load back to the same weights ({bad[:4]})")
+
+
+def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "native", dtype=None,
+                 include_embeddings: bool | None = None, target=None, overwrite: bool = False,
+                 card_sources=None, device: str = "cpu") -> Path:
+    """Export the checkpoint in ``ckpt_dir`` to ``out_dir`` in ``format``; returns the folder.
+
+    ``dtype``: bf16 / fp16 / fp32 (None keeps the checkpoint's). ``include_embeddings``: None = the format's
+    default (deepspec only). ``target``: a loaded Target (else loaded from the checkpoint's target spec).
+    ``card_sources``: ``card.CardSources`` (eval report, data manifest, train config; auto-discovered).
+    """
+    from dspark_model import card as card_mod
+    from dspark_model.target import load_target
+
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    embeddings = INCLUDES_EMBEDDINGS[format] if include_embeddings is None else bool(include_embeddings)
+    if embeddings and format != "deepspec":
+        raise ExportError(f"the {format} format never carries the target's embed_tokens/lm_head "
+                          f"(the engine shares the target's); drop include_embeddings")
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    _check_out_dir(ckpt_dir, out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
+    ckpt_config = read_draft_config(ckpt_dir)
+    if target is None:
+        target = load_target(target_spec_from_checkpoint(ckpt_dir), device)
+    draft = load_draft(ckpt_dir, target)
+    torch_dtype = resolve_dtype(dtype) or next(draft.parameters()).dtype
+    config, tensors = build_export(draft, target, format, torch_dtype, embeddings, ckpt_config)
+    sources = card_sources or card_mod.discover_sources(ckpt_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "dspark_export": format})
+        write_json_atomic(tmp / CONFIG_NAME, config)
+        if draft.calibration is not None:
+            write_json_atomic(tmp / CALIBRATION_NAME, draft.calibration)
+        validate_export(tmp, target, fmt=format)
+        _verify_round_trip(tmp, target, tensors)
+        card = card_mod.render_card(card_mod.context_from_export(tmp, sources, target=target))
+        card_mod.write_text_atomic(tmp / README_NAME, card)
+        _swap_into_place(tmp, out_dir, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s export (%s, %d tensors) to %s", format, _dtype_name(torch_dtype), len(tensors), out_dir)
+    return out_dir
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+def _check_target_weights(extra: dict[str, torch.Tensor], target, export_dir: Path) -> None:
+    """Exported embed/lm_head should be this target's: warn (the draft still uses the live target's)."""
+    live = {"embed_tokens.weight": target.embed.weight, "lm_head.weight": target.lm_head.weight}
+    for name, t in extra.items():
+        if not torch.equal(t, live[name].detach().to(device=t.device, dtype=t.dtype)):
+            log.warning("%s: %s differs from the target %s's (exported for another revision?); the loaded "
+                        "draft uses the target's own", export_dir, name, target.name_or_path)
+
+
+def load_export(export_dir: str | Path, target, device=None) -> DSparkDraft:
+    """Rebuild our ``DSparkDraft`` from an export of any format, checked against and attached to ``target``.
+
+    The draft keeps the export's dtype; its logits equal those of the native draft cast to that dtype.
+    """
+    export_dir = Path(export_dir)
+    fmt = validate_export(export_dir, target)
+    if fmt == "native":
+        return load_draft(export_dir, target, device)
+    native = native_config(fmt, read_config(export_dir))
+    draft = DSparkDraft(**native["arch"])
+    state = load_file(str(export_dir / WEIGHTS_NAME))
+    extra = {k: state.pop(k) for k in TARGET_WEIGHTS if k in state}
+    _check_target_weights(extra, target, export_dir)
+    draft.load_state_dict(state, strict=True)
+    draft.to(dtype=next(iter(state.values())).dtype)
+    calib = export_dir / CALIBRATION_NAME
+    if calib.is_file():
+        draft.calibration = json.loads(calib.read_text())
+    draft.to(device=device or target.device).attach_target(target)
+    return draft.eval()
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dspark_model.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("ckpt", help="draft checkpoint folder (save_pretrained output, e.g. runs/train/<name>/final)")
+    p.add_argument("--format", choices=FORMATS, default="native")
+    p.add_argument("--out", help="output folder (default runs/export/<checkpoint name>-<format>)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="export dtype (default: checkpoint's)")
+    p.add_argument("--no-embeddings", action="store_true", help="deepspec: omit embed_tokens and lm_head")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--report", help="eval report.json for the card (default: found beside the checkpoint)")
+    p.add_argument("--data-manifest", help="data_prep manifest.json for the card's data provenance")
+    p.add_argument("--train-config", help="resolved training config (yaml/json) for the card")
+    p.add_argument("--repo-id", help="Hub repo id to show in the card's usage snippets")
+    p.add_argument("--device", default="cpu", help="where to load the target (default cpu)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from dspark_model import card as card_mod
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    out = args.out or os.path.join("runs", "export", f"{Path(args.ckpt).resolve().name}-{args.format}")
+    try:
+        sources = card_mod.discover_sources(args.ckpt)
+        sources = dataclasses.replace(
+            sources, report=args.report or sources.report, repo_id=args.repo_id,
+            data_manifest=args.data_manifest or sources.data_manifest,
+            train_config=args.train_config or sources.train_config)
+        export_draft(args.ckpt, out, args.format, args.dtype, False if args.no_embeddings else None,
+                     overwrite=args.overwrite, card_sources=sources, device=args.device)
+    except (ExportError, ExportSchemaError, CheckpointMismatchError, TargetNotFoundError,
+            card_mod.CardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
