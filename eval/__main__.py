@@ -1,0 +1,141 @@
+"""Entry point: ``python -m eval draft=<checkpoint dir> [target=<name>] [prompts=<name>] [temperature=0] ...``.
+
+Loads the target (from the checkpoint's config unless ``target=`` is given) and the draft, runs speculative
+decoding, plain ``generate`` and prompt lookup side by side on the prompts, writes the report into
+``runs/eval/<name>`` and, for drafts with a confidence head, calibrates them (``eval/calibration_report.py``).
+``draft=random`` builds an untrained draft from ``draft_config=<conf/draft name>`` for smoke tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import OmegaConf
+
+from eval.schema import EvalConfig, EvalConfigError
+
+log = logging.getLogger("eval")
+ROOT = Path(__file__).resolve().parents[1]
+# `draft` is also the name of the architecture config group, which Hydra would read as a group choice.
+_CLI_ALIASES = {"draft": "draft_checkpoint", "draft_config": "draft@draft_config"}
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """Rename ``draft=...`` / ``draft_config=...`` command-line overrides to their config keys."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        out.append(f"{_CLI_ALIASES[key]}={value}" if eq and key in _CLI_ALIASES else arg)
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def load_models(cfg: EvalConfig, device: torch.device):
+    """(target, draft, target spec, checkpoint dir or None)."""
+    from dspark_model.draft import build_draft_for
+    from dspark_model.target import load_target
+
+    if cfg.draft_checkpoint == "random":
+        if cfg.target is None:
+            raise EvalConfigError("draft=random needs a target: add target=<name> (e.g. target=tiny)")
+        target = load_target(cfg.target, device)
+        torch.manual_seed(cfg.seed)
+        return target, build_draft_for(target, cfg.draft_config).eval(), cfg.target, None
+    from dspark_model.checkpoint import load_draft, target_spec_from_checkpoint
+
+    ckpt = Path(cfg.draft_checkpoint).expanduser()
+    if not (ckpt / "config.json").is_file():
+        raise EvalConfigError(f"draft={cfg.draft_checkpoint}: no draft checkpoint there (config.json missing); "
+                              f"pass a folder written by training, e.g. runs/train/<name>/final, or draft=random")
+    spec = cfg.target or target_spec_from_checkpoint(ckpt)
+    target = load_target(spec, device)
+    return target, load_draft(ckpt, target, device=device), spec, str(ckpt)
+
+
+def load_eval_prompts(cfg: EvalConfig) -> list:
+    """The prompts, at most ``num_prompts`` per source; relative paths also tried against the repo root."""
+    from data_prep.sources import load_prompts
+
+    sources = []
+    for src in cfg.prompts.sources:
+        src = dataclasses.replace(src)
+        if src.path and not src.path.startswith("pkg://") and not Path(src.path).expanduser().is_absolute():
+            if not Path(src.path).exists() and (ROOT / src.path).exists():
+                src.path = str((ROOT / src.path).resolve())
+        if cfg.num_prompts is not None:
+            src.num_samples = min(cfg.num_prompts, src.num_samples or cfg.num_prompts)
+        sources.append(src)
+    return load_prompts(sources, seed=cfg.seed).prompts
+
+
+def run(cfg: EvalConfig) -> str:
+    from eval.baselines import RunSettings, compare_on_prompts
+    from eval.metrics import acceptance_summary, throughput_summary
+    from eval.report import build_report, calibrate, run_settings_record, write_outputs
+    from eval.speculative import eos_token_ids_of
+
+    device = resolve_device(cfg.device)
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    target, draft, spec, ckpt = load_models(cfg, device)
+    gamma = cfg.gamma or draft.block_size
+    if not 1 <= gamma <= draft.block_size:
+        raise EvalConfigError(f"gamma={gamma} must lie in 1..{draft.block_size} (the draft's trained block "
+                              f"size); set gamma<={draft.block_size}")
+    prompts = load_eval_prompts(cfg)
+    name = cfg.name or (f"{Path(ckpt).parent.name}-{Path(ckpt).name}" if ckpt else f"random-{spec.id}")
+    out_dir = cfg.out_dir or str(ROOT / "runs" / "eval" / name.replace("/", "_"))
+    settings = RunSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, gamma=gamma,
+                           seed=cfg.seed, eos_token_ids=eos_token_ids_of(target),
+                           chat_template_kwargs={**spec.chat_template_kwargs, **cfg.chat_template_kwargs},
+                           run_generate=cfg.baselines.generate, run_prompt_lookup=cfg.baselines.prompt_lookup,
+                           prompt_lookup_num_tokens=cfg.baselines.prompt_lookup_num_tokens,
+                           prompt_lookup_max_ngram=cfg.baselines.prompt_lookup_max_ngram,
+                           warmup=cfg.warmup, progress=cfg.progress)
+    log.info("evaluating %s on %s: %d prompts, gamma=%d, T=%g -> %s", cfg.draft_checkpoint, spec.id,
+             len(prompts), gamma, cfg.temperature, out_dir)
+    records, rows, outputs = compare_on_prompts(target, draft, prompts, settings)
+    report = build_report(acceptance_summary(records, gamma), throughput_summary(rows),
+                          run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt))
+    if cfg.calibration.enabled and draft.confidence_head is not None:
+        report.update(calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed))
+    write_outputs(out_dir, report, records if cfg.save_rounds else None, rows, outputs)
+    log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report["tau"] or 0,
+             {k: round(v, 1) for k, v in report["tokens_per_s"].items() if v}, report["greedy_match_rate"],
+             out_dir)
+    return out_dir
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(dcfg) -> None:
+    if OmegaConf.is_missing(dcfg, "draft_checkpoint"):
+        print("eval: error: no draft given; pass draft=<checkpoint dir> (e.g. runs/train/<name>/final), "
+              "or draft=random target=<name> for an untrained draft", file=sys.stderr)
+        sys.exit(2)
+    cfg: EvalConfig = OmegaConf.to_object(dcfg)
+    from data_prep.errors import DataPrepError
+    from dspark_model.checkpoint import CheckpointMismatchError
+    from dspark_model.target import TargetNotFoundError
+
+    try:
+        run(cfg)
+    except (EvalConfigError, DataPrepError, CheckpointMismatchError, TargetNotFoundError) as exc:
+        print(f"eval: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.argv = cli_args(sys.argv)
+    main()

@@ -1,0 +1,75 @@
+"""Typed configuration of the eval stage (``python -m eval``), registered in Hydra's ConfigStore.
+
+Values live in ``conf/eval.yaml`` and the groups it composes: ``target`` (optional: by default the target
+comes from the draft checkpoint), ``draft@draft_config`` (architecture of a ``draft=random`` draft only) and
+``prompts`` (named lists of prompt sources, the same group data_prep reads).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from data_prep.sources import PromptsConfig
+from dspark_model.config import DraftConfig, TargetSpec
+
+
+class EvalConfigError(ValueError):
+    """Bad eval input; the message names the problem and the fix (the CLI prints it and exits 2)."""
+
+
+@dataclass
+class BaselineConfig:
+    generate: bool = True  # plain target.model.generate
+    prompt_lookup: bool = True  # transformers prompt-lookup decoding
+    prompt_lookup_num_tokens: int = 10
+    prompt_lookup_max_ngram: int = 2
+
+
+@dataclass
+class CalibrationConfig:
+    """Confidence calibration + SPS profile (only for drafts with a confidence head)."""
+
+    enabled: bool = True
+    write_to_checkpoint: bool = True  # copy calibration.json beside the draft checkpoint
+    n_bins: int = 15
+    calib_fraction: float = 0.5
+    sps_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
+    sps_context_len: int = 128
+    sps_warmup: int = 1
+    sps_repeats: int = 3
+
+
+@dataclass
+class EvalConfig:
+    # `draft=<checkpoint dir>` on the command line (Hydra reserves the name `draft` for the architecture
+    # group, so the entry point renames it to this field). "random" builds an untrained draft from
+    # `draft_config` for the target given by `target=` (smoke tests).
+    draft_checkpoint: str = "???"
+    target: TargetSpec | None = None  # None: the target recorded in the checkpoint
+    draft_config: DraftConfig = field(default_factory=DraftConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)  # conf/prompts/<name>.yaml
+    name: str | None = None  # output folder name under runs/eval (default: derived from the draft)
+    out_dir: str | None = None  # overrides runs/eval/<name>
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    cpu_threads: int | None = None  # torch intra-op threads (None = torch's default)
+    temperature: float = 0.0  # 0 = greedy
+    gamma: int | None = None  # tokens drafted per round; None = the draft's trained block size
+    max_new_tokens: int = 128
+    num_prompts: int | None = 8  # per prompt source (dataset); None = all
+    seed: int = 0
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # merged over the target's
+    warmup: bool = True  # run the first prompt once untimed before timing
+    save_rounds: bool = True  # rounds.jsonl for calibration / scheduling
+    progress: bool = True
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+register()
