@@ -1,0 +1,285 @@
+"""Offline target cache: per-token tapped hidden states and final hidden state, sharded safetensors.
+
+Layout of ``<cache_dir>/``::
+
+    manifest.json            target id/revision, tap_layer_ids + convention, final-hidden convention,
+                             storage dtype, sizes, dataset fingerprint, shard list, complete flag
+    shard-00000.safetensors  rows [row_start, row_end) of the dataset, tokens concatenated:
+        tap_hidden   (N, k*d)   storage dtype       tap_hidden_scale   (N, k) fp16   (int8 only)
+        final_hidden (N, d)     storage dtype       final_hidden_scale (N, 1) fp16   (int8 only)
+        offsets      (rows + 1,) int64: token offset of each row inside the shard
+
+Storage dtypes: float32, bfloat16, float16 (values clamped to the fp16 range) and ``int8``: symmetric
+absmax quantisation per token and per tapped layer (and per token for the final state), one fp16 scale
+each, so a value comes back within scale / 2 = absmax / 254 of the original. The reader always returns
+float32. The final hidden state is stored after the target's final norm (the trainer applies lm_head).
+
+Writing is resumable shard by shard: a shard is written to a temporary file and renamed into place, so a
+file that exists is complete; a rerun skips those. The estimated size is logged first and the run stops
+if the disk cannot hold it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data_prep.errors import CacheError, CacheMismatchError
+from data_prep.store import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "dspark-target-cache/1"
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "int8": torch.int8}
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def bytes_per_token(num_taps: int, hidden_size: int, dtype: str) -> int:
+    """Bytes one token takes in the cache (taps + final state, plus int8 scales)."""
+    values = (num_taps + 1) * hidden_size
+    if dtype == "int8":
+        return values + 2 * (num_taps + 1)
+    return values * STORAGE_DTYPES[dtype].itemsize
+
+
+def quantize_int8(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float -> int8 (N, D) and fp16 scales (N, groups), one absmax scale per row and group."""
+    n, d = x.shape
+    xg = x.float().reshape(n, groups, d // groups)  # (N, G, D/G)
+    absmax = xg.abs().amax(dim=-1)  # (N, G)
+    scale = (absmax / 127).clamp(max=_FP16_MAX).to(torch.float16)  # (N, G)
+    # Where fp16 rounding made the scale too small, step it up one ulp so |x| / scale stays <= 127.
+    low = scale.float() * 127 < absmax
+    scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, _FP16_MAX)), scale)
+    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)  # (N, G, 1)
+    q = (xg / s).round().clamp(-127, 127).to(torch.int8).reshape(n, d)  # (N, D)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    n, d = q.shape
+    groups = scale.shape[-1]
+    return (q.float().reshape(n, groups, d // groups) * scale.float().unsqueeze(-1)).reshape(n, d)
+
+
+def encode(name: str, x: torch.Tensor, dtype: str, groups: int) -> dict[str, torch.Tensor]:
+    """Tensors to store for one (N, D) float block under ``name``."""
+    if dtype == "int8":
+        q, scale = quantize_int8(x, groups)
+        return {name: q, f"{name}_scale": scale}
+    if dtype == "float16":
+        x = x.clamp(-_FP16_MAX, _FP16_MAX)
+    return {name: x.to(STORAGE_DTYPES[dtype]).contiguous()}
+
+
+def decode(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return dequantize_int8(values, scale) if scale is not None else values.float()
+
+
+def plan_shards(lengths: Sequence[int], shard_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges of about ``shard_tokens`` tokens each (at least one row per shard)."""
+    shards, start, tokens = [], 0, 0
+    for i, n in enumerate(lengths):
+        if tokens and tokens + n > shard_tokens:
+            shards.append((start, i))
+            start, tokens = i, 0
+        tokens += n
+    if start < len(lengths):
+        shards.append((start, len(lengths)))
+    return shards
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _shard_done(path: Path, row_start: int, row_end: int, fingerprint: str) -> bool:
+    from safetensors import safe_open
+
+    if not path.exists():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # unreadable leftover: rewrite it
+        return False
+    return meta.get("rows") == f"{row_start}:{row_end}" and meta.get("dataset_fingerprint") == fingerprint
+
+
+def _check_space(cache_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(cache_dir).free
+    if needed > free:
+        raise CacheError(f"target cache needs about {_fmt_bytes(needed)} more at {cache_dir} but only "
+                         f"{_fmt_bytes(free)} is free; free disk space, choose a smaller cache.dtype "
+                         f"(int8 or bfloat16), or set cache.dir to another disk")
+
+
+@torch.no_grad()
+def _shard_tensors(target, rows: Sequence[Sequence[int]], dtype: str, batch_tokens: int, bar) -> dict:
+    """Run the target over ``rows`` (batched, right padded) and encode one shard's tensors."""
+    taps, finals, offsets = [], [], [0]
+    i = 0
+    while i < len(rows):
+        j, width = i, 0
+        while j < len(rows) and (j == i or max(width, len(rows[j])) * (j - i + 1) <= batch_tokens):
+            width = max(width, len(rows[j]))
+            j += 1
+        ids = torch.zeros((j - i, width), dtype=torch.long)  # (B, T)
+        mask = torch.zeros_like(ids)  # (B, T)
+        for b, row in enumerate(rows[i:j]):
+            ids[b, : len(row)] = torch.as_tensor(row)
+            mask[b, : len(row)] = 1
+        out = target.forward(ids.to(target.device), attention_mask=mask.to(target.device))
+        for b, row in enumerate(rows[i:j]):
+            taps.append(out.tap_hidden[b, : len(row)].float().cpu())  # (T_b, k*d)
+            finals.append(out.final_hidden[b, : len(row)].float().cpu())  # (T_b, d)
+            offsets.append(offsets[-1] + len(row))
+            bar.update(len(row))
+        i = j
+    k = len(target.tap_layer_ids)
+    tensors = encode("tap_hidden", torch.cat(taps), dtype, k)
+    tensors.update(encode("final_hidden", torch.cat(finals), dtype, 1))
+    tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
+    return tensors
+
+
+def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dtype: str = "bfloat16",
+                target_id: str = "", target_revision: str | None = None, dataset_fingerprint: str = "",
+                shard_tokens: int = 1 << 20, batch_tokens: int = 8192, overwrite: bool = False) -> dict:
+    """Write (or finish) the cache of ``rows`` (token id lists, dataset order); returns the manifest."""
+    from safetensors.torch import save_file
+
+    if dtype not in STORAGE_DTYPES:
+        raise CacheError(f"cache.dtype={dtype!r} is not a storage dtype; choose one of {sorted(STORAGE_DTYPES)}")
+    cache_dir = Path(cache_dir)
+    if overwrite:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lengths = [len(r) for r in rows]
+    shards = plan_shards(lengths, shard_tokens)
+    bpt = bytes_per_token(len(target.tap_layer_ids), target.hidden_size, dtype)
+    manifest = {
+        "format": CACHE_FORMAT, "target": {"id": target_id, "revision": target_revision},
+        "tap_layer_ids": list(target.tap_layer_ids), "tap_layer_convention": "decoder_layer",
+        "final_hidden": "after_final_norm", "dtype": dtype, "hidden_size": target.hidden_size,
+        "num_taps": len(target.tap_layer_ids), "rows": len(rows), "tokens": sum(lengths),
+        "bytes_per_token": bpt, "int8_scales": "per token and tap, fp16" if dtype == "int8" else None,
+        "dataset_fingerprint": dataset_fingerprint,
+        "shards": [{"file": _shard_name(s), "row_start": a, "row_end": b, "tokens": sum(lengths[a:b])}
+                   for s, (a, b) in enumerate(shards)],
+    }
+    _check_existing(cache_dir, manifest)
+    done = [_shard_done(cache_dir / s["file"], s["row_start"], s["row_end"], dataset_fingerprint)
+            for s in manifest["shards"]]
+    todo_tokens = sum(s["tokens"] for s, d in zip(manifest["shards"], done) if not d)
+    log.info("target cache: %d tokens x %d bytes/token (%s) = about %s in %d shard(s); %d shard(s) to write",
+             manifest["tokens"], bpt, dtype, _fmt_bytes(manifest["tokens"] * bpt), len(shards),
+             done.count(False))
+    _check_space(cache_dir, todo_tokens * bpt)
+    atomic_write_json(cache_dir / "manifest.json", {**manifest, "complete": False})
+    with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc="cache", dynamic_ncols=True) as bar:
+        for s, finished in zip(manifest["shards"], done):
+            if finished:
+                continue
+            a, b = s["row_start"], s["row_end"]
+            tensors = _shard_tensors(target, rows[a:b], dtype, batch_tokens, bar)
+            tmp = cache_dir / (s["file"] + ".tmp")
+            save_file(tensors, str(tmp), metadata={"rows": f"{a}:{b}", "dataset_fingerprint": dataset_fingerprint,
+                                                   "dtype": dtype})
+            os.replace(tmp, cache_dir / s["file"])
+    manifest["complete"] = True
+    atomic_write_json(cache_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _check_existing(cache_dir: Path, manifest: dict) -> None:
+    """A cache folder may only be resumed with the same data, target and dtype."""
+    path = cache_dir / "manifest.json"
+    if not path.exists():
+        return
+    old = read_json(path)
+    for key in ("dataset_fingerprint", "dtype", "target", "tap_layer_ids", "hidden_size", "shards"):
+        if old.get(key) != manifest.get(key):
+            raise CacheError(f"{cache_dir} holds a cache with another {key} ({json.dumps(old.get(key))[:80]}); "
+                             f"delete it or set cache.overwrite=true to rebuild it")
+
+
+class TargetCache:
+    """Reader: ``cache[i]`` -> {"tap_hidden": (T, k*d) fp32, "final_hidden": (T, d) fp32} for dataset row i."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise CacheError(f"no target cache at {self.path} (manifest.json missing); build one with "
+                             f"`python -m data_prep cache.enabled=true` or fix the path")
+        self.manifest = read_json(manifest_path)
+        if self.manifest.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{manifest_path} has format {self.manifest.get('format')!r}, expected "
+                             f"{CACHE_FORMAT!r}; rebuild the cache")
+        if not self.manifest.get("complete"):
+            raise CacheError(f"target cache at {self.path} is incomplete; rerun data_prep with "
+                             f"cache.enabled=true to finish it")
+        self._starts = [s["row_start"] for s in self.manifest["shards"]]
+        self._open: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return int(self.manifest["rows"])
+
+    def _shard(self, s: int):
+        if s not in self._open:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self.path / self.manifest["shards"][s]["file"]), framework="pt")
+            self._open[s] = (handle, handle.get_tensor("offsets").tolist())
+        return self._open[s]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} is outside the cache's {len(self)} rows")
+        s = bisect.bisect_right(self._starts, i) - 1
+        handle, offsets = self._shard(s)
+        local = i - self._starts[s]
+        a, b = offsets[local], offsets[local + 1]
+        out = {}
+        for name in ("tap_hidden", "final_hidden"):
+            values = handle.get_slice(name)[a:b]
+            scale = handle.get_slice(f"{name}_scale")[a:b] if self.manifest["dtype"] == "int8" else None
+            out[name] = decode(values, scale)  # (T, k*d) / (T, d) fp32
+        return out
+
+    def check_compatible(self, target_id: str, tap_layer_ids: Sequence[int], hidden_size: int) -> None:
+        """Raise ``CacheMismatchError`` naming every field that differs from the draft's target."""
+        m = self.manifest
+        problems = []
+        if m["target"]["id"] != target_id:
+            problems.append(f"target {m['target']['id']!r} != {target_id!r}")
+        if list(m["tap_layer_ids"]) != list(tap_layer_ids):
+            problems.append(f"tap_layer_ids {m['tap_layer_ids']} != {list(tap_layer_ids)}")
+        if m.get("tap_layer_convention") != "decoder_layer":
+            problems.append(f"tap_layer_convention {m.get('tap_layer_convention')!r} != 'decoder_layer'")
+        if int(m["hidden_size"]) != int(hidden_size):
+            problems.append(f"hidden_size {m['hidden_size']} != {hidden_size}")
+        if m.get("final_hidden") != "after_final_norm":
+            problems.append(f"final_hidden {m.get('final_hidden')!r} != 'after_final_norm'")
+        if problems:
+            raise CacheMismatchError(f"target cache {self.path} does not match the draft: "
+                                     f"{'; '.join(problems)}; rebuild it with python -m data_prep "
+                                     f"target=<this target> cache.enabled=true")

@@ -1,0 +1,177 @@
+"""The data_prep stage end to end: prompts -> regenerated conversations -> tokenized dataset -> cache.
+
+``run(cfg)`` is what ``python -m data_prep`` calls; every step is resumable (see generate.py, cache.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+from data_prep.chat import stop_token_ids, template_sha256, tokenize_records
+from data_prep.errors import DataPrepError
+from data_prep.generate import ChatClient, drop_long_prompts, generate_local, generate_openai, prompt_sha
+from data_prep.schema import DataPrepConfig
+from data_prep.sources import load_prompts
+from data_prep.store import (
+    MANIFEST_FORMAT,
+    GenerationLog,
+    atomic_write_json,
+    check_settings,
+    dataset_fingerprint,
+    save_tokenized,
+)
+
+log = logging.getLogger(__name__)
+
+TRUNCATION_POLICY = ("rows longer than max_length are cut to max_length tokens; a row keeping fewer than "
+                     "min_loss_tokens assistant tokens is dropped (too_long)")
+
+
+def default_name(cfg: DataPrepConfig) -> str:
+    tail = (cfg.target.id or "target").rstrip("/").split("/")[-1].lower()
+    return re.sub(r"[^a-z0-9._-]+", "-", f"{cfg.prompts.name}-{tail}")
+
+
+def resolve_out_dir(cfg: DataPrepConfig) -> Path:
+    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "data" / (cfg.name or default_name(cfg))
+
+
+def chat_kwargs(cfg: DataPrepConfig) -> dict:
+    kwargs = dict(cfg.target.chat_template_kwargs or {})
+    kwargs.update(cfg.chat_template_kwargs or {})
+    if cfg.thinking is not None:
+        kwargs["enable_thinking"] = cfg.thinking
+    return kwargs
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict) -> dict:
+    g = cfg.generation
+    settings = {"backend": g.backend, "target_id": cfg.target.id, "target_revision": cfg.target.revision,
+                "chat_template_sha256": template_sha256(tokenizer), "chat_template_kwargs": kwargs,
+                "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+                "seed": cfg.seed}
+    if g.backend == "local":
+        settings["batch_size"] = g.batch_size
+    else:
+        settings["model"] = g.model or cfg.target.id
+    return settings
+
+
+def _generate(cfg, prompts, lengths, target, tokenizer, out_dir: Path, kwargs, stop_ids) -> dict[str, dict]:
+    """Resume from the log, generate what is missing; returns row_id -> record for ``prompts``."""
+    g = cfg.generation
+    glog = GenerationLog(out_dir / "generations.jsonl")
+    by_id = {p.row_id: p for p in prompts}
+    done = {rid: rec for rid, rec in glog.load().items()
+            if rid in by_id and rec.get("prompt_sha") == prompt_sha(by_id[rid])}
+    start = time.perf_counter()
+    if g.backend == "local":
+        tokens = generate_local(prompts, lengths, target.model, tokenizer, glog, done, stop_ids, g.batch_size,
+                                g.max_new_tokens, g.temperature, g.top_p, cfg.seed, kwargs)
+    elif g.backend == "openai":
+        key = os.environ.get(g.api_key_env) if g.api_key_env else None
+        client = ChatClient(g.base_url, g.model or cfg.target.id, g.timeout_s, g.max_retries, g.backoff_s, key,
+                            {"chat_template_kwargs": kwargs} if kwargs else None)
+        try:
+            tokens = generate_openai(prompts, client, glog, done, g.concurrency, g.max_new_tokens,
+                                     g.temperature, g.top_p, cfg.seed)
+        finally:
+            client.close()
+    else:
+        raise DataPrepError(f"generation.backend={g.backend!r} is unknown; choose local or openai")
+    elapsed = time.perf_counter() - start
+    if tokens:
+        log.info("generated %d tokens in %.1f s (%.1f tokens/s)", tokens, elapsed, tokens / max(elapsed, 1e-9))
+    return done
+
+
+def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer) -> dict:
+    dropped = {k: stats[k] for k in ("too_long", "too_few_loss_tokens") if stats[k]}
+    return {
+        "format": MANIFEST_FORMAT, "name": out_dir.name,
+        "target": {"id": cfg.target.id, "revision": cfg.target.revision, "path": cfg.target.path,
+                   "chat_template_sha256": template_sha256(tokenizer)},
+        "sources": prompt_set.sources, "prompts_config": cfg.prompts.name,
+        "generation": {**settings, "base_url": cfg.generation.base_url
+                       if cfg.generation.backend == "openai" else None},
+        "max_length": cfg.max_length, "min_loss_tokens": cfg.min_loss_tokens,
+        "truncation_policy": TRUNCATION_POLICY,
+        "counts": {"prompts": len(prompt_set.prompts), "skipped": dict(skipped), "generated": len(records),
+                   "rows": len(cols["row_id"]), "truncated": stats["truncated"], "dropped": dropped},
+        "tokens": {"total": sum(map(len, cols["input_ids"])), "loss": sum(map(sum, cols["loss_mask"])),
+                   "generated": sum(sum(r["num_tokens"]) for r in records)},
+        "fingerprint": dataset_fingerprint(cols),
+    }
+
+
+def run(cfg: DataPrepConfig) -> dict:
+    """Run the stage; returns the manifest written to ``<out_dir>/manifest.json``."""
+    from dspark_model.target import load_target, load_tokenizer
+
+    out_dir = resolve_out_dir(cfg)
+    kwargs = chat_kwargs(cfg)
+    if cfg.num_threads:
+        import torch
+
+        torch.set_num_threads(cfg.num_threads)
+    prompt_set = load_prompts(cfg.prompts.sources, strict=cfg.strict, seed=cfg.seed,
+                              max_chars=cfg.max_prompt_chars, num_prompts=cfg.num_prompts)
+    target = None
+    if cfg.generation.backend == "local" or cfg.cache.enabled:
+        target = load_target(cfg.target, _device(cfg.device))
+        tokenizer = target.tokenizer
+    else:
+        tokenizer = load_tokenizer(cfg.target)
+    prompts, lengths, n_long = drop_long_prompts(prompt_set.prompts, tokenizer, cfg.max_length, kwargs,
+                                                 cfg.strict)
+    skipped = Counter(prompt_set.skipped)
+    skipped.update({"too_long": n_long} if n_long else {})
+    if not prompts:
+        raise DataPrepError(f"no prompt fits in max_length={cfg.max_length} tokens; raise max_length")
+    settings = generation_settings(cfg, tokenizer, kwargs)
+    check_settings(out_dir, settings, cfg.overwrite)
+    stop_ids = stop_token_ids(tokenizer, getattr(target.model, "generation_config", None) if target else None)
+    done = _generate(cfg, prompts, lengths, target, tokenizer, out_dir, kwargs, stop_ids)
+    records = [done[p.row_id] for p in prompts]
+    cols, stats = tokenize_records(records, tokenizer, stop_ids, cfg.max_length, kwargs, cfg.min_loss_tokens)
+    if not cols["row_id"]:
+        raise DataPrepError("every generated conversation was dropped by tokenization (see counts); raise "
+                            "max_length or generation.max_new_tokens")
+    manifest = _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer)
+    save_tokenized(out_dir, cols, manifest)
+    if cfg.cache.enabled:
+        manifest["cache"] = _write_cache(cfg, target, cols, manifest, out_dir)
+        atomic_write_json(out_dir / "manifest.json", manifest)
+    _summary(out_dir, manifest)
+    return manifest
+
+
+def _write_cache(cfg: DataPrepConfig, target, cols, manifest, out_dir: Path) -> dict:
+    from data_prep.cache import write_cache
+
+    c = cfg.cache
+    cache_dir = Path(c.dir) if c.dir else out_dir / "cache"
+    cm = write_cache(target, cols["input_ids"], cache_dir, c.dtype, cfg.target.id, cfg.target.revision,
+                     manifest["fingerprint"], c.shard_tokens, c.batch_tokens, c.overwrite)
+    return {"dir": str(cache_dir), "dtype": c.dtype, "bytes_per_token": cm["bytes_per_token"],
+            "shards": len(cm["shards"])}
+
+
+def _summary(out_dir: Path, m: dict) -> None:
+    c, t = m["counts"], m["tokens"]
+    log.info("data_prep done: %d rows (%d tokens, %d assistant) from %d prompts -> %s", c["rows"], t["total"],
+             t["loss"], c["prompts"], out_dir)
+    log.info("skipped prompts: %s; truncated rows: %d; dropped rows: %s", c["skipped"] or "none",
+             c["truncated"], c["dropped"] or "none")
+    log.info("fingerprint %s", m["fingerprint"])

@@ -1,0 +1,1 @@
+"""Packaged prompt sets (data files only); see README.md in this folder."""

@@ -1,0 +1,71 @@
+"""Typed configuration of the data_prep stage, registered in Hydra's ConfigStore as ``data_prep_schema``.
+
+Values live in ``conf/data_prep.yaml`` and the ``target`` / ``prompts`` groups; the entry point converts
+the composed config to these dataclasses once, so no DictConfig travels further.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from data_prep.sources import PromptsConfig
+from dspark_model.config import TargetSpec
+
+
+@dataclass
+class GenerationConfig:
+    """How the target regenerates responses."""
+
+    backend: str = "local"  # local (transformers generate) | openai (OpenAI-compatible server)
+    max_new_tokens: int = 256  # per assistant turn
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    batch_size: int = 16  # local: prompts per generate call (sorted by length)
+    # openai backend
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str | None = None  # served model name; None = target.id
+    api_key_env: str | None = "OPENAI_API_KEY"  # environment variable holding the key, if the server needs one
+    concurrency: int = 8  # requests in flight
+    max_retries: int = 4  # per request, exponential backoff from backoff_s
+    backoff_s: float = 1.0
+    timeout_s: float = 120.0
+
+
+@dataclass
+class CacheConfig:
+    """Optional offline target cache (hidden states for training without the target)."""
+
+    enabled: bool = False
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16 | int8 (per-row absmax scales)
+    dir: str | None = None  # None = <out_dir>/cache
+    shard_tokens: int = 1 << 20  # tokens per shard file
+    batch_tokens: int = 8192  # padded tokens per target forward
+    overwrite: bool = False
+
+
+@dataclass
+class DataPrepConfig:
+    target: TargetSpec = field(default_factory=TargetSpec)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    name: str | None = None  # output name; None = <prompts.name>-<target id's last part>
+    out_dir: str | None = None  # None = runs/data/<name>
+    num_prompts: int | None = None  # seeded subset of all prompts (a larger value extends a smaller one)
+    seed: int = 0
+    strict: bool = False  # fail on the first bad row instead of skipping it
+    max_length: int = 2048  # tokens per training row (truncation policy in data_prep/chat.py)
+    min_loss_tokens: int = 2  # rows with fewer assistant tokens are dropped
+    max_prompt_chars: int | None = 32000  # longer prompts are skipped as too_long
+    chat_template_kwargs: dict[str, Any] | None = None  # merged over target.chat_template_kwargs
+    thinking: bool | None = None  # shortcut for chat_template_kwargs.enable_thinking
+    device: str = "auto"  # auto = cuda if available, else cpu
+    num_threads: int | None = None  # torch CPU threads; None = torch's default (1 is faster on a busy CPU)
+    overwrite: bool = False  # discard generations of an earlier run in out_dir
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="data_prep_schema", node=DataPrepConfig)

@@ -1,0 +1,153 @@
+"""On-disk layout of a data_prep run, with atomic writes and an append-only, resumable generation log.
+
+```
+<out_dir>/
+  generation_settings.json   what produced generations.jsonl (a resumed run must match it)
+  generations.jsonl          one generated conversation per line, appended per batch (flush + fsync)
+  dataset/                   datasets.save_to_disk: input_ids, loss_mask, source, row_id
+  manifest.json              sources + hashes, target, generation settings, counts, tokens, fingerprint
+  cache/                     optional target cache (see data_prep.cache)
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import DataPrepError, GenerationError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "dspark-data/1"
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class GenerationLog:
+    """Append-only JSONL of generated conversations keyed by ``row_id``.
+
+    Each batch is appended, flushed and fsynced. A crash can leave a partial last line: ``load`` ignores it
+    and cuts the file back to the last complete line, so later appends start on a clean line.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        done, good_end = {}, 0
+        with open(self.path, "rb") as f:
+            data = f.read()
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # partial last line of an interrupted run
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            done[rec["row_id"]] = rec
+            good_end += len(line)
+        if good_end < len(data):
+            log.warning("%s: ignoring %d bytes of a partially written last line", self.path, len(data) - good_end)
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+        return done
+
+    def append(self, records: list[dict]) -> None:
+        if not records:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def check_settings(out_dir: Path, settings: dict, overwrite: bool = False) -> None:
+    """Record generation settings, or check that a run being resumed used the same ones."""
+    path = out_dir / "generation_settings.json"
+    if overwrite:
+        for name in ("generations.jsonl", "generation_settings.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    if path.exists():
+        old = read_json(path)
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            k = diff[0]
+            raise GenerationError(
+                f"{out_dir} holds generations made with other settings ({k}: {old.get(k)!r} there, "
+                f"{settings.get(k)!r} now); use another name=/out_dir=, or overwrite=true to start over")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, settings)
+
+
+def dataset_fingerprint(cols: dict[str, list]) -> str:
+    """sha256 over every row's row_id, source, input_ids and loss_mask, in dataset order."""
+    h = hashlib.sha256()
+    for rid, src, ids, mask in zip(cols["row_id"], cols["source"], cols["input_ids"], cols["loss_mask"]):
+        h.update(f"{rid}\x00{src}\x00{len(ids)}\x00".encode())
+        h.update(np.asarray(ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(mask, dtype=np.int8).tobytes())
+    return h.hexdigest()
+
+
+def save_tokenized(out_dir: Path, cols: dict[str, list], manifest: dict) -> None:
+    """Write ``dataset/`` (Arrow, atomically swapped in) and ``manifest.json``."""
+    import datasets
+
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "loss_mask": datasets.Sequence(datasets.Value("int8")),
+        "source": datasets.Value("string"),
+        "row_id": datasets.Value("string"),
+    })
+    ds = datasets.Dataset.from_dict(cols, features=features)
+    final, tmp, old = out_dir / "dataset", out_dir / "dataset.tmp", out_dir / "dataset.old"
+    for p in (tmp, old):
+        shutil.rmtree(p, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    atomic_write_json(out_dir / "manifest.json", manifest)
+
+
+def load_tokenized(data_dir: str | Path):
+    """(datasets.Dataset, manifest dict) of a data_prep output folder; what the train stage reads."""
+    import datasets
+
+    data_dir = Path(data_dir)
+    manifest_path, ds_path = data_dir / "manifest.json", data_dir / "dataset"
+    if not manifest_path.is_file() or not ds_path.is_dir():
+        raise DataPrepError(f"{data_dir} is not a data_prep output (needs manifest.json and dataset/); run "
+                            f"`python -m data_prep` first or fix the path")
+    manifest = read_json(manifest_path)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataPrepError(f"{manifest_path} has format {manifest.get('format')!r}, expected "
+                            f"{MANIFEST_FORMAT!r}; regenerate the data with this version of data_prep")
+    return datasets.load_from_disk(str(ds_path)), manifest

@@ -1,0 +1,129 @@
+"""Target cache: round trip per storage dtype, sizes, resume shard by shard, disk check, mismatch errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from data_prep import cache as cache_mod
+from data_prep.cache import TargetCache, bytes_per_token, quantize_int8, write_cache
+from data_prep.errors import CacheError, CacheMismatchError
+from dspark_model.target import load_target
+
+from .conftest import tiny_spec
+
+ROWS = [list(range(3, 3 + n)) for n in (5, 17, 9, 30, 2, 12)]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_target(tiny_spec())
+
+
+@pytest.fixture(scope="module")
+def reference(target):
+    """Per-row target features computed one row at a time (no padding, no batching)."""
+    out = []
+    for row in ROWS:
+        o = target.forward(torch.tensor([row]))
+        out.append((o.tap_hidden[0].float(), o.final_hidden[0].float()))
+    return out
+
+
+def _write(target, path, dtype, **kw):
+    return write_cache(target, ROWS, path, dtype, target_id="tiny-random-llama", dataset_fingerprint="fp",
+                       shard_tokens=25, batch_tokens=40, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+def test_round_trip_within_dtype_tolerance(target, reference, tmp_path, dtype):
+    manifest = _write(target, tmp_path / "c", dtype)
+    assert len(manifest["shards"]) > 2  # rows spread over several shards
+    cache = TargetCache(tmp_path / "c")
+    assert len(cache) == len(ROWS)
+    k = len(target.tap_layer_ids)
+    for i, (taps, final) in enumerate(reference):
+        got = cache[i]
+        assert got["tap_hidden"].dtype == torch.float32
+        assert got["tap_hidden"].shape == (len(ROWS[i]), k * target.hidden_size)
+        assert got["final_hidden"].shape == (len(ROWS[i]), target.hidden_size)
+        for name, ref, groups in (("tap_hidden", taps, k), ("final_hidden", final, 1)):
+            err = (got[name] - ref).abs()
+            if dtype == "int8":  # within half a quantisation step of each row group's absmax / 127
+                absmax = ref.reshape(len(ref), groups, -1).abs().amax(-1, keepdim=True)
+                bound = (absmax / 254 * 1.01 + 1e-5).expand(-1, -1, ref.shape[-1] // groups).reshape(ref.shape)
+                assert (err <= bound).all()
+            else:
+                rel = {"float32": 1e-5, "bfloat16": 2 ** -8, "float16": 2 ** -11}[dtype]
+                assert (err <= ref.abs() * rel + 1e-5).all()
+    assert manifest["tap_layer_convention"] == "decoder_layer"
+    assert manifest["final_hidden"] == "after_final_norm"
+
+
+def test_int8_needs_about_half_the_bytes_of_bf16(target, tmp_path):
+    k, d = len(target.tap_layer_ids), target.hidden_size
+    # One byte per value plus one fp16 scale per token and tap (and final state): half of bf16 + scales.
+    assert bytes_per_token(k, d, "int8") == bytes_per_token(k, d, "bfloat16") // 2 + 2 * (k + 1)
+    assert bytes_per_token(5, 576, "int8") / bytes_per_token(5, 576, "bfloat16") < 0.502  # SmolLM2 sizes
+    sizes = {}
+    for dtype in ("bfloat16", "int8"):
+        _write(target, tmp_path / dtype, dtype)
+        sizes[dtype] = sum(f.stat().st_size for f in (tmp_path / dtype).glob("*.safetensors"))
+    assert sizes["int8"] < 0.6 * sizes["bfloat16"]  # headers and offsets weigh on a tiny cache
+
+
+def test_int8_quantiser_is_exact_on_representable_rows():
+    x = torch.tensor([[127.0, -64.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    q, scale = quantize_int8(x, groups=1)
+    assert q[0].tolist() == [127, -64, 0, 1] and q[1].abs().sum() == 0
+    assert torch.allclose(cache_mod.dequantize_int8(q, scale), x, atol=1e-2)
+
+
+def test_resume_rewrites_only_missing_shards(target, tmp_path):
+    path = tmp_path / "c"
+    manifest = _write(target, path, "bfloat16")
+    files = [path / s["file"] for s in manifest["shards"]]
+    before = {f: f.stat().st_mtime_ns for f in files}
+    reference = [TargetCache(path)[i] for i in range(len(ROWS))]
+    os.remove(files[1])
+    (path / (manifest["shards"][2]["file"] + ".tmp")).write_bytes(b"partial")  # a crashed write
+    _write(target, path, "bfloat16")
+    assert files[1].exists()
+    assert all(f.stat().st_mtime_ns == before[f] for f in files if f != files[1])
+    again = TargetCache(path)
+    for i in range(len(ROWS)):
+        assert torch.equal(again[i]["tap_hidden"], reference[i]["tap_hidden"])
+
+
+def test_other_data_in_cache_dir_is_refused(target, tmp_path):
+    _write(target, tmp_path / "c", "bfloat16")
+    with pytest.raises(CacheError, match="another dtype"):
+        _write(target, tmp_path / "c", "int8")
+    _write(target, tmp_path / "c", "int8", overwrite=True)
+    assert TargetCache(tmp_path / "c").manifest["dtype"] == "int8"
+
+
+def test_disk_check_stops_before_writing(target, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
+    with pytest.raises(CacheError, match=r"needs about .* but only 100.0 B is free"):
+        _write(target, tmp_path / "c", "float32")
+    assert not list((tmp_path / "c").glob("*.safetensors"))
+
+
+def test_manifest_mismatch_and_incomplete_cache_are_refused(target, tmp_path):
+    _write(target, tmp_path / "c", "float16")
+    cache = TargetCache(tmp_path / "c")
+    cache.check_compatible("tiny-random-llama", target.tap_layer_ids, target.hidden_size)  # matches
+    with pytest.raises(CacheMismatchError, match=r"tap_layer_ids \[.*\] != \[0, 1\]"):
+        cache.check_compatible("tiny-random-llama", [0, 1], target.hidden_size)
+    with pytest.raises(CacheMismatchError, match="target 'tiny-random-llama' != 'other'.*hidden_size"):
+        cache.check_compatible("other", target.tap_layer_ids, 99)
+    manifest = cache.manifest | {"complete": False}
+    cache_mod.atomic_write_json(tmp_path / "c" / "manifest.json", manifest)
+    with pytest.raises(CacheError, match="incomplete"):
+        TargetCache(tmp_path / "c")
+    with pytest.raises(CacheError, match="no target cache"):
+        TargetCache(tmp_path / "missing")
