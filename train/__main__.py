@@ -1,0 +1,55 @@
+"""``python -m train target=<name>``: distil a DSpark draft (train/README.md has the launch commands)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from train.schema import TrainJob  # registers train_schema in the ConfigStore
+
+log = logging.getLogger("train")
+
+
+def output_dir(job: TrainJob) -> Path:
+    """train.output_dir, else runs/train/<target>-<draft> (one sub-folder per job in a --multirun sweep)."""
+    if job.train.output_dir:
+        return Path(job.train.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    name = f"{hc.runtime.choices.get('target', 'target')}-{hc.runtime.choices.get('draft', 'draft')}"
+    if hc.mode == RunMode.MULTIRUN:
+        name += f"-{hc.job.num}"
+    return Path("runs") / "train" / name
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from data_prep.errors import DataPrepError
+    from dspark_model.checkpoint import CheckpointMismatchError
+    from dspark_model.target import TargetNotFoundError
+    from train.data import DataError
+    from train.loop import train
+    from train.schema import TrainConfigError
+
+    job: TrainJob = OmegaConf.to_object(cfg)
+    out = output_dir(job)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        metrics = train(job, out, resolved)
+    except (TargetNotFoundError, DataError, DataPrepError, TrainConfigError, CheckpointMismatchError,
+            FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    if metrics:
+        log.info("done: step loss %.4f, expected acceptance %.3f; draft in %s", metrics.get("loss", float("nan")),
+                 metrics.get("expected_accept", float("nan")), out / "final")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Resumable training checkpoints: atomic, keep-last-K, exact resume.
+
+Layout of ``<output_dir>/checkpoints/step-00000100/``::
+
+    trainer_state.json       step, data position (epoch, offset), LR schedule, fingerprint (written last)
+    draft.safetensors        draft weights                      (plain / DDP training)
+    optimizer.safetensors    AdamW moments and step counters    (plain / DDP training)
+    optimizer.json           optimizer param groups (lr, betas, ...) and the tensor-key map
+    deepspeed/               DeepSpeed's own checkpoint (engine.save_checkpoint) under ZeRO-2 / ZeRO-3
+    rng-rank<r>.json         python / numpy RNG state of rank r; rng-rank<r>.safetensors: torch (+cuda) state
+
+Non-tensor state is JSON, tensors are safetensors: nothing is unpickled on resume, except that DeepSpeed's
+own checkpoint format (used under ZeRO, the standard way to save sharded optimizer state) is torch.save
+based. A checkpoint is written into ``.tmp-step-*``, fsynced, and renamed into place, so a crash while saving
+leaves the previous checkpoints intact; a folder without ``trainer_state.json`` is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "trainer_state.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / STATE_NAME).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_resume(root: Path, resume: str) -> Path | None:
+    """``auto``: newest complete checkpoint or None; ``never``: None; else the given folder (must exist)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint ({STATE_NAME} missing); "
+                                f"use train.resume=auto, never, or a {root}/step-* folder")
+    return path
+
+
+# ---- optimizer and RNG state as safetensors + JSON ---------------------------------------------------------
+def optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for pid, per_param in state["state"].items():
+        for name, value in per_param.items():
+            key = f"state.{pid}.{name}"
+            if torch.is_tensor(value):
+                tensors[key] = value.detach().contiguous().cpu()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return meta, tensors
+
+
+def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+# ---- atomic folder writes ---------------------------------------------------------------------------------
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file and folder under ``path`` (files first, the folder itself last)."""
+    for p in sorted(path.rglob("*"), reverse=True) + [path]:
+        _fsync_dir(p)
+
+
+def save_checkpoint(root: Path, step: int, trainer_state: dict, *, rank: int, barrier: Callable[[], None],
+                    draft=None, optimizer=None, engine=None, keep_last: int = 3) -> Path:
+    """Write checkpoint ``step`` (collective: every rank calls it). Returns the final folder."""
+    final, tmp = step_dir(root, step), root / f".tmp-step-{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if engine is not None:
+        engine.save_checkpoint(str(tmp / "deepspeed"), tag="state")
+    elif rank == 0:
+        state = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
+        save_file(state, str(tmp / "draft.safetensors"))
+        tensors, meta = optimizer_to_files(optimizer.state_dict())
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", meta)
+    rng_meta, rng_tensors = capture_rng()
+    _write_json(tmp / f"rng-rank{rank}.json", rng_meta)
+    save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
+    barrier()
+    if rank == 0:
+        _write_json(tmp / STATE_NAME, trainer_state)
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step after a resume: swap the old copy out first
+            old = root / f".old-step-{step:08d}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved checkpoint %s", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(path: Path, *, rank: int, draft=None, optimizer=None, engine=None) -> dict:
+    """Restore model / optimizer (or the DeepSpeed engine) and this rank's RNG; returns trainer_state."""
+    state = json.loads((path / STATE_NAME).read_text())
+    if engine is not None:
+        engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                               load_lr_scheduler_states=False, load_module_strict=True)
+    else:
+        missing, unexpected = draft.load_state_dict(load_file(str(path / "draft.safetensors")), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the draft (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}); was the draft config changed?")
+        meta = json.loads((path / "optimizer.json").read_text())
+        optimizer.load_state_dict(optimizer_from_files(load_file(str(path / "optimizer.safetensors")), meta))
+    rng_json = path / f"rng-rank{rank}.json"
+    if rng_json.is_file():
+        restore_rng(json.loads(rng_json.read_text()), load_file(str(path / f"rng-rank{rank}.safetensors")))
+    else:
+        log.warning("%s has no RNG state for rank %d (world size changed?); continuing with the current RNG",
+                    path, rank)
+    return state

@@ -1,0 +1,303 @@
+"""The training loop: ``train(job)`` builds everything, then ``train_step`` runs one optimizer step.
+
+One step: for each of this process's micro-batches, the frozen target gives tapped + final hidden states
+(online, no grad) or the cache does (offline); anchors are sampled per row; the draft (wrapped with its
+loss in ``DraftObjective`` so DDP / DeepSpeed see one forward) returns the loss; gradients accumulate to
+the global batch; then clip, AdamW step, LR schedule step. Metrics are averaged over micro-batches and
+processes. Checkpoints every ``save_every`` steps and at the end; the final draft goes to
+``<output_dir>/final`` with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dspark_model.draft import build_draft_for, count_parameters
+from dspark_model.target import load_target, resolve_weights
+from train import checkpointing, distributed
+from train.anchors import batch_anchors, slot_mask
+from train.data import (
+    DataError,
+    StepSampler,
+    TrainData,
+    collate,
+    default_data_dir,
+    load_data_dir,
+    micro_batches,
+    open_cache,
+    synthesize,
+)
+from train.loss import LossWeights, draft_loss
+from train.metrics_log import MetricsLogger, NullLogger
+from train.schema import TrainJob, validate
+
+log = logging.getLogger(__name__)
+
+
+class DraftObjective(nn.Module):
+    """The draft and its loss as one module: (target states, ids, anchors, mask) -> (loss, metrics)."""
+
+    def __init__(self, draft, weights: LossWeights, chunk_size: int, recompute: bool):
+        super().__init__()
+        self.draft, self.weights, self.chunk_size, self.recompute = draft, weights, chunk_size, recompute
+
+    def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask):
+        h = self.draft.forward_train(tap_hidden, input_ids, anchors)  # (B, A, G, d)
+        return draft_loss(self.draft, self.draft.target, h, final_hidden, input_ids, anchors, mask,
+                          self.weights, self.chunk_size, self.recompute)
+
+
+def lr_lambda(step: int, warmup: int, max_steps: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine to ``min_ratio`` (or constant)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(draft: nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with weight decay on matrices only, and the warm-up + cosine schedule."""
+    params = [p for p in draft.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio))
+    return opt, sched
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def data_path(job: TrainJob) -> Path | None:
+    """The data folder to read, or None when rows are to be sampled from a random target. Checked before any
+    model is loaded so that missing data fails fast."""
+    d = job.data
+    path = Path(d.path) if d.path else default_data_dir(d.prompts, job.target.id)
+    if (path / "manifest.json").is_file():
+        return path
+    if job.target.random is not None and d.mode == "online":
+        return None
+    raise DataError(f"no training data at {path} (manifest.json missing); prepare it with "
+                    f"`python -m data_prep target=<same target>` or set data.path=<data_prep output dir>")
+
+
+def load_data(job: TrainJob, target, path: Path | None) -> TrainData:
+    """data_prep output (online / offline), or sampled rows for a random target with no data folder."""
+    d = job.data
+    if path is None:
+        return synthesize(target, d.synthetic_rows, d.synthetic_response_tokens, job.train.seed)
+    data = load_data_dir(path, d.max_length, d.limit)
+    if d.mode == "offline":
+        open_cache(data, path / "cache", target, job.target.id)
+    return data
+
+
+def _autocast(device: torch.device, precision: str):
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train_step(model, optimizer, scheduler, target, data: TrainData, batches: list[list[int]], epoch: int,
+               rt, job: TrainJob, block_size: int) -> dict[str, torch.Tensor]:
+    """One optimizer step over this process's micro-batches; returns summed metrics (and a count)."""
+    t, acc = job.train, rt.accelerator
+    totals: dict[str, torch.Tensor] = {}
+    for indices in batches:
+        b = collate(data, indices, pad_id=target.tokenizer.pad_token_id or 0)
+        ids, lm = b.input_ids.to(rt.device), b.loss_mask.to(rt.device)  # (B, T)
+        anchors, valid = batch_anchors(b.masks, [data.rows[i] for i in indices], epoch, t.seed,
+                                       t.anchors_per_4096, t.min_anchors, t.max_anchors)
+        anchors, valid = anchors.to(rt.device), valid.to(rt.device)  # (B, A)
+        mask = slot_mask(lm, anchors, valid, block_size)  # (B, A, G)
+        with acc.accumulate(model), _autocast(rt.device, t.precision):
+            if b.tap_hidden is None:
+                out = target.forward(ids)
+                tap, fin = out.tap_hidden, out.final_hidden  # (B, T, k*d), (B, T, d)
+            else:
+                tap, fin = b.tap_hidden.to(rt.device), b.final_hidden.to(rt.device)
+            loss, metrics = model(tap, fin, ids, anchors, mask)
+            acc.backward(loss)
+            if acc.sync_gradients:
+                norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+                metrics["grad_norm"] = torch.as_tensor(float(norm) if norm is not None else float("nan"))
+            optimizer.step()
+            optimizer.zero_grad()
+        metrics["tokens"] = torch.tensor(float(b.tokens))
+        metrics["micro_batches"] = torch.tensor(1.0)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v.detach().float().cpu()
+    scheduler.step()
+    return totals
+
+
+def reduce_metrics(totals: dict[str, torch.Tensor], rt, G: int) -> dict[str, float]:
+    """Sum over processes, then means over micro-batches; tokens stay a sum."""
+    keys = sorted(totals)
+    flat = torch.cat([totals[k].reshape(-1) for k in keys]).to(rt.device)
+    flat = rt.all_reduce_sum(flat).cpu()
+    out, i = {}, 0
+    for k in keys:
+        n = totals[k].numel()
+        out[k] = flat[i: i + n]
+        i += n
+    count = out.pop("micro_batches").item()
+    tokens = out.pop("tokens").item()
+    result = {"tokens": tokens}
+    for k, v in out.items():
+        if k == "accept_per_slot":
+            result.update({f"accept_k{j + 1}": float(x) / count for j, x in enumerate(v)})
+        elif k == "grad_norm":
+            result[k] = float(v) / rt.world
+        else:
+            result[k] = float(v) / count
+    return result
+
+
+def _trainer_state(step: int, sampler: StepSampler, scheduler, data: TrainData, world: int) -> dict:
+    epoch, offset = sampler.position(step)
+    return {"step": step, "epoch": epoch, "position": offset, "scheduler": scheduler.state_dict(),
+            "data_fingerprint": data.fingerprint, "world_size": world}
+
+
+def _final_save(rt, model, objective: DraftObjective, job: TrainJob, out: Path, data: TrainData,
+                resolved: dict) -> None:
+    """The final draft via save_pretrained (gathering ZeRO-3 shards first), plus the resolved config."""
+    from omegaconf import OmegaConf
+
+    from dspark_model.checkpoint import save_pretrained
+
+    gather = contextlib.nullcontext()
+    if rt.deepspeed and str(job.deepspeed.stage) == "3":
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(objective.parameters()), modifier_rank=None)
+    with gather:
+        if rt.is_main:
+            extra = {"resolved_config": resolved, "data_fingerprint": data.fingerprint, "data": data.origin}
+            final = save_pretrained(objective.draft, out / "final", job.target, extra=extra)
+            tmp = final / ".resolved_config.yaml.tmp"
+            tmp.write_text(OmegaConf.to_yaml(resolved))
+            os.replace(tmp, final / "resolved_config.yaml")
+            log.info("final draft written to %s", final)
+    rt.barrier()
+
+
+def _build(job: TrainJob, rt):
+    """Target (fails fast when its weights are missing), draft and data, in a fixed seeded order."""
+    if job.target.random is None:
+        resolve_weights(job.target)  # TargetNotFoundError before data checks and model loading
+    source = data_path(job)
+    seed_everything(job.train.seed)
+    with rt.frozen_target_context():
+        target = load_target(job.target, device=rt.device)
+    seed_everything(job.train.seed)
+    draft = build_draft_for(target, job.draft)
+    return target, draft, load_data(job, target, source)
+
+
+def _prepare_and_resume(rt, objective, optimizer, scheduler, root: Path, resume: str, data: TrainData):
+    """accelerator.prepare + checkpoint restore (plain: before wrapping; DeepSpeed: into the engine).
+    Returns (model, optimizer, engine or None, first step)."""
+    path = checkpointing.resolve_resume(root, resume)
+    state = None
+    if path is not None and not rt.deepspeed:
+        state = checkpointing.load_checkpoint(path, rank=rt.rank, draft=objective.draft, optimizer=optimizer)
+    model, optimizer = rt.accelerator.prepare(objective, optimizer)
+    engine = model if rt.deepspeed else None
+    if path is not None and rt.deepspeed:
+        state = checkpointing.load_checkpoint(path, rank=rt.rank, engine=engine)
+    if state is None:
+        return model, optimizer, engine, 0
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("data_fingerprint") != data.fingerprint:
+        log.warning("resuming on different data (fingerprint %s -> %s)", state.get("data_fingerprint"),
+                    data.fingerprint)
+    log.info("resumed from %s at step %d", path, state["step"])
+    return model, optimizer, engine, int(state["step"])
+
+
+def train(job: TrainJob, output_dir: str | Path | None = None, resolved: dict | None = None) -> dict:
+    """Run a training job end to end; returns the last logged metrics (rank 0; {} elsewhere)."""
+    validate(job)
+    t = job.train
+    out = Path(output_dir or t.output_dir or "runs/train/default")
+    resolved = resolved if resolved is not None else dataclasses.asdict(job)
+    rt, accum = distributed.setup(str(job.deepspeed.stage), job.deepspeed.config, t.micro_batch_size,
+                                  t.global_batch_size, t.grad_clip, t.device)
+    if not rt.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+    target, draft, data = _build(job, rt)
+    sampler = StepSampler(len(data), t.global_batch_size, t.seed)
+    optimizer, scheduler = make_optimizer(draft, t)
+    weights = LossWeights(t.alpha_ce, t.alpha_tv, t.alpha_conf, t.position_decay)
+    objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks)
+    root = out / "checkpoints"
+    model, optimizer, engine, start = _prepare_and_resume(rt, objective, optimizer, scheduler, root, t.resume,
+                                                          data)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("draft: %.2fM trainable parameters; %d rows; %d process(es) x %d micro x %d accumulation",
+                 count_parameters(draft) / 1e6, len(data), rt.world, t.micro_batch_size, accum)
+    logger = (MetricsLogger(out, job.logger.tensorboard, job.logger.wandb, job.logger.wandb_project,
+                            job.logger.wandb_mode, job.logger.wandb_run_name, resolved)
+              if rt.is_main else NullLogger())
+    lengths = [x.numel() for x in data.input_ids]
+    last = _loop(model, optimizer, scheduler, target, data, sampler, lengths, rt, job, engine, root, start, logger,
+                 draft)
+    logger.close()
+    _final_save(rt, model, objective, job, out, data, resolved)
+    return last if rt.is_main else {}
+
+
+def _loop(model, optimizer, scheduler, target, data, sampler, lengths, rt, job, engine, root, start, logger,
+          draft):
+    t = job.train
+    bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True,
+               disable=not (rt.is_main and job.logger.progress_bar))
+    last: dict[str, float] = {}
+    model.train()
+    tic, window, n_window = time.perf_counter(), {}, 0
+    for step in range(start, t.max_steps):
+        epoch, rows = sampler.rows(step)
+        batches = micro_batches(rows, lengths, t.micro_batch_size, rt.world, rt.rank)
+        lr = scheduler.get_last_lr()[0]
+        totals = train_step(model, optimizer, scheduler, target, data, batches, epoch, rt, job,
+                            job.draft.block_size)
+        window = {k: window.get(k, 0.0) + v for k, v in totals.items()}
+        n_window += 1
+        done = step + 1
+        if done % t.log_every == 0 or done == t.max_steps:
+            last = reduce_metrics(window, rt, job.draft.block_size)
+            now = time.perf_counter()
+            last.update(lr=lr, epoch=epoch, step_time_s=(now - tic) / n_window,
+                        tokens_per_s=last.pop("tokens") / max(now - tic, 1e-9))
+            tic, window, n_window = now, {}, 0
+            logger.log(done, last)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                            acc=f"{last['expected_accept']:.3f}")
+        bar.update(1)
+        if done % t.save_every == 0 or done == t.max_steps:
+            checkpointing.save_checkpoint(root, done, _trainer_state(done, sampler, scheduler, data, rt.world),
+                                          rank=rt.rank, barrier=rt.barrier, draft=draft, optimizer=optimizer,
+                                          engine=engine, keep_last=t.keep_last)
+    bar.close()
+    return last

@@ -1,0 +1,126 @@
+"""Typed schema of ``python -m train`` (values live in conf/train.yaml and its groups).
+
+Registered in Hydra's ConfigStore as ``train_schema``; the entry point converts the composed config into a
+``TrainJob`` once, so no DictConfig travels further. Field comments state units and defaults' sources.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from dspark_model.config import DraftConfig, TargetSpec
+
+
+@dataclass
+class DataConfig:
+    """Tokenized training data written by data_prep (``<path>/dataset``, ``<path>/manifest.json``)."""
+
+    path: str | None = None  # None: data_prep's default output, runs/data/<prompts>-<target id tail>
+    prompts: str = "demo"  # prompt set name used to derive the default path
+    mode: str = "online"  # online: frozen target runs in the loop | offline: read <path>/cache (data_prep)
+    max_length: int = 2048  # tokens per sequence; longer rows are truncated
+    limit: int | None = None  # use only the first N rows
+    # Random (tiny) targets only: when `path` does not exist, sample this many rows from the target itself.
+    synthetic_rows: int = 64
+    synthetic_response_tokens: int = 48
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation, anchors, loss and checkpoint cadence (the `train` group)."""
+
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant (both after linear warm-up)
+    weight_decay: float = 0.0  # applied to matrices only (not norms / biases)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables
+    global_batch_size: int = 32  # sequences per optimizer step, all processes together
+    micro_batch_size: int = 4  # sequences per forward, per process (accumulation makes up the rest)
+    # Anchors: 512 per 4096 tokens in the reference; scaled with sequence length, then clamped.
+    anchors_per_4096: float = 512.0
+    min_anchors: int = 8
+    max_anchors: int = 512
+    # Loss (paper eq. 12): weights and the position decay gamma_w in w_k = exp(-(k-1)/gamma_w).
+    # The paper's text sets gamma_w = block size; the public reference code uses 4 (our default).
+    alpha_ce: float = 0.1
+    alpha_tv: float = 0.9
+    alpha_conf: float = 1.0
+    position_decay: float = 4.0
+    logits_chunk_size: int = 2048  # block positions whose full-vocab logits are alive at once (<= 0: no chunks)
+    recompute_chunks: bool = True  # checkpoint each chunk: recompute its logits in backward instead of storing
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (autocast; also on CPU)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    log_every: int = 1  # steps between metric records
+    save_every: int = 500  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 3  # checkpoints kept on disk
+    resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | /path/to/step-dir
+    output_dir: str | None = None  # None: Hydra's run dir (runs/train/<target>)
+
+
+@dataclass
+class DeepSpeedConfig:
+    """`stage: none` trains plainly (one process, or DDP under torchrun); 2 / 3 use DeepSpeed ZeRO."""
+
+    stage: str = "none"  # none | 2 | 3
+    config: dict[str, Any] = field(default_factory=dict)  # a DeepSpeed JSON config; "auto" values are filled in
+
+
+@dataclass
+class LoggerConfig:
+    """Metric sinks. A JSONL file is always written; the others are optional and never stop training."""
+
+    tensorboard: bool = True
+    wandb: bool = False  # off by default; silently off when wandb is not installed
+    wandb_project: str = "dspark"
+    wandb_mode: str | None = None  # online | offline | disabled; None = wandb's own default (WANDB_MODE)
+    wandb_run_name: str | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainJob:
+    target: TargetSpec = field(default_factory=TargetSpec)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+class TrainConfigError(ValueError):
+    """A training setting that cannot work; the message names the field and the fix."""
+
+
+def validate(job: TrainJob) -> None:
+    """Cheap checks that fail before any model is loaded."""
+    t = job.train
+    checks = [
+        (job.data.mode in ("online", "offline"), f"data.mode must be online or offline, got {job.data.mode!r}"),
+        (str(job.deepspeed.stage) in ("none", "2", "3"),
+         f"deepspeed.stage must be none, 2 or 3, got {job.deepspeed.stage!r}"),
+        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}"),
+        (t.schedule in ("cosine", "constant"), f"train.schedule must be cosine|constant, got {t.schedule!r}"),
+        (t.micro_batch_size >= 1 and t.global_batch_size >= 1, "train.*_batch_size must be >= 1"),
+        (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
+        (1 <= t.min_anchors <= t.max_anchors, "need 1 <= train.min_anchors <= train.max_anchors"),
+        (t.position_decay > 0, "train.position_decay must be > 0"),
+        (t.save_every >= 1 and t.keep_last >= 1, "train.save_every and train.keep_last must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainConfigError(message)
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore (idempotent)."""
+    ConfigStore.instance().store(name="train_schema", node=TrainJob)
+
+
+register()
