@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.cache import STORAGE_DTYPES, TargetCache, bytes_per_token, write_cache
+from data_prep.cache import STORAGE_DTYPES, TargetCache, bytes_per_shard, bytes_per_token, write_cache
 from data_prep.chat import stop_token_ids, tokenize_records
 from data_prep.generate import drop_long_prompts, generate_local
 from data_prep.sources import PromptSource, load_prompts
@@ -55,7 +55,7 @@ def measure_cache(target, records: list[dict], args, work: Path) -> dict:
     rows = cols["input_ids"]
     n_tokens = sum(map(len, rows))
     results, reference = {}, None
-    for dtype in ("float32", "bfloat16", "float16", "int8"):
+    for dtype in STORAGE_DTYPES:  # float32 first: the reference for the errors
         start = time.perf_counter()
         path = work / f"cache-{dtype}"
         write_cache(target, rows, path, dtype, target_id="smollm2", dataset_fingerprint="bench")
@@ -69,6 +69,7 @@ def measure_cache(target, records: list[dict], args, work: Path) -> dict:
         ref = torch.cat([r.flatten() for r in reference])
         results[dtype] = {
             "bytes_per_token_nominal": bytes_per_token(len(target.tap_layer_ids), target.hidden_size, dtype),
+            "bytes_per_shard_constant": bytes_per_shard(len(target.tap_layer_ids), dtype),
             "bytes_per_token_on_disk": round(size / n_tokens, 1),
             "relative_rms_error_vs_float32": float(err.norm() / ref.norm()),
             "mean_token_relative_error_vs_float32": float(torch.cat(

@@ -5,14 +5,24 @@ Layout of ``<cache_dir>/``::
     manifest.json            target id/revision, tap_layer_ids + convention, final-hidden convention,
                              storage dtype, sizes, dataset fingerprint, shard list, complete flag
     shard-00000.safetensors  rows [row_start, row_end) of the dataset, tokens concatenated:
-        tap_hidden   (N, k*d)   storage dtype       tap_hidden_scale   (N, k) fp16   (int8 only)
-        final_hidden (N, d)     storage dtype       final_hidden_scale (N, 1) fp16   (int8 only)
+        tap_hidden   (N, k*d)   storage dtype       tap_hidden_scale   int8: (N, k) fp16; float8: (k,) fp32
+        final_hidden (N, d)     storage dtype       final_hidden_scale int8: (N, 1) fp16; float8: (1,) fp32
         offsets      (rows + 1,) int64: token offset of each row inside the shard
 
-Storage dtypes: float32, bfloat16, float16 (values clamped to the fp16 range) and ``int8``: symmetric
-absmax quantisation per token and per tapped layer (and per token for the final state), one fp16 scale
-each, so a value comes back within scale / 2 = absmax / 254 of the original. The reader always returns
-float32. The final hidden state is stored after the target's final norm (the trainer applies lm_head).
+Storage dtypes (bytes per token for k taps of width d):
+
+- ``float32`` 4(k+1)d, ``bfloat16`` and ``float16`` 2(k+1)d (float16 values are clamped to its range).
+- ``float8`` (k+1)d, exactly half of bf16: float8_e4m3fn values with one fp32 absmax scale per shard and
+  tapped layer (and one for the final state), a (k+1) * 4 byte constant per shard. Values are divided by
+  absmax / 448 before the cast, so a value comes back within 2^-4 of itself (3 mantissa bits, round to
+  nearest) plus 2^-10 * absmax / 448 (the subnormal step). Use it to meet "at most half of bf16".
+- ``int8`` (k+1)d + 2(k+1): symmetric absmax quantisation per token and tapped layer (and per token for
+  the final state), one fp16 scale each, so a value comes back within absmax / 254 of the original. The
+  per-token scales put it slightly above half of bf16 (0.5017 at SmolLM2's width 576); kept so existing
+  caches stay readable.
+
+The reader always returns float32. The final hidden state is stored after the target's final norm (the
+trainer applies lm_head).
 
 Writing is resumable shard by shard: a shard is written to a temporary file and renamed into place, so a
 file that exists is complete; a rerun skips those. The estimated size is logged first and the run stops
@@ -39,16 +49,25 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "dspark-target-cache/1"
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                  "int8": torch.int8}
+                  "int8": torch.int8, "float8": torch.float8_e4m3fn}
 _FP16_MAX = torch.finfo(torch.float16).max
+_FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 def bytes_per_token(num_taps: int, hidden_size: int, dtype: str) -> int:
-    """Bytes one token takes in the cache (taps + final state, plus int8 scales)."""
+    """Bytes one token takes in the cache (taps + final state, plus int8's per-token scales).
+
+    float8's scales are per shard, not per token: see ``bytes_per_shard``.
+    """
     values = (num_taps + 1) * hidden_size
     if dtype == "int8":
         return values + 2 * (num_taps + 1)
     return values * STORAGE_DTYPES[dtype].itemsize
+
+
+def bytes_per_shard(num_taps: int, dtype: str) -> int:
+    """Constant bytes per shard outside the per-token payload: float8's fp32 scales (offsets not counted)."""
+    return 4 * (num_taps + 1) if dtype == "float8" else 0
 
 
 def quantize_int8(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,18 +90,38 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (q.float().reshape(n, groups, d // groups) * scale.float().unsqueeze(-1)).reshape(n, d)
 
 
+def quantize_fp8(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float -> float8_e4m3fn (N, D) and fp32 absmax scales (groups,), one per group over all rows."""
+    n, d = x.shape
+    xg = x.float().reshape(n, groups, d // groups)  # (N, G, D/G)
+    scale = xg.abs().amax(dim=(0, 2)) if n else torch.zeros(groups)  # (G,)
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)  # (G,) an all-zero group keeps a usable scale
+    y = (xg / (scale / _FP8_MAX).view(1, groups, 1)).clamp(-_FP8_MAX, _FP8_MAX)  # (N, G, D/G) in [-448, 448]
+    return y.to(torch.float8_e4m3fn).reshape(n, d), scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    n, d = q.shape
+    groups = scale.numel()
+    step = (scale.float() / _FP8_MAX).view(1, groups, 1)  # (1, G, 1)
+    return (q.float().reshape(n, groups, d // groups) * step).reshape(n, d)
+
+
 def encode(name: str, x: torch.Tensor, dtype: str, groups: int) -> dict[str, torch.Tensor]:
     """Tensors to store for one (N, D) float block under ``name``."""
-    if dtype == "int8":
-        q, scale = quantize_int8(x, groups)
-        return {name: q, f"{name}_scale": scale}
+    if dtype in ("int8", "float8"):
+        q, scale = (quantize_int8 if dtype == "int8" else quantize_fp8)(x, groups)
+        return {name: q.contiguous(), f"{name}_scale": scale.contiguous()}
     if dtype == "float16":
         x = x.clamp(-_FP16_MAX, _FP16_MAX)
     return {name: x.to(STORAGE_DTYPES[dtype]).contiguous()}
 
 
-def decode(values: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    return dequantize_int8(values, scale) if scale is not None else values.float()
+def decode(values: torch.Tensor, scale: torch.Tensor | None, dtype: str = "int8") -> torch.Tensor:
+    """Stored values (and their scales, if any) -> float32."""
+    if scale is None:
+        return values.float()
+    return dequantize_fp8(values, scale) if dtype == "float8" else dequantize_int8(values, scale)
 
 
 def plan_shards(lengths: Sequence[int], shard_tokens: int) -> list[tuple[int, int]]:
@@ -128,7 +167,7 @@ def _check_space(cache_dir: Path, needed: int) -> None:
     if needed > free:
         raise CacheError(f"target cache needs about {_fmt_bytes(needed)} more at {cache_dir} but only "
                          f"{_fmt_bytes(free)} is free; free disk space, choose a smaller cache.dtype "
-                         f"(int8 or bfloat16), or set cache.dir to another disk")
+                         f"(float8 or bfloat16), or set cache.dir to another disk")
 
 
 @torch.no_grad()
@@ -175,12 +214,15 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
     lengths = [len(r) for r in rows]
     shards = plan_shards(lengths, shard_tokens)
     bpt = bytes_per_token(len(target.tap_layer_ids), target.hidden_size, dtype)
+    bps = bytes_per_shard(len(target.tap_layer_ids), dtype)
     manifest = {
         "format": CACHE_FORMAT, "target": {"id": target_id, "revision": target_revision},
         "tap_layer_ids": list(target.tap_layer_ids), "tap_layer_convention": "decoder_layer",
         "final_hidden": "after_final_norm", "dtype": dtype, "hidden_size": target.hidden_size,
         "num_taps": len(target.tap_layer_ids), "rows": len(rows), "tokens": sum(lengths),
-        "bytes_per_token": bpt, "int8_scales": "per token and tap, fp16" if dtype == "int8" else None,
+        "bytes_per_token": bpt, "bytes_per_shard": bps,
+        "int8_scales": "per token and tap, fp16" if dtype == "int8" else None,
+        "float8_scales": "per shard and tap, fp32 absmax" if dtype == "float8" else None,
         "dataset_fingerprint": dataset_fingerprint,
         "shards": [{"file": _shard_name(s), "row_start": a, "row_end": b, "tokens": sum(lengths[a:b])}
                    for s, (a, b) in enumerate(shards)],
@@ -190,9 +232,9 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
             for s in manifest["shards"]]
     todo_tokens = sum(s["tokens"] for s, d in zip(manifest["shards"], done) if not d)
     log.info("target cache: %d tokens x %d bytes/token (%s) = about %s in %d shard(s); %d shard(s) to write",
-             manifest["tokens"], bpt, dtype, _fmt_bytes(manifest["tokens"] * bpt), len(shards),
-             done.count(False))
-    _check_space(cache_dir, todo_tokens * bpt)
+             manifest["tokens"], bpt, dtype, _fmt_bytes(manifest["tokens"] * bpt + len(shards) * bps),
+             len(shards), done.count(False))
+    _check_space(cache_dir, todo_tokens * bpt + done.count(False) * bps)
     atomic_write_json(cache_dir / "manifest.json", {**manifest, "complete": False})
     with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc="cache", dynamic_ncols=True) as bar:
         for s, finished in zip(manifest["shards"], done):
@@ -248,21 +290,23 @@ class TargetCache:
             from safetensors import safe_open
 
             handle = safe_open(str(self.path / self.manifest["shards"][s]["file"]), framework="pt")
-            self._open[s] = (handle, handle.get_tensor("offsets").tolist())
+            scales = ({n: handle.get_tensor(f"{n}_scale") for n in ("tap_hidden", "final_hidden")}
+                      if self.manifest["dtype"] == "float8" else {})  # per-shard fp32 scales
+            self._open[s] = (handle, handle.get_tensor("offsets").tolist(), scales)
         return self._open[s]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} is outside the cache's {len(self)} rows")
         s = bisect.bisect_right(self._starts, i) - 1
-        handle, offsets = self._shard(s)
+        handle, offsets, shard_scales = self._shard(s)
         local = i - self._starts[s]
         a, b = offsets[local], offsets[local + 1]
-        out = {}
+        out, dtype = {}, self.manifest["dtype"]
         for name in ("tap_hidden", "final_hidden"):
             values = handle.get_slice(name)[a:b]
-            scale = handle.get_slice(f"{name}_scale")[a:b] if self.manifest["dtype"] == "int8" else None
-            out[name] = decode(values, scale)  # (T, k*d) / (T, d) fp32
+            scale = handle.get_slice(f"{name}_scale")[a:b] if dtype == "int8" else shard_scales.get(name)
+            out[name] = decode(values, scale, dtype)  # (T, k*d) / (T, d) fp32
         return out
 
     def check_compatible(self, target_id: str, tap_layer_ids: Sequence[int], hidden_size: int) -> None:

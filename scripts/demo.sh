@@ -8,16 +8,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 RUN="${DEMO_DIR:-runs/demo}"
-PROMPTS="${DEMO_PROMPTS:-160}"          # training prompts (from the packaged demo set)
-GEN_TOKENS="${DEMO_GEN_TOKENS:-192}"    # max new tokens per regenerated response
+PROMPTS="${DEMO_PROMPTS:-112}"          # training prompts (from the packaged demo set)
+GEN_TOKENS="${DEMO_GEN_TOKENS:-160}"    # max new tokens per regenerated response
 STEPS="${DEMO_STEPS:-}"                 # empty = conf/train/demo.yaml
-EVAL_PROMPTS="${DEMO_EVAL_PROMPTS:-12}" # held-out prompts (not in the training set)
-EVAL_TOKENS="${DEMO_EVAL_TOKENS:-128}"
+EVAL_PROMPTS="${DEMO_EVAL_PROMPTS:-8}" # held-out prompts (not in the training set)
+EVAL_TOKENS="${DEMO_EVAL_TOKENS:-96}"
 start=$(date +%s)
 stamp() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
 
 stamp "1/5 data_prep: regenerate $PROMPTS demo responses with SmolLM2"
-"$PY" -m data_prep num_prompts="$PROMPTS" generation.max_new_tokens="$GEN_TOKENS" out_dir="$RUN/data"
+"$PY" -m data_prep num_prompts="$PROMPTS" generation.max_new_tokens="$GEN_TOKENS" num_threads=1 out_dir="$RUN/data"
 
 stamp "2/5 train: DSpark draft (conf/train/demo.yaml)"
 "$PY" -m train train=demo data.path="$RUN/data" train.output_dir="$RUN/train" ${STEPS:+train.max_steps=$STEPS}

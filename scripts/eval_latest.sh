@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # `make eval [DRAFT=<checkpoint dir>]`: evaluate a draft with the eval stage's defaults.
-# The draft is $1 (or $DRAFT); without it, the most recently written runs/train/*/final checkpoint.
+# The draft is $1 (or $DRAFT); without it, the most recently written runs/train/*/final or
+# runs/*/train/final (what `make demo` writes) checkpoint.
 # Extra Hydra overrides go in $EVAL_ARGS, e.g. EVAL_ARGS="prompts=shared-eval temperature=1.0".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:-.venv}/bin/python"
 draft="${1:-${DRAFT:-}}"
 if [[ -z "$draft" ]]; then
-  draft="$(ls -td runs/train/*/final 2>/dev/null | head -n 1 || true)"
+  draft="$(ls -td runs/train/*/final runs/*/train/final 2>/dev/null | head -n 1 || true)"
   if [[ -z "$draft" ]]; then
     echo "eval: no trained draft found under runs/train/*/final; train one first (make demo) or pass DRAFT=<checkpoint dir>" >&2
     exit 2

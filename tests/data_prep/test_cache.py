@@ -1,4 +1,9 @@
-"""Target cache: round trip per storage dtype, sizes, resume shard by shard, disk check, mismatch errors."""
+"""Target cache: round trip per storage dtype, sizes, resume shard by shard, disk check, mismatch errors.
+
+float8 bound: e4m3 keeps 3 mantissa bits, so round to nearest is off by at most half a step, 2^-4 of the
+value, in the normal range; below 2^-6 the step is the subnormal 2^-9, so at most 2^-10 absolute. Values are
+divided by absmax / 448 first, so in original units |error| <= 2^-4 |x| + 2^-10 * absmax / 448.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,18 @@ import pytest
 import torch
 
 from data_prep import cache as cache_mod
-from data_prep.cache import TargetCache, bytes_per_token, quantize_int8, write_cache
+from data_prep.cache import TargetCache, bytes_per_shard, bytes_per_token, quantize_int8, write_cache
 from data_prep.errors import CacheError, CacheMismatchError
 from dspark_model.target import load_target
 
 from .conftest import tiny_spec
 
 ROWS = [list(range(3, 3 + n)) for n in (5, 17, 9, 30, 2, 12)]
+
+
+def fp8_bound(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Sound per-value float8 error bound (module docstring), with fp32 rounding slack."""
+    return (x.abs() * 2 ** -4 + absmax / 448 * 2 ** -10) * (1 + 1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +48,24 @@ def _write(target, path, dtype, **kw):
                        shard_tokens=25, batch_tokens=40, **kw)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+def _shard_absmax(manifest, reference, groups: dict[str, int]) -> list[dict[str, torch.Tensor]]:
+    """Per row: the absmax of its shard, per group, expanded to the row's shape (float8's scales)."""
+    out = []
+    for s in manifest["shards"]:
+        rows = reference[s["row_start"]: s["row_end"]]
+        absmax = {}
+        for j, name in enumerate(("tap_hidden", "final_hidden")):
+            x = torch.cat([r[j] for r in rows])  # (N, D)
+            g = groups[name]
+            absmax[name] = x.reshape(len(x), g, -1).abs().amax(dim=(0, 2)).repeat_interleave(x.shape[-1] // g)
+        out += [absmax] * len(rows)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8", "float8"])
 def test_round_trip_within_dtype_tolerance(target, reference, tmp_path, dtype):
     manifest = _write(target, tmp_path / "c", dtype)
+    shard_absmax = _shard_absmax(manifest, reference, {"tap_hidden": len(target.tap_layer_ids), "final_hidden": 1})
     assert len(manifest["shards"]) > 2  # rows spread over several shards
     cache = TargetCache(tmp_path / "c")
     assert len(cache) == len(ROWS)
@@ -56,6 +81,9 @@ def test_round_trip_within_dtype_tolerance(target, reference, tmp_path, dtype):
                 absmax = ref.reshape(len(ref), groups, -1).abs().amax(-1, keepdim=True)
                 bound = (absmax / 254 * 1.01 + 1e-5).expand(-1, -1, ref.shape[-1] // groups).reshape(ref.shape)
                 assert (err <= bound).all()
+            elif dtype == "float8":  # scales per shard and tap: the bound uses the shard's absmax
+                assert (err <= fp8_bound(ref, shard_absmax[i][name]) + 1e-5).all()
+                assert err.max() > 0  # it really went through 8 bits
             else:
                 rel = {"float32": 1e-5, "bfloat16": 2 ** -8, "float16": 2 ** -11}[dtype]
                 assert (err <= ref.abs() * rel + 1e-5).all()
@@ -75,6 +103,46 @@ def test_int8_needs_about_half_the_bytes_of_bf16(target, tmp_path):
     assert sizes["int8"] < 0.6 * sizes["bfloat16"]  # headers and offsets weigh on a tiny cache
 
 
+def test_float8_needs_at_most_half_the_bytes_of_bf16(target, tmp_path):
+    k, d = len(target.tap_layer_ids), target.hidden_size
+    for taps, width in ((k, d), (5, 576), (36, 4096)):  # tiny, SmolLM2-135M, an 8B model with many taps
+        assert bytes_per_token(taps, width, "float8") == (taps + 1) * width  # one byte per value
+        assert bytes_per_token(taps, width, "float8") <= 0.5 * bytes_per_token(taps, width, "bfloat16")
+        assert bytes_per_shard(taps, "float8") == 4 * (taps + 1)  # fp32 scales, once per shard
+    assert bytes_per_token(5, 576, "int8") > 0.5 * bytes_per_token(5, 576, "bfloat16")  # why float8 exists
+    manifest = _write(target, tmp_path / "f8", "float8")
+    assert manifest["bytes_per_token"] == (k + 1) * d and manifest["bytes_per_shard"] == 4 * (k + 1)
+    _write(target, tmp_path / "bf16", "bfloat16")
+    size = {n: sum(f.stat().st_size for f in (tmp_path / n).glob("*.safetensors")) for n in ("f8", "bf16")}
+    # Both files carry the same offsets and similar headers; the payload difference is exactly half of bf16.
+    payload_bf16 = manifest["tokens"] * bytes_per_token(k, d, "bfloat16")
+    scales = len(manifest["shards"]) * bytes_per_shard(k, "float8")
+    assert size["bf16"] - size["f8"] >= payload_bf16 // 2 - scales - 200 * len(manifest["shards"])
+
+
+def test_float8_quantiser_bound_on_outliers():
+    """Random activations with a few huge outlier channels (as in SmolLM2's taps): error stays within bound."""
+    g = torch.Generator().manual_seed(0)
+    groups, width = 3, 96
+    x = torch.randn(400, groups * width, generator=g)  # (N, G*W)
+    x[:, 7] *= 300.0  # a massive-activation channel in group 0
+    x[torch.randint(0, 400, (20,), generator=g), 100] = 5000.0  # rare spikes in group 1
+    x[:, 2 * width:] *= 1e-3  # group 2: small values, its own scale keeps them precise
+    q, scale = cache_mod.quantize_fp8(x, groups)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (groups,) and scale.dtype == torch.float32
+    absmax = x.reshape(400, groups, width).abs().amax(dim=(0, 2))  # (G,)
+    assert torch.equal(scale, absmax)
+    back = cache_mod.dequantize_fp8(q, scale)
+    err = (back - x).abs()
+    assert (err <= fp8_bound(x, absmax.repeat_interleave(width))).all()
+    big = x.abs() >= absmax.repeat_interleave(width) / 448 * 2 ** -6  # normal fp8 range: relative bound alone
+    assert (err[big] <= x.abs()[big] * 2 ** -4 * (1 + 1e-5)).all()
+    assert (err[big] / x.abs()[big]).max() > 2 ** -5  # the bound is tight, not vacuous
+    assert torch.equal(back.abs().amax(0).reshape(groups, width).amax(-1), absmax)  # absmax comes back exactly
+    zeros, zscale = cache_mod.quantize_fp8(torch.zeros(4, 6), 2)
+    assert torch.equal(cache_mod.dequantize_fp8(zeros, zscale), torch.zeros(4, 6))  # no division by zero
+
+
 def test_int8_quantiser_is_exact_on_representable_rows():
     x = torch.tensor([[127.0, -64.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     q, scale = quantize_int8(x, groups=1)
@@ -82,15 +150,16 @@ def test_int8_quantiser_is_exact_on_representable_rows():
     assert torch.allclose(cache_mod.dequantize_int8(q, scale), x, atol=1e-2)
 
 
-def test_resume_rewrites_only_missing_shards(target, tmp_path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_resume_rewrites_only_missing_shards(target, tmp_path, dtype):
     path = tmp_path / "c"
-    manifest = _write(target, path, "bfloat16")
+    manifest = _write(target, path, dtype)
     files = [path / s["file"] for s in manifest["shards"]]
     before = {f: f.stat().st_mtime_ns for f in files}
     reference = [TargetCache(path)[i] for i in range(len(ROWS))]
     os.remove(files[1])
     (path / (manifest["shards"][2]["file"] + ".tmp")).write_bytes(b"partial")  # a crashed write
-    _write(target, path, "bfloat16")
+    _write(target, path, dtype)
     assert files[1].exists()
     assert all(f.stat().st_mtime_ns == before[f] for f in files if f != files[1])
     again = TargetCache(path)
