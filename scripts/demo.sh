@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 RUN="${DEMO_DIR:-runs/demo}"
-PROMPTS="${DEMO_PROMPTS:-112}"          # training prompts (from the packaged demo set)
+PROMPTS="${DEMO_PROMPTS:-96}"           # training prompts (from the packaged demo set)
 GEN_TOKENS="${DEMO_GEN_TOKENS:-160}"    # max new tokens per regenerated response
 STEPS="${DEMO_STEPS:-}"                 # empty = conf/train/demo.yaml
-EVAL_PROMPTS="${DEMO_EVAL_PROMPTS:-8}" # held-out prompts (not in the training set)
+EVAL_PROMPTS="${DEMO_EVAL_PROMPTS:-6}" # held-out prompts (not in the training set)
 EVAL_TOKENS="${DEMO_EVAL_TOKENS:-96}"
 start=$(date +%s)
 stamp() { echo; echo "=== [$(( $(date +%s) - start )) s] $*"; }
