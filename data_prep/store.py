@@ -18,26 +18,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from data_prep.errors import DataPrepError, GenerationError
+from dspark_model.atomic import atomic_write_json, replace_dir
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "dspark-data/1"
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str | Path) -> dict:
@@ -126,14 +115,10 @@ def save_tokenized(out_dir: Path, cols: dict[str, list], manifest: dict) -> None
         "row_id": datasets.Value("string"),
     })
     ds = datasets.Dataset.from_dict(cols, features=features)
-    final, tmp, old = out_dir / "dataset", out_dir / "dataset.tmp", out_dir / "dataset.old"
-    for p in (tmp, old):
-        shutil.rmtree(p, ignore_errors=True)
+    final, tmp = out_dir / "dataset", out_dir / "dataset.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, final)
     atomic_write_json(out_dir / "manifest.json", manifest)
 
 

@@ -14,9 +14,7 @@ The license follows the target's (a small map of known families; anything else i
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,15 +95,6 @@ def license_for(target_id: str) -> tuple[str, str | None]:
             return lic, note
     return "other", (f"the license of {target_id or 'the target'} is not in this toolkit's map; this draft is "
                      f"derived from it (trained on its outputs, shares its embeddings): apply the target's license")
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _is_secret(key, value) -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
+from dspark_model.atomic import atomic_write_json as write_json_atomic
+from dspark_model.atomic import replace_dir
 from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft
 from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
@@ -29,19 +30,6 @@ FORMAT_VERSION = 1
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the target it is loaded against (or is not a draft checkpoint)."""
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON next to its destination, then rename over it: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None, target=None,
@@ -92,13 +80,7 @@ def save_pretrained(draft: DSparkDraft, out_dir: str | Path, target_spec: Target
             write_json_atomic(tmp / CALIBRATION_NAME, draft.calibration)
         elif (out_dir / CALIBRATION_NAME).exists():  # keep a calibration written earlier beside the weights
             shutil.copy2(out_dir / CALIBRATION_NAME, tmp / CALIBRATION_NAME)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
+from dspark_model.atomic import atomic_write_json as write_json_atomic
+from dspark_model.atomic import atomic_write_text, replace_dir
 from dspark_model.checkpoint import (
     CALIBRATION_NAME,
     CONFIG_NAME,
@@ -46,7 +48,6 @@ from dspark_model.checkpoint import (
     load_draft,
     read_draft_config,
     target_spec_from_checkpoint,
-    write_json_atomic,
 )
 from dspark_model.draft import DSparkDraft
 from dspark_model.export_schema import (
@@ -193,15 +194,9 @@ def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embed
 def _swap_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     if out_dir.is_dir() and not any(out_dir.iterdir()):
         out_dir.rmdir()  # an empty folder is simply replaced
-    if out_dir.exists():
-        if not overwrite:
-            raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
+    replace_dir(tmp, out_dir)
 
 
 def _check_out_dir(ckpt_dir: Path, out_dir: Path) -> None:
@@ -259,7 +254,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
         validate_export(tmp, target, fmt=format)
         _verify_round_trip(tmp, target, tensors)
         card = card_mod.render_card(card_mod.context_from_export(tmp, sources, target=target))
-        card_mod.write_text_atomic(tmp / README_NAME, card)
+        atomic_write_text(tmp / README_NAME, card)
         _swap_into_place(tmp, out_dir, overwrite)
     finally:
         if tmp.exists():

@@ -14,14 +14,13 @@ part, then writes into ``out_dir``:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from dspark_model.atomic import atomic_write_json
 from eval.calibration import (
     DEFAULT_MAX_WASTED_FRACTION,
     apply_sts,
@@ -68,19 +67,8 @@ def to_jsonable(value):
 
 
 def write_json_atomic(data: Mapping, path: str) -> None:
-    """Write JSON to a temp file in the same folder, then os.replace it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".calibration.", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(to_jsonable(data), handle, indent=2, allow_nan=False)
-            handle.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """calibration.json: NaN written as null (``to_jsonable``), strict JSON, atomic."""
+    atomic_write_json(path, to_jsonable(data), allow_nan=False)
 
 
 def plot_reliability(before: Mapping, after: Mapping, path: str) -> str:

@@ -16,12 +16,13 @@ All files are written atomically (temporary file in the same folder, then ``os.r
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 
+from dspark_model.atomic import atomic_write_text
 from eval.metrics import DEFINITIONS
 
 PLOTS = {"acceptance": "acceptance_by_position.png", "histogram": "accepted_length_histogram.png"}
@@ -41,18 +42,10 @@ def jsonable(value):
 
 
 def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Render with ``write(handle)`` into memory, then write the file atomically."""
+    buffer = io.StringIO()
+    write(buffer)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def write_json(path: str, data: Mapping) -> None:

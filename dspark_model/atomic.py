@@ -1,0 +1,51 @@
+"""Atomic file and folder writes shared by every stage: readers never see half a file or half a folder.
+
+A file is written to a temporary name in its destination folder, flushed to disk, then renamed over the
+destination (``os.replace`` is atomic on one filesystem). A folder is built under a temporary name and
+swapped into place the same way, the previous copy removed only after the swap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj, **json_kwargs) -> None:
+    """JSON with two-space indent and a final newline; extra kwargs go to ``json.dumps``."""
+    json_kwargs.setdefault("indent", 2)
+    json_kwargs.setdefault("default", str)
+    atomic_write_text(path, json.dumps(obj, **json_kwargs) + "\n")
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> None:
+    """Swap the finished folder ``tmp`` into ``final``, removing any previous ``final`` after the swap."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
