@@ -10,8 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)  # tiny ops: thread hand-off costs more than it saves
-
 from dspark_model.config import DraftConfig, TargetSpec  # noqa: E402
 from dspark_model.target import load_target  # noqa: E402
 
@@ -31,3 +29,13 @@ def tiny_draft_config(**overrides) -> DraftConfig:
 def tiny_target():
     torch.manual_seed(0)
     return load_target(tiny_spec("llama"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CPU contending OpenMP threads
+    slow them ~10x. Restored after each test, so a test that sets its own thread count cannot leak it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from data_prep.schema import DataPrepConfig, GenerationConfig
 from data_prep.sources import PromptsConfig, PromptSource
@@ -20,15 +19,6 @@ PROMPT_ROWS = [
                   {"role": "assistant", "content": "dropped"}, {"role": "user", "content": "Really?"}]},
     {"turns": ["A slightly longer question about the weather tomorrow, please?"]},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads on a busy 2-core CPU slow them ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_spec() -> TargetSpec:

@@ -18,15 +18,6 @@ from dspark_model.target import load_target
 from tests.conftest import tiny_draft_config, tiny_spec
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two contending OpenMP threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def targets(tiny_target):
     torch.manual_seed(0)

@@ -19,15 +19,6 @@ from tests.conftest import tiny_draft_config, tiny_spec
 SENTINEL = "hf_SENTINELtoken0123456789"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~100x faster than two contending OpenMP threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory, tiny_target):
     root = tmp_path_factory.mktemp("hub")

@@ -17,15 +17,6 @@ from eval.baselines import hf_generate
 from eval.speculative import residual_distribution, speculative_generate, verify_block
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread (and do not fight parallel test workers for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _target(seed: int, layers: int = 3, init: float = 0.02, family: str = "llama") -> Target:
     """A tiny random target in float64, so near-ties cannot flip an argmax between code paths."""
     target = load_target(TargetSpec(id=f"tiny-{family}", path=None, random={
