@@ -56,6 +56,19 @@ _KIND_CHECKS = {
     "int|null": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
 }
 
+# Sizes of the draft's decoder layers, stated alike by the deepspec config and speculators' layer config.
+_DRAFT_LAYER_KEYS = (
+    Key("num_hidden_layers", "int", "number of DRAFT layers"),
+    Key("num_attention_heads", "int", "draft attention heads"),
+    Key("num_key_value_heads", "int", "draft KV heads"),
+    Key("head_dim", "int", "per-head width"),
+    Key("intermediate_size", "int", "draft MLP width"),
+    Key("rms_norm_eps", "number", "RMSNorm epsilon"),
+    Key("hidden_act", "str", "MLP activation"),
+    Key("rope_parameters", "dict", "RoPE parameters (the target's)"),
+    Key("max_position_embeddings", "int", "RoPE context length"),
+)
+
 _DSPARK_HEAD_KEYS = (
     Key("block_size", "int", "gamma: anchor + (gamma - 1) mask slots; gamma predictions per block"),
     Key("mask_token_id", "int", "embedding row fed to the mask slots"),
@@ -83,16 +96,8 @@ SCHEMAS: dict[str, tuple[Key, ...]] = {
         Key("architectures", "list[str]", "['<Family>DSparkModel']; DeepSpec dispatches on Qwen3/Gemma4 only"),
         Key("model_type", "str", "the target family's model_type"),
         Key("hidden_size", "int", "= target width"),
-        Key("num_hidden_layers", "int", "number of DRAFT layers"),
-        Key("num_attention_heads", "int", "draft attention heads"),
-        Key("num_key_value_heads", "int", "draft KV heads"),
-        Key("head_dim", "int", "per-head width"),
-        Key("intermediate_size", "int", "draft MLP width"),
-        Key("rms_norm_eps", "number", "RMSNorm epsilon"),
-        Key("hidden_act", "str", "MLP activation"),
         Key("vocab_size", "int", "= target embedding rows"),
-        Key("rope_parameters", "dict", "RoPE parameters (the target's)"),
-        Key("max_position_embeddings", "int", "RoPE context length"),
+        *_DRAFT_LAYER_KEYS,
         Key("target_layer_ids", "list[int]", "tapped target layers, decoder-layer ids (ours, unchanged)"),
         *_DSPARK_HEAD_KEYS,
     ),
@@ -111,15 +116,7 @@ SCHEMAS: dict[str, tuple[Key, ...]] = {
     "speculators.transformer_layer_config": (
         Key("model_type", "str", "the target family's model_type"),
         Key("hidden_size", "int", "draft width = target width"),
-        Key("num_attention_heads", "int", "draft attention heads"),
-        Key("num_key_value_heads", "int", "draft KV heads"),
-        Key("head_dim", "int", "per-head width"),
-        Key("intermediate_size", "int", "draft MLP width"),
-        Key("rms_norm_eps", "number", "RMSNorm epsilon"),
-        Key("hidden_act", "str", "MLP activation"),
-        Key("rope_parameters", "dict", "RoPE parameters (the target's)"),
-        Key("max_position_embeddings", "int", "RoPE context length"),
-        Key("num_hidden_layers", "int", "number of DRAFT layers"),
+        *_DRAFT_LAYER_KEYS,
         Key("vocab_size", "int", "full target vocabulary"),
     ),
     "speculators.speculators_config": (
