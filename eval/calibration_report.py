@@ -180,7 +180,8 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
 
     calibration.json (and the returned dict) holds: version, gamma, temperatures, n_bins, split,
     metrics {before, after, reliability_before, reliability_after}, threshold {recommended, rule, ...},
-    threshold_sweep, sps {batch_tokens, steps_per_s, hardware}, scheduler {policy, early_stop, ...},
+    threshold_sweep, sps {batch_tokens, steps_per_s (non-increasing envelope), measured_steps_per_s, hardware},
+    scheduler {policy, early_stop, ...},
     simulation {table, scheduler_vs_best_fixed, ...}, figures, and the report keys ece_before, ece_after
     (pooled prefix-survival ECE on the held-out part), auroc, brier (after STS, pooled) and
     scheduler_vs_best_fixed. ``hardware`` defaults to the hardware recorded in the SPS table.

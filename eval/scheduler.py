@@ -39,6 +39,12 @@ class SpsTable:
 
     Lookup interpolates linearly between points and holds the end values constant outside them.
     ``hardware`` optionally records where the points were measured.
+
+    A measured table need not be monotone (on CPUs a 4-token forward can be slower than an 8-token one, as
+    matmul kernels change with the shape). A step over B tokens can always be run padded to a larger
+    profiled size, so the usable rate at B is the best rate among the sizes >= B: ``steps_per_s`` holds
+    that non-increasing envelope, ``measured_steps_per_s`` the raw points. Every policy (Algorithm 1 and
+    the fixed lengths it is compared with) is costed with the envelope.
     """
 
     def __init__(self, points: Mapping | Sequence, hardware: Mapping | None = None):
@@ -53,7 +59,8 @@ class SpsTable:
         if np.any(batch < 1) or np.any(~np.isfinite(steps)) or np.any(steps <= 0):
             raise ValueError("SpsTable: batch sizes must be >= 1 and steps/s finite and > 0")
         self.batch_tokens = batch
-        self.steps_per_s = steps
+        self.measured_steps_per_s = steps
+        self.steps_per_s = np.maximum.accumulate(steps[::-1])[::-1]  # best rate at any size >= B
         self.hardware = dict(hardware) if hardware else None
 
     def __call__(self, batch_tokens):
@@ -66,13 +73,14 @@ class SpsTable:
 
     def to_dict(self) -> dict:
         return {"batch_tokens": self.batch_tokens.tolist(), "steps_per_s": self.steps_per_s.tolist(),
-                "hardware": self.hardware}
+                "measured_steps_per_s": self.measured_steps_per_s.tolist(), "hardware": self.hardware}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> SpsTable:
         """Inverse of ``to_dict``; also accepts a plain {batch_tokens: steps_per_s} mapping (JSON str keys ok)."""
         if "batch_tokens" in data and "steps_per_s" in data:
-            return cls(list(zip(data["batch_tokens"], data["steps_per_s"])), hardware=data.get("hardware"))
+            steps = data.get("measured_steps_per_s") or data["steps_per_s"]
+            return cls(list(zip(data["batch_tokens"], steps)), hardware=data.get("hardware"))
         return cls({int(b): float(s) for b, s in data.items()})
 
 

@@ -90,8 +90,9 @@ def _random_case(rng, jagged=False):
     survival = np.cumprod(conf, axis=1)  # (R, gamma), non-increasing
     batch = np.arange(1, n_requests * (gamma + 1) + 1)
     steps = 100.0 / (1.0 + 0.05 * rng.random() * batch)
-    if jagged:
+    if jagged:  # a non-monotone cost, passed as a plain callable (an SpsTable would smooth it into its envelope)
         steps = steps * (1.0 - 0.3 * (batch % 4 == 0))
+        return survival, lambda b: float(steps[int(b) - 1])
     return survival, SpsTable(dict(zip(batch.tolist(), steps.tolist())))
 
 
@@ -198,6 +199,18 @@ def test_sps_table_interpolates_inside_and_holds_ends_outside():
         SpsTable({1: 0.0})
     with pytest.raises(ValueError):
         SpsTable([(2, 1.0), (2, 3.0)])
+
+
+def test_sps_table_uses_the_padding_envelope_of_a_non_monotone_profile():
+    measured = {1: 15.6, 2: 8.8, 4: 7.4, 8: 9.0, 16: 7.4}  # 4 tokens slower than 8 (a CPU kernel switch)
+    table = SpsTable(measured)
+    assert table.measured_steps_per_s.tolist() == [15.6, 8.8, 7.4, 9.0, 7.4]
+    assert table.steps_per_s.tolist() == [15.6, 9.0, 9.0, 9.0, 7.4]  # pad 2..8 tokens up to the 8-token shape
+    assert table(4) == 9.0 and table(3) == 9.0 and table(12) == pytest.approx(8.2)
+    assert all(table(b) >= table(b + 1) for b in range(1, 20))
+    again = SpsTable.from_dict(table.to_dict())
+    assert again.measured_steps_per_s.tolist() == table.measured_steps_per_s.tolist()
+    assert again.steps_per_s.tolist() == table.steps_per_s.tolist()
 
 
 def test_profile_sps_orders_batches_by_step_duration_and_skips_warmup():
