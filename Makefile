@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow lint demo eval clean-venv
+.PHONY: setup test test-slow lint demo eval benchmark clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: $(STAMP)
 
 eval: $(STAMP)
 	bash scripts/eval_latest.sh $(DRAFT)
+
+# The CPU reference benchmark (DSpark vs DFlash on SmolLM2, ~2 h on 2 cores, resumable): BENCHMARKS.md.
+benchmark: $(STAMP)
+	$(PY) benchmarks/reference.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 RESULT = ROOT / "benchmarks" / "results" / "train_memory.json"
 SETTINGS = dict(batch=4, seq_len=512, anchors=32, block_size=7, num_layers=2, markov_rank=64, chunk_size=448)
 
@@ -87,6 +88,7 @@ def child(variant: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", choices=["naive", "chunked"])
+    parser.add_argument("--out", default=str(RESULT), help="where the JSON goes")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child)))
@@ -101,11 +103,10 @@ def main() -> None:
     report = {"benchmark": "train loss peak memory, chunked vs naive", "target": "SmolLM2-135M-Instruct",
               "settings": SETTINGS, "naive": results["naive"], "chunked": results["chunked"],
               "ratio_chunked_over_naive": ratio, "goal": "<= 0.5", "meets_goal": ratio <= 0.5}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(RESULT)
-    print(f"chunked / naive peak = {ratio:.3f} (goal <= 0.5) -> {RESULT}")
+    from dspark_model.atomic import atomic_write_json
+
+    atomic_write_json(args.out, report)
+    print(f"chunked / naive peak = {ratio:.3f} (goal <= 0.5) -> {args.out}")
 
 
 if __name__ == "__main__":

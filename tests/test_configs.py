@@ -109,6 +109,14 @@ def test_train_defaults_and_bad_overrides():
     assert job.train.anchors_per_4096 == 512 and job.deepspeed.stage == "none"
     demo = _compose("train", ["train=demo"])
     assert demo.draft.num_layers == 2 and demo.train.global_batch_size == 4
+    # the reference benchmark's two drafts share the backbone and recipe; only the heads differ
+    ref = {d: _compose("train", ["train=reference", f"draft={d}", "data=demo-offline"]) for d in ("dspark", "dflash")}
+    assert ref["dspark"].train == ref["dflash"].train and ref["dspark"].data == ref["dflash"].data
+    assert ref["dspark"].data.mode == "offline"
+    a, b = ref["dspark"].draft, ref["dflash"].draft
+    assert (a.num_layers, a.block_size) == (b.num_layers, b.block_size) == (2, 7)
+    assert (a.sequential_head, a.confidence_head) == ("markov", True)
+    assert (b.sequential_head, b.confidence_head) == ("none", False)
     with pytest.raises(ConfigCompositionException, match="max_stepz"):
         _compose("train", ["train.max_stepz=3"])
     with pytest.raises(Exception, match="max_steps"):

@@ -1,0 +1,188 @@
+"""The CPU reference benchmark on SmolLM2-135M: DSpark vs DFlash, end to end, in one resumable command.
+
+    python benchmarks/reference.py                 # everything (~2 h on 2 CPU cores), resumes where it stopped
+    python benchmarks/reference.py --collect-only  # rebuild the JSON, plots and the BENCHMARKS.md table
+
+Stages, each a plain command of the toolkit (printed before it runs) that resumes itself when interrupted:
+
+1. ``data``: ``python -m data_prep`` on the three training sets of ``../shared/datasets/train`` (the same
+   number of prompts from each), responses regenerated greedily by SmolLM2, with the target cache
+   (``cache.enabled=true``) so training runs no target forward.
+2. ``train-dspark`` / ``train-dflash``: ``python -m train train=reference data=demo-offline`` for the DSpark
+   draft (Markov head + confidence head) and the DFlash draft (no sequential head, no confidence head):
+   same data, steps, seed, anchors and backbone.
+3. ``eval-<draft>-t<T>``: ``python -m eval`` on the three sets of ``../shared/datasets/eval`` at T=0 and
+   T=1. DSpark runs with both baselines (plain ``generate`` and prompt lookup, measured in the same run) and
+   is calibrated; DFlash at T=0 runs with ``generate`` (for its greedy-identity check and its own speed-up).
+4. ``train-memory``: ``benchmarks/train_memory.py`` (peak memory of the chunked vs naive loss).
+5. ``cache-dtypes``: bytes per token and reconstruction error of every cache storage dtype on this run's
+   rows, and the trained DSpark draft's expected acceptance when its features pass through each dtype.
+6. ``collect`` (always): ``benchmarks/results/reference.json``, plots under ``benchmarks/results/reference/``
+   and the table between the markers in BENCHMARKS.md (benchmarks/reference_report.py).
+
+Completed stages and the wall time of every attempt are kept in ``<run dir>/state.json``; a finished stage is
+skipped on the next call. ``--redo <stage>`` measures a stage again (the time of its earlier attempts is
+kept apart as ``discarded_wall_s``). The sizes below are the recorded budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dspark_model.atomic import atomic_write_json  # noqa: E402
+
+TRAIN_SOURCES = ("gsm8k-train", "livecodebench", "arena-hard-train")  # order of conf/prompts/shared-train.yaml
+DRAFTS = {"dspark": "dspark", "dflash": "dflash"}  # benchmark name -> conf/draft group choice
+TEMPERATURES = (0.0, 1.0)
+
+
+@dataclass
+class Budget:
+    """Everything that sizes the run; recorded in reference.json as train_budget / settings."""
+
+    target: str = "smollm2-135m"  # a conf/target choice (tests use tiny)
+    prompts_per_source: int = 80
+    gen_tokens: int = 192
+    cache_dtype: str = "bfloat16"
+    train_steps: int = 450
+    eval_prompts_per_source: int = 5
+    eval_tokens: int = 96
+    seed: int = 0
+    threads: int = 2
+
+
+def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
+    """Every stage's command line, in run order (``collect`` is not a subprocess)."""
+    py = sys.executable
+    sources = [f"prompts.sources.{i}.num_samples={b.prompts_per_source}" for i in range(len(TRAIN_SOURCES))]
+    cmds = {
+        "data": [py, "-m", "data_prep", f"target={b.target}", "prompts=shared-train", *sources,
+                 f"generation.max_new_tokens={b.gen_tokens}", f"num_threads={b.threads}", f"seed={b.seed}",
+                 "cache.enabled=true", f"cache.dtype={b.cache_dtype}", f"out_dir={run / 'data'}"],
+    }
+    for name, choice in DRAFTS.items():
+        cmds[f"train-{name}"] = [py, "-m", "train", f"target={b.target}", "train=reference", f"draft={choice}",
+                                 "data=demo-offline",
+                                 f"data.path={run / 'data'}", f"train.max_steps={b.train_steps}",
+                                 f"train.seed={b.seed}", f"train.output_dir={run / ('train-' + name)}",
+                                 "logger.tensorboard=false"]
+    for name in DRAFTS:
+        for t in TEMPERATURES:
+            first = name == "dspark"
+            cmds[f"eval-{name}-t{t:g}"] = [
+                py, "-m", "eval", f"draft={run / ('train-' + name) / 'final'}", "prompts=shared-eval",
+                f"num_prompts={b.eval_prompts_per_source}", f"max_new_tokens={b.eval_tokens}",
+                f"temperature={t:g}", f"seed={b.seed}", f"cpu_threads={b.threads}",
+                f"out_dir={run / 'eval' / f'{name}-t{t:g}'}",
+                f"baselines.generate={str(first or t == 0).lower()}",
+                f"baselines.prompt_lookup={str(first).lower()}",
+                # the T=0 calibration is the one a server would use; T=1 is reported beside it
+                f"calibration.write_to_checkpoint={str(t == 0).lower()}"]
+    cmds["train-memory"] = [py, str(ROOT / "benchmarks" / "train_memory.py"),
+                            "--out", str(run / "train_memory.json")]
+    cmds["cache-dtypes"] = [py, str(ROOT / "benchmarks" / "cache_dtypes.py"), "--data", str(run / "data"),
+                            "--draft", str(run / "train-dspark" / "final"), "--out", str(run / "cache_dtypes.json")]
+    return cmds
+
+
+class State:
+    """``state.json``: per stage, done or not, attempts and wall seconds summed over attempts."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+
+    def stage(self, name: str) -> dict:
+        return self.data["stages"].setdefault(name, {"done": False, "attempts": 0, "wall_s": 0.0})
+
+    def save(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+
+def run_stage(name: str, cmd: list[str], state: State, log_dir: Path) -> None:
+    """Run one stage; its output goes to the terminal and to ``logs/<name>.log``; wall time is recorded."""
+    rec = state.stage(name)
+    if rec["done"]:
+        print(f"[reference] {name}: done earlier ({rec['wall_s']:.0f} s), skipped", flush=True)
+        return
+    print(f"\n[reference] {name}: {shlex.join(cmd)}", flush=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    rec["attempts"] += 1
+    code = None
+    try:
+        with open(log_dir / f"{name}.log", "a") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                log.write(chunk.decode(errors="replace"))
+            code = proc.wait()
+    finally:
+        rec["wall_s"] += time.monotonic() - start
+        rec["done"] = code == 0
+        state.save()
+    if code != 0:
+        raise SystemExit(f"[reference] stage {name} failed with exit code {code}; see {log_dir / (name + '.log')}. "
+                         f"Fix the cause and run the same command again: finished stages are skipped and this "
+                         f"one resumes.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", default=str(ROOT / "runs" / "reference"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reference.json"))
+    parser.add_argument("--benchmarks-md", default=str(ROOT / "BENCHMARKS.md"),
+                        help="file whose reference-benchmark section is rewritten ('' to skip)")
+    parser.add_argument("--collect-only", action="store_true", help="only rebuild the JSON, plots and table")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these stages (then collect)")
+    parser.add_argument("--redo", nargs="*", default=[], help="forget that these stages finished")
+    parser.add_argument("--dry-run", action="store_true", help="print the stage commands and exit")
+    for f, default in asdict(Budget()).items():
+        parser.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
+    args = parser.parse_args(argv)
+    budget = Budget(**{f: getattr(args, f) for f in asdict(Budget())})
+    run = Path(args.run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    state = State(run / "state.json")
+    recorded = state.data.get("budget")
+    if recorded and recorded != asdict(budget) and not args.collect_only:
+        raise SystemExit(f"[reference] {run} was started with {recorded}; this call asks for {asdict(budget)}. "
+                         f"Pass the same sizes to resume, or use another --run-dir for a new run.")
+    state.data["budget"] = asdict(budget)
+    state.data.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    for name in args.redo:  # a fresh measurement: earlier attempts' time is kept apart as discarded
+        rec = state.stage(name)
+        rec["discarded_wall_s"] = rec.get("discarded_wall_s", 0.0) + rec["wall_s"]
+        rec.update(done=False, attempts=0, wall_s=0.0)
+    state.save()
+    cmds = stage_commands(run, budget)
+    if args.dry_run:
+        for name, cmd in cmds.items():
+            print(f"{name}: {shlex.join(cmd)}")
+        return
+    if not args.collect_only:
+        os.environ.setdefault("OMP_NUM_THREADS", str(budget.threads))
+        for name, cmd in cmds.items():
+            if args.only is None or name in args.only:
+                run_stage(name, cmd, state, run / "logs")
+        state.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        state.save()
+    from benchmarks.reference_report import collect
+
+    collect(run, state.data, Path(args.out), Path(args.benchmarks_md) if args.benchmarks_md else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Collect a reference-benchmark run (benchmarks/reference.py) into reference.json, plots and a Markdown table.
+
+Reads only what the stages wrote under the run folder: eval reports (``eval/<draft>-t<T>/report.json``), the
+calibration of the DSpark T=0 run, the training metrics, ``train_memory.json``, ``cache_dtypes.json`` and
+``state.json`` (wall times). Missing stages leave their keys null and are named in ``missing``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+from dspark_model.atomic import atomic_write_json, atomic_write_text
+
+DRAFT_NAMES = ("dspark", "dflash")
+TEMPS = ("0", "1")
+GOALS = {"tau_ratio": 1.20, "speedup_vs_generate": 2.5, "ece_after": 0.015, "auroc": 0.85,
+         "scheduler_vs_best_fixed": 1.0}
+BEGIN, END = "<!-- reference-benchmark:begin -->", "<!-- reference-benchmark:end -->"
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _machine() -> dict:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"platform": platform.platform(), "cpu": model, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+
+
+def _train_summary(run: Path, name: str, stages: dict) -> dict | None:
+    path = run / f"train-{name}" / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in recs if "step" in r}  # a resumed run may repeat steps; the last wins
+    steps = [by_step[s] for s in sorted(by_step)]
+    tail = steps[-max(1, len(steps) // 10):]
+
+    def mean(key):
+        vals = [r[key] for r in tail if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "steps": len(steps),
+        "tokens": round(sum(r.get("tokens_per_s", 0) * r.get("step_time_s", 0) for r in steps)),
+        "supervised_positions": round(sum(r.get("supervised", 0) for r in steps)),
+        "step_time_s_mean": sum(r.get("step_time_s", 0) for r in steps) / max(1, len(steps)),
+        "wall_s": round(stages.get(f"train-{name}", {}).get("wall_s", 0.0), 1),
+        "last_10pct": {k: mean(k) for k in ("loss", "ce", "l1", "top1", "expected_accept", "conf_bce")},
+        "curve": [{"step": r["step"], "loss": r.get("loss"), "top1": r.get("top1"),
+                   "expected_accept": r.get("expected_accept")} for r in steps],
+    }
+
+
+def _scheduler_by_load(cal: dict | None) -> list[dict] | None:
+    if not cal or "simulation" not in cal:
+        return None
+    return [{"concurrency": row["concurrency"], "algorithm1": row["throughput"]["algorithm1"],
+             "best_fixed": f"fixed_{row['best_fixed_length']}", "best_fixed_throughput": row["best_fixed_throughput"],
+             "ratio": row["algorithm1_vs_best_fixed"]} for row in cal["simulation"]["table"]]
+
+
+def build(run: Path, state: dict) -> tuple[dict, dict]:
+    """(reference.json content, per-draft training summaries with their curves)."""
+    reports = {(d, t): _read(run / "eval" / f"{d}-t{t}" / "report.json") for d in DRAFT_NAMES for t in TEMPS}
+    missing = [f"eval-{d}-t{t}" for (d, t), r in reports.items() if r is None]
+    tau: dict = {d: {} for d in DRAFT_NAMES}
+    cond: dict = {d: {} for d in DRAFT_NAMES}
+    for (d, t), r in reports.items():
+        if r is None:
+            continue
+        for ds, v in {**r["tau_by_dataset"], "pooled": r["tau"]}.items():
+            tau[d].setdefault(ds, {})[f"T={t}"] = v
+        hist = r["accepted_length_histogram"]["pooled"]  # rounds by accepted length 0..gamma
+        cond[d][f"T={t}"] = {**r["conditional_acceptance"],
+                             "rounds_reaching": [sum(hist[k:]) for k in range(len(hist) - 1)]}
+    ratio = {ds: {T: (tau["dspark"][ds][T] / tau["dflash"][ds][T])
+                  for T in tau["dspark"][ds] if T in tau["dflash"].get(ds, {})}
+             for ds in tau["dspark"] if ds in tau["dflash"]}
+
+    def per(key):
+        return {d: {f"T={t}": reports[d, t].get(key) for t in TEMPS if reports[d, t]} for d in DRAFT_NAMES}
+
+    cal0 = _read(run / "eval" / "dspark-t0" / "calibration" / "calibration.json")
+    calib = {f"T={t}": {k: reports["dspark", t].get(k) for k in
+                        ("ece_before", "ece_after", "auroc", "brier", "scheduler_vs_best_fixed")}
+             for t in TEMPS if reports["dspark", t]}
+    stages = state.get("stages", {})
+    data_manifest = _read(run / "data" / "manifest.json") or {}
+    train = {d: _train_summary(run, d, stages) for d in DRAFT_NAMES}
+    d0 = reports.get(("dspark", "0")) or {}
+    result = {
+        "target": d0.get("settings", {}).get("target"),
+        "tau": tau,
+        "tau_ratio_dspark_over_dflash": ratio,
+        "conditional_acceptance": cond,
+        "tokens_per_s": per("tokens_per_s"),
+        "speedup_vs_generate": per("speedup_vs_generate"),
+        "speedup_vs_prompt_lookup": {"dspark": per("speedup_vs_prompt_lookup")["dspark"]},
+        "greedy_match_rate": {d: (reports[d, "0"] or {}).get("greedy_match_rate") for d in DRAFT_NAMES},
+        "ece_before": calib.get("T=0", {}).get("ece_before"),
+        "ece_after": calib.get("T=0", {}).get("ece_after"),
+        "auroc": calib.get("T=0", {}).get("auroc"),
+        "brier": calib.get("T=0", {}).get("brier"),
+        "scheduler_vs_best_fixed": calib.get("T=0", {}).get("scheduler_vs_best_fixed"),
+        "calibration_by_temperature": calib,
+        "scheduler_by_load": _scheduler_by_load(cal0),
+        "sps": (cal0 or {}).get("sps"),
+        "train_memory": _read(run / "train_memory.json"),
+        "cache_dtypes": _read(run / "cache_dtypes.json"),
+        "train_budget": {
+            "budget": state.get("budget"),
+            "data": {"counts": data_manifest.get("counts"), "tokens": data_manifest.get("tokens")},
+            "train": {d: ({k: v for k, v in s.items() if k != "curve"} if s else None) for d, s in train.items()},
+            "stage_wall_s": {k: round(v["wall_s"], 1) for k, v in stages.items()},
+            "total_wall_s": round(sum(v["wall_s"] for v in stages.values()), 1),
+            "discarded_wall_s": round(sum(v.get("discarded_wall_s", 0.0) for v in stages.values()), 1),
+            "machine": _machine(),
+        },
+        "eval_settings": {f"{d}-t{t}": r.get("settings") for (d, t), r in reports.items() if r},
+        "missing": missing + [s for s in ("train-memory", "cache-dtypes") if not stages.get(s, {}).get("done")],
+    }
+    result["goals"] = goals(result)
+    return result, train
+
+
+def goals(r: dict) -> dict:
+    """Each goal of the benchmark with its measured value and whether it is met."""
+    ratios = [v for ds in r["tau_ratio_dspark_over_dflash"].values() for v in ds.values()]
+    speed = [v for v in r["speedup_vs_generate"].get("dspark", {}).values() if v is not None]
+    sched = [row["ratio"] for row in r["scheduler_by_load"] or []]
+
+    def rec(value, target, higher=True):
+        return {"measured": value, "target": target,
+                "met": None if value is None else (value >= target if higher else value <= target)}
+
+    return {
+        "tau_ratio_dspark_over_dflash_min": rec(min(ratios) if ratios else None, GOALS["tau_ratio"]),
+        "speedup_vs_generate_max": rec(max(speed) if speed else None, GOALS["speedup_vs_generate"]),
+        "greedy_match_rate_min": rec(min((v for v in r["greedy_match_rate"].values() if v is not None),
+                                         default=None), 1.0),
+        "ece_after": rec(r["ece_after"], GOALS["ece_after"], higher=False),
+        "auroc": rec(r["auroc"], GOALS["auroc"]),
+        "scheduler_vs_best_fixed_min_over_loads": rec(min(sched) if sched else None,
+                                                      GOALS["scheduler_vs_best_fixed"]),
+    }
+
+
+def _save(plt, fig, fig_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(fig_dir / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def plots(result: dict, train: dict, run: Path, fig_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    datasets = sorted({ds for d in DRAFT_NAMES for ds in result["tau"][d]})
+    if datasets:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        bars = [(d, T) for d in DRAFT_NAMES for T in ("T=0", "T=1")]
+        width = 0.8 / len(bars)
+        for i, (d, T) in enumerate(bars):
+            ys = [result["tau"][d].get(ds, {}).get(T, 0) for ds in datasets]
+            ax.bar([x + i * width for x in range(len(datasets))], ys, width, label=f"{d} {T}")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(datasets))], datasets)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylabel("tau (tokens / verification)")
+        ax.legend(fontsize=8)
+        made.append(_save(plt, fig, fig_dir, "tau.png"))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for d, style in zip(DRAFT_NAMES, ("-", "--")):
+        for T, color in (("T=0", "C0"), ("T=1", "C1")):
+            ys = (result["conditional_acceptance"][d].get(T) or {}).get("pooled")
+            if ys:
+                ax.plot(range(1, len(ys) + 1), [y if y is not None else float("nan") for y in ys], style,
+                        color=color, marker="o", label=f"{d} {T}")
+    ax.set_xlabel("block position k")
+    ax.set_ylabel("P(accept k | accepted 1..k-1)")
+    ax.set_ylim(0, 1)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    made.append(_save(plt, fig, fig_dir, "conditional_acceptance.png"))
+    if any(train.values()):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for d, s in train.items():
+            if not s:
+                continue
+            steps = [c["step"] for c in s["curve"]]
+            axes[0].plot(steps, [c["loss"] for c in s["curve"]], label=d, lw=0.8)
+            axes[1].plot(steps, [c["expected_accept"] for c in s["curve"]], label=d, lw=0.8)
+        axes[0].set_ylabel("training loss")
+        axes[1].set_ylabel("expected acceptance per slot")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.legend(fontsize=8)
+        made.append(_save(plt, fig, fig_dir, "training.png"))
+    for name in ("reliability.png", "load_simulation.png"):  # from the DSpark T=0 calibration
+        src = run / "eval" / "dspark-t0" / "calibration" / name
+        if src.is_file():
+            shutil.copyfile(src, fig_dir / name)
+            made.append(name)
+    return made
+
+
+def _f(v, digits=3, pct=False) -> str:
+    if v is None:
+        return "—"
+    return f"{100 * v:.{max(0, digits - 2)}f} %" if pct else f"{v:.{digits}f}"
+
+
+def markdown(r: dict, figs: list[str], fig_rel: str) -> str:
+    """The BENCHMARKS.md section: every number comes from ``r``."""
+    b = r["train_budget"]
+    lines = [BEGIN, "",
+             f"Produced by `python benchmarks/reference.py` (results: `benchmarks/results/reference.json`). "
+             f"Machine: {b['machine']['cpu']} ({b['machine']['cpu_count']} cores), torch {b['machine']['torch']}; "
+             f"total wall time of all stages {b['total_wall_s'] / 60:.0f} min"
+             + (f" (plus {b['discarded_wall_s'] / 60:.0f} min of attempts measured again with `--redo`, not "
+                f"counted)" if b.get("discarded_wall_s") else "") + ".", ""]
+    if r["missing"]:
+        lines += [f"**Incomplete run:** missing {', '.join(r['missing'])}.", ""]
+    lines += ["| stage | wall time |", "| --- | --- |"]
+    lines += [f"| {k} | {v / 60:.1f} min |" for k, v in b["stage_wall_s"].items()] + [""]
+    for d, s in b["train"].items():
+        if s:
+            lines.append(f"- {d}: {s['steps']} steps, {s['tokens']:,} tokens read, {s['supervised_positions']:,} "
+                         f"supervised block positions, {s['step_time_s_mean']:.2f} s/step; last 10 %: top-1 "
+                         f"{_f(s['last_10pct']['top1'])}, expected acceptance {_f(s['last_10pct']['expected_accept'])}")
+    lines += ["", "**τ (tokens per target verification)** and the DSpark/DFlash ratio (goal ≥ "
+              f"{GOALS['tau_ratio']:.2f}):", "", "| eval set | T | DSpark | DFlash | ratio |", "| --- | --- | --- | --- | --- |"]
+    for ds in sorted(r["tau"]["dspark"], key=lambda k: (k == "pooled", k)):
+        for T in ("T=0", "T=1"):
+            a, c = r["tau"]["dspark"][ds].get(T), r["tau"]["dflash"].get(ds, {}).get(T)
+            lines.append(f"| {ds} | {T[2:]} | {_f(a)} | {_f(c)} | {_f(r['tau_ratio_dspark_over_dflash'].get(ds, {}).get(T))} |")
+    lines += ["", "**Conditional acceptance by block position** (pooled over the three sets; in brackets the "
+              "number of rounds that reached the position):", "",
+              "| draft | T | " + " | ".join(f"k={k}" for k in range(1, 8)) + " |", "|" + " --- |" * 9]
+    for d in DRAFT_NAMES:
+        for T, ca in r["conditional_acceptance"][d].items():
+            n = ca.get("rounds_reaching") or [None] * len(ca["pooled"])
+            lines.append(f"| {d} | {T[2:]} | " + " | ".join(
+                f"{_f(v, 3)} ({c})" if c is not None else _f(v, 3) for v, c in zip(ca["pooled"], n)) + " |")
+    lines += ["", "**Wall clock** (batch 1; baselines measured in the same eval run):", "",
+              "| draft | T | spec tok/s | generate tok/s | prompt lookup tok/s | vs generate | vs prompt lookup |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for d in DRAFT_NAMES:
+        for T, tps in r["tokens_per_s"][d].items():
+            lines.append(f"| {d} | {T[2:]} | {_f(tps.get('spec'), 1)} | {_f(tps.get('generate'), 1)} | "
+                         f"{_f(tps.get('prompt_lookup'), 1)} | {_f(r['speedup_vs_generate'][d].get(T), 2)} | "
+                         f"{_f(r['speedup_vs_prompt_lookup'].get(d, {}).get(T), 2)} |")
+    lines += ["", "Greedy identity (T=0, speculative output == `generate` output): " +
+              ", ".join(f"{d} {_f(v, 3)}" for d, v in r["greedy_match_rate"].items()), ""]
+    lines += ["**Calibration (DSpark confidence head, Sequential Temperature Scaling, held-out prompts):**", "",
+              "| T | ECE before | ECE after | AUROC | Brier |", "| --- | --- | --- | --- | --- |"]
+    for T, c in r["calibration_by_temperature"].items():
+        lines.append(f"| {T[2:]} | {_f(c['ece_before'], 4, True)} | {_f(c['ece_after'], 4, True)} | "
+                     f"{_f(c['auroc'])} | {_f(c['brier'], 4)} |")
+    if r["scheduler_by_load"]:
+        lines += ["", "**Algorithm 1 vs the best fixed verification length** (simulated concurrent requests, "
+                  "measured SPS table, DSpark T=0 rounds):", "",
+                  "| requests | Algorithm 1 tokens/s | best fixed length | its tokens/s | ratio |", "| --- | --- | --- | --- | --- |"]
+        for row in r["scheduler_by_load"]:
+            lines.append(f"| {row['concurrency']} | {_f(row['algorithm1'], 2)} | {row['best_fixed']} | "
+                         f"{_f(row['best_fixed_throughput'], 2)} | {_f(row['ratio'])} |")
+        lines += ["", "(simulated tokens/s of the profiled hardware: the measured steps/s of a verification forward "
+                  "over B tokens, `sps` in the JSON, applied to the recorded rounds)"]
+    tm = r["train_memory"]
+    if tm:
+        lines += ["", f"**Training peak memory** (same run, benchmarks/train_memory.py settings): chunked "
+                  f"{tm['chunked']['step_peak_mb']:.0f} MB / naive {tm['naive']['step_peak_mb']:.0f} MB = "
+                  f"{_f(tm['ratio_chunked_over_naive'])} (goal ≤ 0.5)."]
+    cd = r["cache_dtypes"]
+    if cd:
+        lines += ["", f"**Cache storage dtype** ({cd['rows']} rows, {cd['tokens']} tokens of this run's data; "
+                  "draft = the trained DSpark fed decoded features, scored against the float32 teacher):", "",
+                  "| dtype | bytes/token | vs bf16 | relative error | teacher TV shift | chained τ estimate | vs fp32 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, c in cd["dtypes"].items():
+            lines.append(f"| {name} | {c['bytes_per_token']} | {_f(c['bytes_ratio_to_bfloat16'], 4)} | "
+                         f"{_f(c['relative_rms_error'], 4, True)} | {_f(c['teacher_tv_shift'], 4)} | "
+                         f"{_f(c['draft_chained_tau'], 4)} | {_f(c['chained_tau_ratio_to_float32'], 4)} |")
+    lines += ["", "**Goals:**", "", "| goal | target | measured | met |", "| --- | --- | --- | --- |"]
+    for name, g in r["goals"].items():
+        met = "—" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        lines.append(f"| {name} | {g['target']} | {_f(g['measured'])} | {met} |")
+    lines += [""] + [f"![{f}]({fig_rel}/{f})" for f in figs] + ["", END]
+    return "\n".join(lines)
+
+
+def collect(run: Path, state: dict, out: Path, md_path: Path | None) -> dict:
+    result, train = build(run, state)
+    fig_dir = out.parent / out.stem
+    figs = plots(result, train, run, fig_dir)
+    result["figures"] = [os.path.relpath(fig_dir / f, out.parent) for f in figs]
+    atomic_write_json(out, result)
+    if md_path is not None:
+        section = markdown(result, figs, os.path.relpath(fig_dir, md_path.parent))
+        text = md_path.read_text() if md_path.is_file() else "# Benchmarks\n"
+        if BEGIN in text and END in text:
+            head, rest = text.split(BEGIN, 1)
+            text = head + section + rest.split(END, 1)[1]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        atomic_write_text(md_path, text)
+    print(f"[reference] wrote {out}, {len(figs)} plot(s) in {fig_dir}" + (f", table in {md_path}" if md_path else ""))
+    for name, g in result["goals"].items():
+        print(f"  {name}: measured {_f(g['measured'])} target {g['target']} met {g['met']}")
+    return result

@@ -1,0 +1,153 @@
+"""The reference benchmark's orchestration (stages, resume, budget check) and its report (ratios, goals,
+the BENCHMARKS.md section), on hand-written stage outputs; the whole pipeline on a tiny target is `slow`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.reference import Budget, State, main, run_stage, stage_commands
+from benchmarks.reference_report import BEGIN, END, collect
+
+
+def _arg(cmd: list[str], key: str) -> str:
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(key + "="))
+
+
+def test_both_drafts_train_with_identical_settings(tmp_path):
+    cmds = stage_commands(tmp_path, Budget(train_steps=7))
+    a, b = cmds["train-dspark"], cmds["train-dflash"]
+    differ = [(x, y) for x, y in zip(a, b) if x != y]
+    assert len(a) == len(b)
+    assert [d[0].split("=")[0] for d in differ] == ["draft", "train.output_dir"]
+    assert _arg(a, "draft") == "dspark" and _arg(b, "draft") == "dflash"
+    assert _arg(a, "train.max_steps") == "7" and _arg(a, "data.path") == str(tmp_path / "data")
+    data = cmds["data"]
+    assert "prompts=shared-train" in data and "cache.enabled=true" in data
+    assert {_arg(data, f"prompts.sources.{i}.num_samples") for i in range(3)} == {"80"}
+    evals = [k for k in cmds if k.startswith("eval-")]
+    assert evals == ["eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1"]
+    assert all(_arg(cmds[k], "prompts") == "shared-eval" for k in evals)
+    assert _arg(cmds["eval-dflash-t0"], "baselines.generate") == "true"  # its greedy-identity check
+    assert _arg(cmds["eval-dspark-t1"], "calibration.write_to_checkpoint") == "false"
+
+
+def test_stage_resumes_after_failure_and_is_skipped_once_done(tmp_path, capsys):
+    state = State(tmp_path / "state.json")
+    flag = tmp_path / "flag"
+    # fails until the flag file exists, then succeeds; prints something each time
+    cmd = [sys.executable, "-c", f"import pathlib,sys; print('hello'); sys.exit(0 if pathlib.Path({str(flag)!r}).exists() else 3)"]
+    with pytest.raises(SystemExit, match="exit code 3"):
+        run_stage("s", cmd, state, tmp_path / "logs")
+    assert not State(tmp_path / "state.json").stage("s")["done"]
+    flag.touch()
+    run_stage("s", cmd, state, tmp_path / "logs")
+    rec = State(tmp_path / "state.json").stage("s")
+    assert rec["done"] and rec["attempts"] == 2 and rec["wall_s"] > 0
+    flag.unlink()  # would fail if run again
+    run_stage("s", cmd, state, tmp_path / "logs")
+    assert "skipped" in capsys.readouterr().out
+    assert (tmp_path / "logs" / "s.log").read_text().count("hello") == 2
+
+
+def test_other_sizes_on_a_started_run_are_refused_and_redo_starts_a_stage_afresh(tmp_path):
+    main(["--run-dir", str(tmp_path), "--dry-run", "--train-steps", "5"])
+    with pytest.raises(SystemExit, match="Pass the same sizes"):
+        main(["--run-dir", str(tmp_path), "--dry-run", "--train-steps", "6"])
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["stages"]["data"] = {"done": True, "attempts": 2, "wall_s": 30.0}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    main(["--run-dir", str(tmp_path), "--dry-run", "--train-steps", "5", "--redo", "data"])
+    rec = json.loads((tmp_path / "state.json").read_text())["stages"]["data"]
+    assert rec == {"done": False, "attempts": 0, "wall_s": 0.0, "discarded_wall_s": 30.0}
+
+
+def _report(tau: dict, cond: list, spec: float, gen: float | None, lookup: float | None, extra=None) -> dict:
+    tps = {"spec": spec, "generate": gen, "prompt_lookup": lookup}
+    return {"tau": tau["pooled"], "tau_by_dataset": {k: v for k, v in tau.items() if k != "pooled"},
+            "conditional_acceptance": {"pooled": cond, "by_dataset": {}}, "tokens_per_s": tps,
+            "accepted_length_histogram": {"pooled": [6, 3, 1]},  # rounds accepting 0, 1, 2 tokens
+            "speedup_vs_generate": spec / gen if gen else None,
+            "speedup_vs_prompt_lookup": spec / lookup if lookup else None,
+            "greedy_match_rate": 1.0 if gen else None, "settings": {"target": "t"}, **(extra or {})}
+
+
+def _write_run(run: Path) -> None:
+    cal = {"ece_before": 0.05, "ece_after": 0.01, "auroc": 0.9, "brier": 0.1, "scheduler_vs_best_fixed": 0.98}
+    reports = {
+        "dspark-t0": _report({"a": 1.5, "b": 1.2, "pooled": 1.4}, [0.5, 0.4], 10.0, 5.0, 8.0, cal),
+        "dspark-t1": _report({"a": 1.3, "b": 1.1, "pooled": 1.2}, [0.3, 0.2], 9.0, 4.5, 6.0, cal),
+        "dflash-t0": _report({"a": 1.25, "b": 1.2, "pooled": 1.25}, [0.5, 0.2], 8.0, 5.0, None),
+        "dflash-t1": _report({"a": 1.3, "b": 1.0, "pooled": 1.1}, [0.3, 0.1], 7.0, None, None),
+    }
+    for name, rep in reports.items():
+        (run / "eval" / name).mkdir(parents=True)
+        (run / "eval" / name / "report.json").write_text(json.dumps(rep))
+    table = [{"concurrency": c, "throughput": {"algorithm1": a}, "best_fixed_length": 2,
+              "best_fixed_throughput": f, "algorithm1_vs_best_fixed": a / f} for c, a, f in ((1, 10, 10), (4, 30, 32))]
+    (run / "eval" / "dspark-t0" / "calibration").mkdir()
+    (run / "eval" / "dspark-t0" / "calibration" / "calibration.json").write_text(
+        json.dumps({"simulation": {"table": table}}))
+    for d in ("dspark", "dflash"):
+        (run / f"train-{d}").mkdir()
+        lines = [json.dumps({"step": s, "loss": 3.0 - s, "top1": 0.1 * s, "expected_accept": 0.1 * s,
+                             "tokens_per_s": 100.0, "step_time_s": 2.0, "supervised": 50}) for s in (1, 2, 2)]
+        (run / f"train-{d}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run)
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text(f"# Benchmarks\n\nintro stays\n\n{BEGIN}\nold table\n{END}\n\n## after stays\n")
+    state = {"budget": {"train_steps": 2}, "stages": {"train-dspark": {"wall_s": 60.0, "done": True},
+                                                      "eval-dspark-t0": {"wall_s": 30.0, "done": True}}}
+    out = tmp_path / "results" / "reference.json"
+    r = collect(run, state, out, md)
+    assert r["tau"]["dspark"]["a"] == {"T=0": 1.5, "T=1": 1.3}
+    assert r["tau_ratio_dspark_over_dflash"]["a"]["T=0"] == pytest.approx(1.2)
+    assert r["tau_ratio_dspark_over_dflash"]["b"]["T=1"] == pytest.approx(1.1)
+    assert r["speedup_vs_generate"]["dspark"] == {"T=0": 2.0, "T=1": 2.0}
+    assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0}
+    assert r["conditional_acceptance"]["dflash"]["T=1"]["rounds_reaching"] == [10, 4]
+    assert r["ece_after"] == 0.01 and r["auroc"] == 0.9
+    g = r["goals"]
+    assert g["tau_ratio_dspark_over_dflash_min"]["measured"] == pytest.approx(1.0)  # b at T=0
+    assert g["tau_ratio_dspark_over_dflash_min"]["met"] is False
+    assert g["ece_after"]["met"] is True and g["auroc"]["met"] is True
+    assert g["speedup_vs_generate_max"]["met"] is False
+    assert g["scheduler_vs_best_fixed_min_over_loads"]["measured"] == pytest.approx(30 / 32)
+    t = r["train_budget"]
+    assert t["train"]["dspark"]["steps"] == 2 and t["train"]["dspark"]["tokens"] == 400  # repeated step counted once
+    assert t["total_wall_s"] == 90.0
+    assert "train-memory" in r["missing"]
+    assert json.loads(out.read_text())["tau_ratio_dspark_over_dflash"]["a"]["T=0"] == pytest.approx(1.2)
+    assert (out.parent / "reference" / "tau.png").is_file()
+    text = md.read_text()
+    assert "old table" not in text and "intro stays" in text and "## after stays" in text
+    assert "| a | 0 | 1.500 | 1.250 | 1.200 |" in text
+    assert "| dspark | 0 | 0.500 (10) | 0.400 (4) |" in text
+    collect(run, state, out, md)  # idempotent: one section, same text
+    assert md.read_text() == text and text.count(BEGIN) == 1
+
+
+@pytest.mark.slow
+def test_whole_benchmark_on_a_tiny_target(tmp_path):
+    args = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "reference.json"), "--benchmarks-md",
+            str(tmp_path / "B.md"), "--target", "tiny", "--prompts-per-source", "5", "--gen-tokens", "8",
+            "--train-steps", "3", "--eval-prompts-per-source", "1", "--eval-tokens", "8", "--threads", "1",
+            "--only", "data", "train-dspark", "train-dflash", "eval-dspark-t0", "eval-dspark-t1",
+            "eval-dflash-t0", "eval-dflash-t1", "cache-dtypes"]
+    main(args)
+    r = json.loads((tmp_path / "reference.json").read_text())
+    assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0}
+    assert set(r["tau"]["dspark"]) == {"gsm8k-test", "humaneval", "mt-bench", "pooled"}
+    assert r["tau"]["dflash"]["pooled"]["T=1"] >= 1.0
+    assert r["cache_dtypes"]["dtypes"]["float8"]["bytes_ratio_to_bfloat16"] == 0.5
+    assert r["missing"] == ["train-memory"]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    main(args)  # everything done: only collected again
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["stages"] == state["stages"]
