@@ -18,8 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
-from dspark_model.atomic import atomic_write_json as write_json_atomic
-from dspark_model.atomic import replace_dir
+from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft
 from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
@@ -75,9 +74,9 @@ def save_pretrained(draft: DSparkDraft, out_dir: str | Path, target_spec: Target
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_type": "dspark"})
         config = draft_config_dict(draft, target_spec, getattr(draft, "target", None), dtype)
         config.update(extra or {})
-        write_json_atomic(tmp / CONFIG_NAME, config)
+        atomic_write_json(tmp / CONFIG_NAME, config)
         if draft.calibration is not None:
-            write_json_atomic(tmp / CALIBRATION_NAME, draft.calibration)
+            atomic_write_json(tmp / CALIBRATION_NAME, draft.calibration)
         elif (out_dir / CALIBRATION_NAME).exists():  # keep a calibration written earlier beside the weights
             shutil.copy2(out_dir / CALIBRATION_NAME, tmp / CALIBRATION_NAME)
         replace_dir(tmp, out_dir)

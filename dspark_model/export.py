@@ -38,8 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
-from dspark_model.atomic import atomic_write_json as write_json_atomic
-from dspark_model.atomic import atomic_write_text, replace_dir
+from dspark_model.atomic import atomic_write_json, atomic_write_text, replace_dir
 from dspark_model.checkpoint import (
     CALIBRATION_NAME,
     CONFIG_NAME,
@@ -248,9 +247,9 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "dspark_export": format})
-        write_json_atomic(tmp / CONFIG_NAME, config)
+        atomic_write_json(tmp / CONFIG_NAME, config)
         if draft.calibration is not None:
-            write_json_atomic(tmp / CALIBRATION_NAME, draft.calibration)
+            atomic_write_json(tmp / CALIBRATION_NAME, draft.calibration)
         validate_export(tmp, target, fmt=format)
         _verify_round_trip(tmp, target, tensors)
         card = card_mod.render_card(card_mod.context_from_export(tmp, sources, target=target))

@@ -66,11 +66,6 @@ def to_jsonable(value):
     return value
 
 
-def write_json_atomic(data: Mapping, path: str) -> None:
-    """calibration.json: NaN written as null (``to_jsonable``), strict JSON, atomic."""
-    atomic_write_json(path, to_jsonable(data), allow_nan=False)
-
-
 def plot_reliability(before: Mapping, after: Mapping, path: str) -> str:
     """Reliability diagram (accuracy vs mean predicted survival per bin), before vs after STS."""
     plt = _pyplot()
@@ -214,5 +209,5 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
         "auroc": after["pooled"]["auroc"], "brier": after["pooled"]["brier"],
         "scheduler_vs_best_fixed": simulation["scheduler_vs_best_fixed"],
     })
-    write_json_atomic(result, os.path.join(out_dir, "calibration.json"))
+    atomic_write_json(os.path.join(out_dir, "calibration.json"), result, allow_nan=False)  # NaN already null
     return result

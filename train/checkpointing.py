@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dspark_model.atomic import replace_dir
+
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
@@ -147,12 +149,7 @@ def save_checkpoint(root: Path, step: int, trainer_state: dict, *, rank: int, ba
     if rank == 0:
         _write_json(tmp / STATE_NAME, trainer_state)
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step after a resume: swap the old copy out first
-            old = root / f".old-step-{step:08d}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # re-saving a step after a resume swaps the old copy out
         _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dspark_model.atomic import atomic_write_text
 from dspark_model.draft import build_draft_for, count_parameters
 from dspark_model.target import load_target, resolve_weights
 from train import checkpointing, distributed
@@ -194,9 +194,7 @@ def _final_save(rt, model, objective: DraftObjective, job: TrainJob, out: Path, 
         if rt.is_main:
             extra = {"resolved_config": resolved, "data_fingerprint": data.fingerprint, "data": data.origin}
             final = save_pretrained(objective.draft, out / "final", job.target, extra=extra)
-            tmp = final / ".resolved_config.yaml.tmp"
-            tmp.write_text(OmegaConf.to_yaml(resolved))
-            os.replace(tmp, final / "resolved_config.yaml")
+            atomic_write_text(final / "resolved_config.yaml", OmegaConf.to_yaml(resolved))
             log.info("final draft written to %s", final)
     rt.barrier()
 
