@@ -40,11 +40,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.reference_report import DRAFT_NAMES, TEMPERATURES, collect  # noqa: E402
 from dspark_model.atomic import atomic_write_json  # noqa: E402
 
 TRAIN_SOURCES = ("gsm8k-train", "livecodebench", "arena-hard-train")  # order of conf/prompts/shared-train.yaml
-DRAFTS = {"dspark": "dspark", "dflash": "dflash"}  # benchmark name -> conf/draft group choice
-TEMPERATURES = (0.0, 1.0)
 
 
 @dataclass
@@ -71,13 +70,13 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
                  f"generation.max_new_tokens={b.gen_tokens}", f"num_threads={b.threads}", f"seed={b.seed}",
                  "cache.enabled=true", f"cache.dtype={b.cache_dtype}", f"out_dir={run / 'data'}"],
     }
-    for name, choice in DRAFTS.items():
-        cmds[f"train-{name}"] = [py, "-m", "train", f"target={b.target}", "train=reference", f"draft={choice}",
+    for name in DRAFT_NAMES:
+        cmds[f"train-{name}"] = [py, "-m", "train", f"target={b.target}", "train=reference", f"draft={name}",
                                  "data=demo-offline",
                                  f"data.path={run / 'data'}", f"train.max_steps={b.train_steps}",
                                  f"train.seed={b.seed}", f"train.output_dir={run / ('train-' + name)}",
                                  "logger.tensorboard=false"]
-    for name in DRAFTS:
+    for name in DRAFT_NAMES:
         for t in TEMPERATURES:
             first = name == "dspark"
             cmds[f"eval-{name}-t{t:g}"] = [
@@ -179,8 +178,6 @@ def main(argv: list[str] | None = None) -> None:
                 run_stage(name, cmd, state, run / "logs")
         state.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         state.save()
-    from benchmarks.reference_report import collect
-
     collect(run, state.data, Path(args.out), Path(args.benchmarks_md) if args.benchmarks_md else None)
 
 

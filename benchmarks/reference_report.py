@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 from pathlib import Path
 
 from dspark_model.atomic import atomic_write_json, atomic_write_text
+from eval.scheduler import describe_hardware
 
-DRAFT_NAMES = ("dspark", "dflash")
-TEMPS = ("0", "1")
+DRAFT_NAMES = ("dspark", "dflash")  # conf/draft choices, trained with identical settings
+TEMPERATURES = (0.0, 1.0)
+TEMPS = tuple(f"{t:g}" for t in TEMPERATURES)  # as in the eval folder names: eval/<draft>-t<T>
 GOALS = {"tau_ratio": 1.20, "speedup_vs_generate": 2.5, "ece_after": 0.015, "auroc": 0.85,
          "scheduler_vs_best_fixed": 1.0}
 BEGIN, END = "<!-- reference-benchmark:begin -->", "<!-- reference-benchmark:end -->"
@@ -24,15 +25,6 @@ BEGIN, END = "<!-- reference-benchmark:begin -->", "<!-- reference-benchmark:end
 
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _machine() -> dict:
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"platform": platform.platform(), "cpu": model, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
 
 
 def _train_summary(run: Path, name: str, stages: dict) -> dict | None:
@@ -123,7 +115,7 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
             "stage_wall_s": {k: round(v["wall_s"], 1) for k, v in stages.items()},
             "total_wall_s": round(sum(v["wall_s"] for v in stages.values()), 1),
             "discarded_wall_s": round(sum(v.get("discarded_wall_s", 0.0) for v in stages.values()), 1),
-            "machine": _machine(),
+            "machine": describe_hardware(),
         },
         "eval_settings": {f"{d}-t{t}": r.get("settings") for (d, t), r in reports.items() if r},
         "missing": missing + [s for s in ("train-memory", "cache-dtypes") if not stages.get(s, {}).get("done")],

@@ -24,10 +24,12 @@ torch is imported only inside the profiling helpers.
 from __future__ import annotations
 
 import inspect
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -250,12 +252,24 @@ def profile_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], wa
     return SpsTable(points, hardware=hardware)
 
 
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def describe_hardware() -> dict:
-    """Where an SPS table was measured: CPU/platform, torch version and threads, CUDA device if any."""
+    """Where a measurement was taken: CPU model and count, platform, torch version and threads, CUDA device."""
     import torch
 
     cuda = torch.cuda.is_available()
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
             "cuda_device": torch.cuda.get_device_name(0) if cuda else None}
