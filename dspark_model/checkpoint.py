@@ -139,7 +139,7 @@ def load_draft(ckpt_dir: str | Path, target=None, device=None) -> DSparkDraft:
     missing, unexpected = draft.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointMismatchError(f"{weights}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
-    draft.to(dtype=next(iter(state.values())).dtype)
+    draft.to(dtype=next(v.dtype for v in state.values() if v.is_floating_point()))  # the draft_to_target map is int64
     calib = Path(ckpt_dir) / CALIBRATION_NAME
     if calib.is_file():
         draft.calibration = json.loads(calib.read_text())

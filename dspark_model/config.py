@@ -51,3 +51,9 @@ class DraftConfig:
     num_key_value_heads: int | None = None
     rms_norm_eps: float | None = None
     initializer_range: float = 0.02
+    # Draft vocabulary: predict only the K most frequent answer tokens of the training data (null = all V).
+    draft_vocab_size: int | None = None
+    train_draft_head: bool = False  # reduced vocabulary only: train the K-row head instead of sharing it frozen
+    # Warm start: copy these target decoder layers into the draft's layers (negative ids count from the end,
+    # e.g. [-2, -1]); null = random initialisation. Needs the draft's sizes to equal the target's.
+    init_from_target_layers: list[int] | None = None

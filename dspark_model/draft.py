@@ -6,6 +6,10 @@ Backbone (DFlash-style parallel block diffusion):
   each layer        queries from the block; keys/values = [W_k H_ctx ; W_k H_block] (KV injection);
                     the block attends bidirectionally to itself and only to context positions < p
   output            h_k after a final RMSNorm; base logits U_k = target lm_head(h_k)
+Draft vocabulary (optional, ``draft_vocab_size`` = K): the draft predicts only K target tokens (the most
+frequent answer tokens of its training data, ``draft_to_target`` maps draft index -> target id, ascending).
+Its base logits are then the target LM-head rows of those tokens (a frozen copy, or a trainable head), the
+sequential head projects to K, and every distribution the draft emits is zero outside those K tokens.
 Then a sequential head (heads.py) adds a bias from the previous token, and a confidence head predicts
 P(slot k accepted | earlier slots accepted).
 
@@ -120,19 +124,26 @@ class DSparkDraft(nn.Module):
                  head_dim: int, intermediate_size: int, rms_norm_eps: float, hidden_act: str,
                  vocab_size: int, tap_layer_ids: list[int], block_size: int, mask_token_id: int | None,
                  sequential_head: str, markov_rank: int, confidence_head: bool, rope_config: dict,
-                 initializer_range: float = 0.02):
+                 initializer_range: float = 0.02, draft_vocab_size: int | None = None,
+                 train_draft_head: bool = False):
         super().__init__()
         if sequential_head not in HEAD_KINDS:
             raise ValueError(f"draft.sequential_head must be one of {HEAD_KINDS}, got {sequential_head!r}")
         if block_size < 1:
             raise ValueError(f"draft.block_size must be >= 1, got {block_size}")
+        if draft_vocab_size is not None and not 1 <= draft_vocab_size <= vocab_size:
+            raise ValueError(f"draft.draft_vocab_size must be in 1..{vocab_size} (the target vocabulary) or null "
+                             f"for the full vocabulary, got {draft_vocab_size}")
+        if draft_vocab_size == vocab_size:
+            draft_vocab_size = None  # K = V is the full vocabulary: no mapping, the target's own head
         self.arch = dict(hidden_size=hidden_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
                          num_key_value_heads=num_key_value_heads, head_dim=head_dim,
                          intermediate_size=intermediate_size, rms_norm_eps=rms_norm_eps, hidden_act=hidden_act,
                          vocab_size=vocab_size, tap_layer_ids=list(tap_layer_ids), block_size=block_size,
                          mask_token_id=mask_token_id, sequential_head=sequential_head, markov_rank=markov_rank,
                          confidence_head=confidence_head, rope_config=dict(rope_config),
-                         initializer_range=initializer_range)
+                         initializer_range=initializer_range, draft_vocab_size=draft_vocab_size,
+                         train_draft_head=bool(train_draft_head and draft_vocab_size))
         self.block_size, self.mask_token_id, self.tap_layer_ids = block_size, mask_token_id, list(tap_layer_ids)
         self.fc = nn.Linear(len(tap_layer_ids) * hidden_size, hidden_size, bias=False)
         self.hidden_norm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
@@ -141,7 +152,14 @@ class DSparkDraft(nn.Module):
                                     for _ in range(num_layers))
         self.norm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
         rank = markov_rank if sequential_head != "none" else 0
-        self.markov_head = SequentialHead(sequential_head, vocab_size, rank, hidden_size) if rank else None
+        K = draft_vocab_size or vocab_size
+        self.out_vocab_size = K
+        if draft_vocab_size:
+            # draft index i <-> target id draft_to_target[i]; stored with the weights, set by set_draft_vocab
+            self.register_buffer("draft_to_target", torch.arange(K, dtype=torch.long))
+            if self.arch["train_draft_head"]:
+                self.lm_head = nn.Linear(hidden_size, K, bias=False)  # initialised from the target's rows
+        self.markov_head = SequentialHead(sequential_head, vocab_size, rank, hidden_size, K) if rank else None
         self.confidence_head = ConfidenceHead(hidden_size, rank) if confidence_head else None
         self.rotary = _rotary_from_config(rope_config, head_dim)
         self.calibration: dict | None = None  # filled by checkpoint loading when calibration.json exists
@@ -161,7 +179,66 @@ class DSparkDraft(nn.Module):
             raise ValueError(f"draft (width {self.arch['hidden_size']}, vocab {self.arch['vocab_size']}) does not "
                              f"fit target (width {target.hidden_size}, vocab {target.vocab_size})")
         self.__dict__["target"] = target  # plain attribute: not a submodule, not in state_dict
+        self._refresh_head()
         return self
+
+    # ---- the draft vocabulary ----------------------------------------------------------------------------
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.arch.get("draft_vocab_size") is not None
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Set the K target ids the draft predicts (stored ascending); a trainable head starts from their
+        target LM-head rows."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long).flatten().sort().values
+        if not self.reduced_vocab or ids.numel() != self.out_vocab_size:
+            raise ValueError(f"this draft predicts {self.out_vocab_size} tokens; got {ids.numel()} ids "
+                             f"(build it with draft.draft_vocab_size={ids.numel()})")
+        if ids.unique().numel() != ids.numel() or ids[0] < 0 or ids[-1] >= self.arch["vocab_size"]:
+            raise ValueError("draft vocabulary ids must be distinct target token ids")
+        self.draft_to_target.copy_(ids.to(self.draft_to_target.device))
+        if "target" in self.__dict__:
+            self._refresh_head()
+            if self.arch["train_draft_head"]:
+                with torch.no_grad():
+                    self.lm_head.weight.copy_(self.target.head_rows(ids)[0].to(self.lm_head.weight))
+
+    def _refresh_head(self) -> None:
+        """Cache the frozen K-row head and the target -> draft index table (plain attributes, not state)."""
+        if not self.reduced_vocab:
+            return
+        ids = self.draft_to_target
+        self.__dict__["_head_rows"] = self.target.head_rows(ids)  # the target's own K rows (teacher, frozen head)
+        t2d = torch.full((self.arch["vocab_size"],), -1, dtype=torch.long, device=ids.device)
+        t2d[ids] = torch.arange(ids.numel(), device=ids.device)
+        self.__dict__["target_to_draft"] = t2d
+
+    def base_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(…, d) -> (…, K) fp32 logits of the backbone over the draft's output vocabulary."""
+        h = h.to(self.target.dtype)
+        if not self.reduced_vocab:
+            return self.target.logits(h).float()
+        if self.arch["train_draft_head"]:
+            return self.target.logits(h, self.lm_head.weight.to(h.dtype)).float()
+        weight, bias = self.__dict__["_head_rows"]
+        return self.target.logits(h, weight, bias).float()
+
+    @torch.no_grad()
+    def teacher_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """(…, d) target final states -> (…, K) fp32 target logits at the draft's K tokens (reduced only)."""
+        weight, bias = self.__dict__["_head_rows"]
+        return self.target.logits(final_hidden.to(weight.dtype), weight, bias).float()
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices -> target token ids (identity for the full vocabulary)."""
+        return self.draft_to_target[draft_ids] if self.reduced_vocab else draft_ids
+
+    def to_target_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """(…, K) draft distributions -> (…, V) target-vocabulary distributions, zero outside the K tokens."""
+        if not self.reduced_vocab:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], self.arch["vocab_size"])
+        return out.index_copy_(-1, self.draft_to_target, probs)
 
     @property
     def num_layers(self) -> int:
@@ -236,11 +313,11 @@ class DSparkDraft(nn.Module):
 
     # ---- heads (shared by training and inference) ------------------------------------------------------
     def logits(self, h: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """Draft logits for whole blocks: h (N, G, d), prev (N, G) teacher-forced -> (N, G, V) fp32.
+        """Draft logits for whole blocks: h (N, G, d), prev (N, G) teacher-forced -> (N, G, K) fp32.
 
-        Call it on chunks of blocks: the output is full-vocabulary.
+        Call it on chunks of blocks: the output spans the draft's whole output vocabulary.
         """
-        base = self.target.logits(h.to(self.target.dtype)).float()
+        base = self.base_logits(h)
         if self.markov_head is None:
             return base
         return base + self.markov_head.bias(self.markov_head.features(h, prev)).float()
@@ -280,7 +357,7 @@ class DSparkDraft(nn.Module):
         ids[:, 0] = anchor
         pos = torch.arange(p, p + G, device=anchor.device).expand(B, G)
         h = self._run_layers(self._embed(ids), pos, None, None, None, cache)  # (B, G, d)
-        base = self.target.logits(h.to(self.target.dtype)).float()  # (B, G, V)
+        base = self.base_logits(h)  # (B, G, K)
         tokens, probs, confs = [], [], []
         prev, state = anchor, None
         for k in range(G):
@@ -292,10 +369,10 @@ class DSparkDraft(nn.Module):
                 emb = self.markov_head.markov_w1(prev) if self.markov_head is not None else None
                 confs.append(torch.sigmoid(self.confidence_head(h[:, k], emb).float()))
             x, q = sample_from_logits(logit, temperature, generator)
-            tokens.append(x)
+            prev = self.to_target_ids(x)
+            tokens.append(prev)
             probs.append(q)
-            prev = x
-        return DraftProposal(torch.stack(tokens, 1), torch.stack(probs, 1),
+        return DraftProposal(torch.stack(tokens, 1), self.to_target_probs(torch.stack(probs, 1)),
                              torch.stack(confs, 1) if confs else None)
 
 
@@ -356,7 +433,8 @@ def draft_kwargs(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask
         tap_layer_ids=list(tap_layer_ids), block_size=cfg.block_size, mask_token_id=mask_token_id,
         sequential_head=cfg.sequential_head, markov_rank=cfg.markov_rank, confidence_head=cfg.confidence_head,
         rope_config={"rope_parameters": dict(rope), "max_position_embeddings": tc.max_position_embeddings},
-        initializer_range=cfg.initializer_range,
+        initializer_range=cfg.initializer_range, draft_vocab_size=cfg.draft_vocab_size,
+        train_draft_head=cfg.train_draft_head,
     )
 
 
@@ -389,7 +467,37 @@ def build_draft_for(target, cfg: DraftConfig) -> DSparkDraft:
     mask = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(target.tokenizer,
                                                                                          target.vocab_size)
     draft = DSparkDraft(**draft_kwargs(cfg, target.config, target.tap_layer_ids, mask, target.vocab_size))
-    return draft.to(device=target.device).attach_target(target)
+    draft = draft.to(device=target.device).attach_target(target)
+    if cfg.init_from_target_layers:
+        init_layers_from_target(draft, target, cfg.init_from_target_layers)
+    return draft
+
+
+def init_layers_from_target(draft: DSparkDraft, target, layer_ids: list[int]) -> list[int]:
+    """Warm start: copy target decoder layer ``layer_ids[j]`` into draft layer j (negative ids count from the
+    end). Every draft tensor with a same-named, same-shaped target tensor is copied (attention and MLP
+    matrices, both norms; q/k norms only where the family has them); target biases have no draft twin and
+    are left out. Returns the absolute target layer ids used."""
+    layers = target.model.get_decoder().layers
+    L = len(layers)
+    if len(layer_ids) != draft.num_layers:
+        raise ValueError(f"draft.init_from_target_layers lists {len(layer_ids)} layers for a "
+                         f"{draft.num_layers}-layer draft; give one target layer per draft layer")
+    chosen = [i + L if i < 0 else i for i in layer_ids]
+    if any(not 0 <= i < L for i in chosen):
+        raise ValueError(f"draft.init_from_target_layers {layer_ids}: the target has layers 0..{L - 1}")
+    required = ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight")
+    with torch.no_grad():
+        for j, i in enumerate(chosen):
+            src, dst = layers[i].state_dict(), draft.layers[j].state_dict()
+            copied = [k for k, v in dst.items() if k in src and src[k].shape == v.shape]
+            missing = [k for k in required if k not in copied]
+            if missing:
+                raise ValueError(f"cannot warm-start draft layer {j} from target layer {i}: {missing} differ in "
+                                 f"name or shape (the draft's sizes must equal the target's)")
+            for k in copied:
+                dst[k].copy_(src[k].to(dst[k]))
+    return chosen
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -402,4 +510,5 @@ def position_weights(gamma: int, decay: float, device=None) -> torch.Tensor:
 
 
 __all__ = ["DSparkDraft", "DraftProposal", "DraftContextCache", "build_draft", "build_draft_for",
+           "init_layers_from_target",
            "choose_mask_token_id", "count_parameters", "position_weights", "sample_from_logits"]

@@ -8,8 +8,10 @@ adds a bias B_k that depends on the previous token of the block (the anchor for 
 * ``rnn``:    s_k = g * s_{k-1} + (1 - g) * tanh(W_c z_k), B_k = W2 . tanh(W_o z_k),
               z_k = [s_{k-1}; W1[x_{k-1}]; h_k], g = sigmoid(W_g z_k)    (eq. 6)
 
-All three work in a rank-r space and share the final projection W2 (r -> V), so the V-sized part is one
-matmul per position. ``none`` (DFlash) has no head at all. The confidence head (eq. 7) reads
+All three work in a rank-r space and share the final projection W2 (r -> K), so the vocabulary-sized part is
+one matmul per position. K is the draft's output vocabulary: the target's V, or the K most frequent answer
+tokens of a reduced draft vocabulary; W1 always has one row per target token (the previous token, the anchor
+included, can be any target token). ``none`` (DFlash) has no head at all. The confidence head (eq. 7) reads
 [h_k ; W1[x_{k-1}]] when a sequential head exists (``confidence_head_with_markov``), else h_k alone.
 """
 
@@ -22,15 +24,15 @@ HEAD_KINDS = ("none", "markov", "gated", "rnn")
 
 
 class SequentialHead(nn.Module):
-    """Prefix-dependent logit bias in a rank-``rank`` space (W1: V x r table, W2: r -> V projection)."""
+    """Prefix-dependent logit bias in a rank-``rank`` space (W1: V x r table, W2: r -> K projection)."""
 
-    def __init__(self, kind: str, vocab_size: int, rank: int, hidden_size: int):
+    def __init__(self, kind: str, vocab_size: int, rank: int, hidden_size: int, out_size: int | None = None):
         super().__init__()
         if kind not in HEAD_KINDS or kind == "none":
             raise ValueError(f"sequential head kind must be one of {HEAD_KINDS[1:]}, got {kind!r}")
         self.kind, self.rank = kind, rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)  # previous token -> rank-r feature
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)  # rank-r feature -> logit bias
+        self.markov_w2 = nn.Linear(rank, out_size or vocab_size, bias=False)  # rank-r feature -> logit bias
         if kind == "gated":
             self.gate = nn.Linear(hidden_size, rank)
         if kind == "rnn":
@@ -64,7 +66,7 @@ class SequentialHead(nn.Module):
         return torch.stack(out, dim=1)
 
     def bias(self, features: torch.Tensor) -> torch.Tensor:
-        """(…, r) -> (…, V) logit bias."""
+        """(…, r) -> (…, K) logit bias over the draft's output vocabulary."""
         return self.markov_w2(features)
 
 

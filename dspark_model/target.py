@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dspark_model.config import TargetSpec
@@ -201,9 +202,20 @@ class Target:
         """The target's own embedding module (so families that scale embeddings keep doing so)."""
         return self.embed(input_ids)
 
-    def logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """Target logits from final-normed hidden states, with the family's final-logit softcap if any."""
-        out = self.lm_head(final_hidden)
+    def head_rows(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of the LM head's rows (and bias) for ``token_ids`` (K,): the head of a reduced vocabulary."""
+        bias = getattr(self.lm_head, "bias", None)
+        ids = token_ids.to(self.lm_head.weight.device)
+        return (self.lm_head.weight.detach()[ids].clone(),
+                None if bias is None else bias.detach()[ids].clone())
+
+    def logits(self, final_hidden: torch.Tensor, weight: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Target logits from final-normed hidden states, with the family's final-logit softcap if any.
+
+        ``weight``/``bias`` (from ``head_rows``) restrict the output to a subset of the vocabulary.
+        """
+        out = self.lm_head(final_hidden) if weight is None else F.linear(final_hidden, weight, bias)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             out = torch.tanh(out / cap) * cap

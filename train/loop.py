@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dspark_model.atomic import atomic_write_text
 from dspark_model.draft import build_draft_for, count_parameters
 from dspark_model.target import load_target, resolve_weights
+from dspark_model.vocab import answer_token_counts, top_k_vocab
 from train import checkpointing, distributed
 from train.anchors import batch_anchors, slot_mask
 from train.data import (
@@ -42,6 +43,7 @@ from train.data import (
 from train.loss import LossWeights, draft_loss
 from train.metrics_log import MetricsLogger, NullLogger
 from train.schema import TrainJob, validate
+from train.teacher import TeacherMemo
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +55,10 @@ class DraftObjective(nn.Module):
         super().__init__()
         self.draft, self.weights, self.chunk_size, self.recompute = draft, weights, chunk_size, recompute
 
-    def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask):
+    def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask, teacher_lse=None, teacher_argmax=None):
         h = self.draft.forward_train(tap_hidden, input_ids, anchors)  # (B, A, G, d)
         return draft_loss(self.draft, self.draft.target, h, final_hidden, input_ids, anchors, mask,
-                          self.weights, self.chunk_size, self.recompute)
+                          self.weights, self.chunk_size, self.recompute, teacher_lse, teacher_argmax)
 
 
 def lr_lambda(step: int, warmup: int, max_steps: int, schedule: str, min_ratio: float) -> float:
@@ -117,8 +119,9 @@ def _autocast(device: torch.device, precision: str):
 
 
 def train_step(model, optimizer, scheduler, target, data: TrainData, batches: list[list[int]], epoch: int,
-               rt, job: TrainJob, block_size: int) -> dict[str, torch.Tensor]:
-    """One optimizer step over this process's micro-batches; returns summed metrics (and a count)."""
+               rt, job: TrainJob, block_size: int, memo: TeacherMemo | None = None) -> dict[str, torch.Tensor]:
+    """One optimizer step over this process's micro-batches; returns summed metrics (and a count).
+    ``memo`` (reduced draft vocabulary): the target's per-row log-normalisers, computed at first visit."""
     t, acc = job.train, rt.accelerator
     totals: dict[str, torch.Tensor] = {}
     for indices in batches:
@@ -128,13 +131,15 @@ def train_step(model, optimizer, scheduler, target, data: TrainData, batches: li
                                        t.anchors_per_4096, t.min_anchors, t.max_anchors)
         anchors, valid = anchors.to(rt.device), valid.to(rt.device)  # (B, A)
         mask = slot_mask(lm, anchors, valid, block_size)  # (B, A, G)
-        with acc.accumulate(model), _autocast(rt.device, t.precision):
-            if b.tap_hidden is None:
+        if b.tap_hidden is None:
+            with _autocast(rt.device, t.precision):
                 out = target.forward(ids)
-                tap, fin = out.tap_hidden, out.final_hidden  # (B, T, k*d), (B, T, d)
-            else:
-                tap, fin = b.tap_hidden.to(rt.device), b.final_hidden.to(rt.device)
-            loss, metrics = model(tap, fin, ids, anchors, mask)
+            tap, fin = out.tap_hidden, out.final_hidden  # (B, T, k*d), (B, T, d)
+        else:
+            tap, fin = b.tap_hidden.to(rt.device), b.final_hidden.to(rt.device)
+        stats = (None, None) if memo is None else memo.lookup(target, indices, fin, lm, [m.numel() for m in b.masks])
+        with acc.accumulate(model), _autocast(rt.device, t.precision):
+            loss, metrics = model(tap, fin, ids, anchors, mask, *stats)
             acc.backward(loss)
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
@@ -209,7 +214,15 @@ def _build(job: TrainJob, rt):
         target = load_target(job.target, device=rt.device)
     seed_everything(job.train.seed)
     draft = build_draft_for(target, job.draft)
-    return target, draft, load_data(job, target, source)
+    data = load_data(job, target, source)
+    if draft.reduced_vocab:
+        counts = answer_token_counts(data.input_ids, data.loss_mask, target.vocab_size)
+        ids = top_k_vocab(counts, draft.out_vocab_size)
+        draft.set_draft_vocab(ids)
+        covered = counts[ids].sum().item() / max(1, counts.sum().item())
+        log.info("draft vocabulary: %d of %d target tokens, %.2f %% of the training answer tokens",
+                 ids.numel(), target.vocab_size, 100 * covered)
+    return target, draft, data
 
 
 def _prepare_and_resume(rt, objective, optimizer, scheduler, root: Path, resume: str, data: TrainData):
@@ -272,6 +285,7 @@ def _loop(model, optimizer, scheduler, target, data, sampler, lengths, rt, job, 
     bar = tqdm(total=t.max_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=not (rt.is_main and job.logger.progress_bar))
     last: dict[str, float] = {}
+    memo = TeacherMemo() if draft.reduced_vocab else None
     model.train()
     tic, window, n_window = time.perf_counter(), {}, 0
     for step in range(start, t.max_steps):
@@ -279,7 +293,7 @@ def _loop(model, optimizer, scheduler, target, data, sampler, lengths, rt, job, 
         batches = micro_batches(rows, lengths, t.micro_batch_size, rt.world, rt.rank)
         lr = scheduler.get_last_lr()[0]
         totals = train_step(model, optimizer, scheduler, target, data, batches, epoch, rt, job,
-                            job.draft.block_size)
+                            job.draft.block_size, memo)
         window = {k: window.get(k, 0.0) + v for k, v in totals.items()}
         n_window += 1
         done = step + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.train.helpers import losses, run_train
@@ -56,3 +57,25 @@ def test_cfg_job_prints_the_composed_config():
     proc = run_train(["--cfg", "job", "target=tiny", "deepspeed=zero2", "train=demo"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stage: '2'" in proc.stdout and "tiny-random-llama" in proc.stdout
+
+
+def test_reduced_vocabulary_run_stores_its_map_and_reports_outside_argmax(tmp_path):
+    from dspark_model.checkpoint import load_draft
+    from dspark_model.config import TargetSpec
+    from dspark_model.target import load_target
+    from tests.train.helpers import FAST
+
+    out = tmp_path / "run"
+    proc = run_train(FAST + ["train.max_steps=3", "draft.draft_vocab_size=48", f"train.output_dir={out}",
+                             f"data.path={tmp_path / 'no-data'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "draft vocabulary: 48 of" in proc.stderr + proc.stdout
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["argmax_outside_vocab"] <= 1.0
+    config = json.loads((out / "final" / "config.json").read_text())
+    target = load_target(TargetSpec(**{k: v for k, v in config["resolved_config"]["target"].items()
+                                       if k in {"id", "path", "random", "tap_layer_ids", "num_tap_layers"}}))
+    draft = load_draft(out / "final", target)
+    ids = draft.draft_to_target
+    assert ids.numel() == 48 and torch.equal(ids, ids.sort().values) and ids.unique().numel() == 48
+    assert draft.markov_head.markov_w2.weight.shape == (48, 16)
