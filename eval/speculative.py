@@ -91,22 +91,26 @@ def verify_block(p_t: torch.Tensor, draft_tokens: Sequence[int], draft_probs: to
     gamma = len(draft_tokens)
     eos = set(int(e) for e in eos_token_ids)
     greedy = temperature <= 0
-    if not greedy and uniforms is None:
-        uniforms = torch.rand(gamma, generator=generator, device=p_t.device, dtype=torch.float32)  # (gamma,)
+    tokens = torch.as_tensor(list(draft_tokens), dtype=torch.long, device=p_t.device)  # (gamma,)
+    # All acceptance tests at once, one host transfer: row k of p_t judges drafted token k.
+    if greedy:
+        target_argmax = p_t.argmax(-1)  # (gamma + 1,)
+        ok = (target_argmax[:gamma] == tokens).tolist()
+    else:
+        if uniforms is None:
+            uniforms = torch.rand(gamma, generator=generator, device=p_t.device, dtype=torch.float32)
+        rows = torch.arange(gamma, device=p_t.device)
+        ok = (uniforms.to(p_t.device) * draft_probs[rows, tokens] < p_t[rows, tokens]).tolist()
     mask = [False] * gamma
-    for k, token in enumerate(int(t) for t in draft_tokens):
-        if greedy:
-            ok = token == int(p_t[k].argmax())
-        else:
-            ok = float(uniforms[k]) * float(draft_probs[k, token]) < float(p_t[k, token])
-        if not ok:
-            nxt = int(p_t[k].argmax()) if greedy else sample_token(
+    for k, token in enumerate(tokens.tolist()):
+        if not ok[k]:
+            nxt = int(target_argmax[k]) if greedy else sample_token(
                 residual_distribution(p_t[k], draft_probs[k]), generator)
             return Verdict(k, nxt, mask, False)
         mask[k] = True
         if token in eos:
             return Verdict(k + 1, None, mask, True)
-    bonus = int(p_t[gamma].argmax()) if greedy else sample_token(p_t[gamma], generator)
+    bonus = int(target_argmax[gamma]) if greedy else sample_token(p_t[gamma], generator)
     return Verdict(gamma, bonus, mask, False)
 
 
