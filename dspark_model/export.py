@@ -42,12 +42,14 @@ from dspark_model.atomic import atomic_write_json, atomic_write_text, replace_di
 from dspark_model.checkpoint import (
     CALIBRATION_NAME,
     CONFIG_NAME,
+    LOADING_FIELDS,
     WEIGHTS_NAME,
     CheckpointMismatchError,
     load_draft,
     read_draft_config,
     target_spec_from_checkpoint,
 )
+from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft
 from dspark_model.export_schema import (
     FORMATS,
@@ -181,7 +183,10 @@ def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embed
     if fmt == "native":
         from dspark_model.card import redact  # the checkpoint may embed a training config with credentials
 
-        config = redact(dict(ckpt_config, dtype=_dtype_name(dtype), includes_target_embeddings=False))
+        # an export names its target like a checkpoint does: no loading settings travel with it
+        named = {k: v for k, v in (ckpt_config.get("target") or {}).items() if k not in LOADING_FIELDS}
+        config = redact(dict(ckpt_config, target=named, dtype=_dtype_name(dtype),
+                             includes_target_embeddings=False))
     elif fmt == "deepspec":
         config = deepspec_config(draft, target, dtype, embeddings)
     else:
@@ -216,11 +221,13 @@ def _verify_round_trip(tmp: Path, target, tensors: dict[str, torch.Tensor]) -> N
 
 def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "native", dtype=None,
                  include_embeddings: bool | None = None, target=None, overwrite: bool = False,
-                 card_sources=None, device: str = "cpu") -> Path:
+                 card_sources=None, device: str = "cpu", target_spec: TargetSpec | None = None) -> Path:
     """Export the checkpoint in ``ckpt_dir`` to ``out_dir`` in ``format``; returns the folder.
 
     ``dtype``: bf16 / fp16 / fp32 (None keeps the checkpoint's). ``include_embeddings``: None = the format's
-    default (deepspec only). ``target``: a loaded Target (else loaded from the checkpoint's target spec).
+    default (deepspec only). ``target``: a loaded Target; else it is loaded from ``target_spec`` (the user's
+    choice of weights, downloads, remote code), else the target the checkpoint names is loaded the safe way
+    (``checkpoint.target_spec_from_checkpoint``: local files only, no remote code).
     ``card_sources``: ``card.CardSources`` (eval report, data manifest, train config; auto-discovered).
     """
     from dspark_model import card as card_mod
@@ -238,7 +245,13 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
         raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
     ckpt_config = read_draft_config(ckpt_dir)
     if target is None:
-        target = load_target(target_spec_from_checkpoint(ckpt_dir), device)
+        try:
+            target = load_target(target_spec_from_checkpoint(ckpt_dir, target_spec), device)
+        except TargetNotFoundError as exc:
+            if target_spec is not None:
+                raise
+            raise TargetNotFoundError(f"{exc} (export: the checkpoint only names its target; say where it is "
+                                      f"with --target-path, or let it download with --allow-download)") from None
     draft = load_draft(ckpt_dir, target)
     torch_dtype = resolve_dtype(dtype) or next(draft.parameters()).dtype
     config, tensors = build_export(draft, target, format, torch_dtype, embeddings, ckpt_config)
@@ -309,7 +322,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-config", help="resolved training config (yaml/json) for the card")
     p.add_argument("--repo-id", help="Hub repo id to show in the card's usage snippets")
     p.add_argument("--device", default="cpu", help="where to load the target (default cpu)")
+    # The checkpoint only names its target; where its weights come from is decided here, never by the checkpoint.
+    p.add_argument("--target-path", help="the target's weights: a model folder or a .gguf file (default: the "
+                                          "target the checkpoint names, from the local Hugging Face cache)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let the Hub client download the named target if it is not cached")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the target's own Python code (only for a target folder / repo you trust)")
     return p.parse_args(argv)
+
+
+def user_target_spec(args: argparse.Namespace) -> TargetSpec | None:
+    """The target as the user chose it on the command line (None: the checkpoint's named target, safely)."""
+    if not (args.target_path or args.allow_download or args.trust_remote_code):
+        return None
+    named = target_spec_from_checkpoint(args.ckpt)
+    return dataclasses.replace(named, path=args.target_path or named.path,
+                               random=None if args.target_path else named.random,
+                               allow_download=args.allow_download, trust_remote_code=args.trust_remote_code)
 
 
 def main(argv=None) -> int:
@@ -325,7 +355,8 @@ def main(argv=None) -> int:
             data_manifest=args.data_manifest or sources.data_manifest,
             train_config=args.train_config or sources.train_config)
         export_draft(args.ckpt, out, args.format, args.dtype, False if args.no_embeddings else None,
-                     overwrite=args.overwrite, card_sources=sources, device=args.device)
+                     overwrite=args.overwrite, card_sources=sources, device=args.device,
+                     target_spec=user_target_spec(args))
     except (ExportError, ExportSchemaError, CheckpointMismatchError, TargetNotFoundError,
             card_mod.CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -19,6 +19,7 @@ the loader needs is a field the schema requires.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -407,6 +408,57 @@ def read_weights_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], st
     return out
 
 
+def _pickle_content(path: Path) -> str | None:
+    """Why the bytes of ``path`` could be unpickled by a loader (None: they cannot). The name does not matter:
+    a pickle renamed ``notes.txt`` is still one."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and not _is_safetensors(path, head):
+        return f"a pickle (protocol {head[1]})"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy array file (object arrays are pickled)"
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "a zip archive that cannot be read"
+        inner = [n for n in names if n.lower().endswith((".pkl", ".pickle", ".npy"))]
+        if inner:
+            return f"a zip archive holding pickled data ({inner[0]}; torch.save writes this format)"
+    return None
+
+
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little endian), which can begin with
+    the bytes of a pickle marker: accept it when that header really is there and is JSON."""
+    n = int.from_bytes(head[:8], "little")
+    if len(head) < 9 or head[8:9] != b"{" or n > min(path.stat().st_size - 8, 100 << 20):
+        return False
+    with open(path, "rb") as f:
+        f.seek(8)
+        try:
+            return isinstance(json.loads(f.read(n)), dict)
+        except ValueError:
+            return False
+
+
+def pickle_files(folder: str | Path) -> list[str]:
+    """One problem per file under ``folder`` (sub-folders included) that is or may hold a pickle, judged by
+    its name and by its first bytes. Exports and uploads are safetensors + JSON + text only."""
+    folder = Path(folder)
+    problems = []
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file():
+            continue
+        name = f.relative_to(folder)
+        why = "pickle-based file type" if f.suffix.lower() in PICKLE_SUFFIXES else _pickle_content(f)
+        if why:
+            problems.append(f"file {name}: {why}; pickle-based files are not allowed (safetensors only), "
+                            f"remove it")
+    return problems
+
+
 def validate_export(export_dir: str | Path, target=None, fmt: str | None = None) -> str:
     """Check a whole export folder (config, weights, files, and the target when given); returns its format.
 
@@ -417,8 +469,7 @@ def validate_export(export_dir: str | Path, target=None, fmt: str | None = None)
     found = detect_format(config)
     if fmt is not None and found != fmt:
         raise ExportSchemaError(f"{export_dir}: expected a {fmt} export, config.json looks like {found}")
-    problems = [f"file {f.name}: pickle-based files are not allowed (safetensors only)"
-                for f in sorted(export_dir.iterdir()) if f.suffix in PICKLE_SUFFIXES]
+    problems = pickle_files(export_dir)
     problems += validate_config(found, config)
     if not problems:
         weights = export_dir / "model.safetensors"

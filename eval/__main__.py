@@ -1,8 +1,10 @@
 """Entry point: ``python -m eval draft=<checkpoint dir> [target=<name>] [prompts=<name>] [temperature=0] ...``.
 
-Loads the target (from the checkpoint's config unless ``target=`` is given) and the draft, runs speculative
-decoding, plain ``generate`` and prompt lookup side by side on the prompts, writes the report into
-``runs/eval/<name>`` and, for drafts with a confidence head, calibrates them (``eval/calibration_report.py``).
+Loads the target and the draft, runs speculative decoding, plain ``generate`` and prompt lookup side by side
+on the prompts, writes the report into ``runs/eval/<name>`` and, for drafts with a confidence head, calibrates
+them (``eval/calibration_report.py``). The checkpoint only names its target: without ``target=`` that name is
+loaded from local files with no remote code (``checkpoint.target_spec_from_checkpoint``); ``target=<name>``
+(with ``target.path`` / ``target.allow_download`` / ``target.trust_remote_code``) is the user's own choice.
 ``draft=random`` builds an untrained draft from ``draft_config=<conf/draft name>`` for smoke tests.
 """
 
@@ -45,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
 def load_models(cfg: EvalConfig, device: torch.device):
     """(target, draft, target spec, checkpoint dir or None)."""
     from dspark_model.draft import build_draft_for
-    from dspark_model.target import load_target
+    from dspark_model.target import TargetNotFoundError, load_target
 
     if cfg.draft_checkpoint == "random":
         if cfg.target is None:
@@ -59,8 +61,15 @@ def load_models(cfg: EvalConfig, device: torch.device):
     if not (ckpt / "config.json").is_file():
         raise EvalConfigError(f"draft={cfg.draft_checkpoint}: no draft checkpoint there (config.json missing); "
                               f"pass a folder written by training, e.g. runs/train/<name>/final, or draft=random")
-    spec = cfg.target or target_spec_from_checkpoint(ckpt)
-    target = load_target(spec, device)
+    spec = target_spec_from_checkpoint(ckpt, cfg.target)  # the checkpoint names its target, cfg.target loads it
+    try:
+        target = load_target(spec, device)
+    except TargetNotFoundError as exc:
+        if cfg.target is not None:
+            raise
+        raise TargetNotFoundError(f"{exc} (eval: the checkpoint only names its target; choose it yourself with "
+                                  f"target=<conf/target name>, plus target.path=... or target.allow_download=true "
+                                  f"as needed)") from None
     return target, load_draft(ckpt, target, device=device), spec, str(ckpt)
 
 

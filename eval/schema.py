@@ -1,7 +1,7 @@
 """Typed configuration of the eval stage (``python -m eval``), registered in Hydra's ConfigStore.
 
 Values live in ``conf/eval.yaml`` and the groups it composes: ``target`` (optional: by default the target
-comes from the draft checkpoint), ``draft@draft_config`` (architecture of a ``draft=random`` draft only) and
+the draft checkpoint names, loaded from local files without remote code), ``draft@draft_config`` (architecture of a ``draft=random`` draft only) and
 ``prompts`` (named lists of prompt sources, the same group data_prep reads).
 """
 
@@ -48,7 +48,7 @@ class EvalConfig:
     # group, so the entry point renames it to this field). "random" builds an untrained draft from
     # `draft_config` for the target given by `target=` (smoke tests).
     draft_checkpoint: str = "???"
-    target: TargetSpec | None = None  # None: the target recorded in the checkpoint
+    target: TargetSpec | None = None  # None: the target the checkpoint names, from local files, no remote code
     draft_config: DraftConfig = field(default_factory=DraftConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)  # conf/prompts/<name>.yaml
     name: str | None = None  # output folder name under runs/eval (default: derived from the draft)

@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> None:
     from data_prep.errors import DataPrepError
     from dspark_model.checkpoint import CheckpointMismatchError
     from dspark_model.target import TargetNotFoundError
+    from train.checkpointing import CheckpointRunError
     from train.data import DataError
     from train.loop import train
     from train.schema import TrainConfigError
@@ -43,7 +44,7 @@ def main(cfg: DictConfig) -> None:
     try:
         metrics = train(job, out, resolved)
     except (TargetNotFoundError, DataError, DataPrepError, TrainConfigError, CheckpointMismatchError,
-            FileNotFoundError) as exc:
+            CheckpointRunError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     if metrics:

@@ -13,6 +13,12 @@ Non-tensor state is JSON, tensors are safetensors: nothing is unpickled on resum
 own checkpoint format (used under ZeRO, the standard way to save sharded optimizer state) is torch.save
 based. A checkpoint is written into ``.tmp-step-*``, fsynced, and renamed into place, so a crash while saving
 leaves the previous checkpoints intact; a folder without ``trainer_state.json`` is never resumed from.
+
+Run id: the first run in an output folder records a random id in ``<output_dir>/run.json`` (``start_run``);
+every checkpoint's ``trainer_state.json`` carries it, and a checkpoint whose id differs (copied from another
+run folder, or named with ``train.resume=<path>``) is refused before anything in it is loaded, so DeepSpeed
+never unpickles files this run folder did not write. (This guards against foreign checkpoints, not against
+someone who can write into the output folder itself.)
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import logging
 import os
 import random
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,11 +36,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_model.atomic import replace_dir
+from dspark_model.atomic import atomic_write_json, replace_dir
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
+RUN_NAME = "run.json"  # in the output folder, beside checkpoints/: {"run_id": ...}
+
+
+class CheckpointRunError(ValueError):
+    """A checkpoint was not written by this output folder's run; the message names both and the fix."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -49,17 +61,57 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def resolve_resume(root: Path, resume: str) -> Path | None:
-    """``auto``: newest complete checkpoint or None; ``never``: None; else the given folder (must exist)."""
+    """``auto``: newest complete checkpoint or None; ``never``: None; else the given folder (must exist).
+    A checkpoint found is checked to come from this run folder (``check_run``) before it is returned."""
     if resume == "never":
         return None
     if resume == "auto":
         found = list_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint ({STATE_NAME} missing); "
-                                f"use train.resume=auto, never, or a {root}/step-* folder")
+        path = found[-1] if found else None
+    else:
+        path = Path(resume)
+        if not (path / STATE_NAME).is_file():
+            raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint ({STATE_NAME} "
+                                    f"missing); use train.resume=auto, never, or a {root}/step-* folder")
+    if path is not None:
+        check_run(root, path)
     return path
+
+
+# ---- run id: only checkpoints this run folder wrote are resumed from -----------------------------------------
+def start_run(root: Path, *, rank: int, barrier: Callable[[], None]) -> str:
+    """The run id of the output folder holding ``root`` (the checkpoints folder): read from its run.json, or
+    drawn at random and written there (atomically, by rank 0) when the folder is new. Collective."""
+    path = root.parent / RUN_NAME
+    if rank == 0 and not path.is_file():
+        atomic_write_json(path, {"run_id": uuid.uuid4().hex, "note": "checkpoints under checkpoints/ carry "
+                                 "this id; only they are resumed from"})
+    barrier()
+    return run_id(root)
+
+
+def run_id(root: Path) -> str | None:
+    """The run id recorded beside ``root`` (None when the folder has no run.json)."""
+    try:
+        return json.loads((root.parent / RUN_NAME).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_run(root: Path, ckpt: Path) -> None:
+    """Raise CheckpointRunError unless checkpoint ``ckpt`` was written by the run that owns ``root``."""
+    try:
+        theirs = json.loads((ckpt / STATE_NAME).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        theirs = None
+    ours = run_id(root)
+    if ours is None or theirs != ours:
+        recorded = f"run id {theirs}" if theirs else "no run id"
+        raise CheckpointRunError(
+            f"refusing to resume from {ckpt}: it records {recorded}, but the output folder {root.parent} "
+            f"belongs to run {ours or '(none: run.json missing)'}, so this folder did not write it (and under "
+            f"DeepSpeed its .pt files would be unpickled). Fix: start fresh with train.resume=never or a new "
+            f"train.output_dir; to continue another run, train in that run's own output folder")
 
 
 # ---- optimizer and RNG state as safetensors + JSON ---------------------------------------------------------
@@ -147,7 +199,7 @@ def save_checkpoint(root: Path, step: int, trainer_state: dict, *, rank: int, ba
     save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
     barrier()
     if rank == 0:
-        _write_json(tmp / STATE_NAME, trainer_state)
+        _write_json(tmp / STATE_NAME, {**trainer_state, "run_id": run_id(root)})
         _fsync_tree(tmp)
         replace_dir(tmp, final)  # re-saving a step after a resume swaps the old copy out
         _fsync_dir(root)

@@ -262,6 +262,7 @@ def train(job: TrainJob, output_dir: str | Path | None = None, resolved: dict | 
     weights = LossWeights(t.alpha_ce, t.alpha_tv, t.alpha_conf, t.position_decay)
     objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks)
     root = out / "checkpoints"
+    checkpointing.start_run(root, rank=rt.rank, barrier=rt.barrier)  # run.json: resume only from our checkpoints
     model, optimizer, engine, start = _prepare_and_resume(rt, objective, optimizer, scheduler, root, t.resume,
                                                           data)
     if rt.is_main:
