@@ -87,7 +87,8 @@ def save_pretrained(draft: DSparkDraft, out_dir: str | Path, target_spec: Target
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
-        state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in draft.state_dict().items()}
+        state = {k: (v.detach().to(dtype or v.dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+                 for k, v in draft.state_dict().items()}  # the int64 vocabulary map keeps its dtype
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_type": "dspark"})
         config = draft_config_dict(draft, target_spec, getattr(draft, "target", None), dtype)
         config.update(extra or {})

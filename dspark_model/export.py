@@ -59,10 +59,12 @@ from dspark_model.export_schema import (
     ExportSchemaError,
     deepspec_architecture,
     native_config,
+    native_vocab_tensors,
     read_config,
     validate_export,
 )
 from dspark_model.target import TargetNotFoundError
+from dspark_model.vocab import d2t_t2d
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype) -> dict:
     return {
         "architectures": [SPECULATORS_ARCHITECTURE], "speculators_model_type": "dspark",
         "speculators_version": SPECULATORS_VERSION, "transformer_layer_config": layer_config(draft, target),
-        "draft_vocab_size": draft.arch["vocab_size"], "target_hidden_size": target.hidden_size,
+        "draft_vocab_size": draft.out_vocab_size, "target_hidden_size": target.hidden_size,
         "aux_hidden_state_layer_ids": [i + 1 for i in draft.tap_layer_ids], "sample_from_anchor": True,
         **_head_keys(draft),
         "speculators_config": {
@@ -166,10 +168,18 @@ def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype) -> dict:
     }
 
 
-def export_tensors(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: bool) -> dict[str, torch.Tensor]:
+def export_tensors(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: bool,
+                   fmt: str = "native") -> dict[str, torch.Tensor]:
     """Draft weights under their own names (all formats share them), plus the target's embedding and LM
-    head when asked. Tied target weights are cloned: safetensors refuses shared storage."""
-    out = {k: v.detach().to(dtype).cpu().contiguous() for k, v in draft.state_dict().items()}
+    head when asked. Tied target weights are cloned: safetensors refuses shared storage. A reduced draft
+    vocabulary goes to speculators as its ``d2t``/``t2d`` tables and the K-row ``lm_head.weight``."""
+    out = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+           for k, v in draft.state_dict().items()}
+    if fmt == "speculators" and draft.reduced_vocab:
+        d2t, t2d = d2t_t2d(out.pop("draft_to_target"), draft.arch["vocab_size"])
+        out.update(d2t=d2t, t2d=t2d)
+        if "lm_head.weight" not in out:  # the frozen head: the target's own rows of the K tokens
+            out["lm_head.weight"] = draft.__dict__["_head_rows"][0].detach().to(dtype).cpu().contiguous()
     if embeddings:
         out["embed_tokens.weight"] = target.embed.weight.detach().to(dtype).cpu().clone()  # (V, d)
         out["lm_head.weight"] = target.lm_head.weight.detach().to(dtype).cpu().clone()  # (V, d)
@@ -179,7 +189,11 @@ def export_tensors(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: b
 def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embeddings: bool,
                  ckpt_config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json content, tensors) of one format."""
-    tensors = export_tensors(draft, target, dtype, embeddings)
+    if fmt == "deepspec" and draft.reduced_vocab:
+        raise ExportError(f"this draft predicts a reduced vocabulary of {draft.out_vocab_size} tokens, but the "
+                          f"deepspec/SGLang format runs the target's full LM head; export --format speculators "
+                          f"(vLLM reads d2t/t2d), or train with draft.draft_vocab_size=null for SGLang")
+    tensors = export_tensors(draft, target, dtype, embeddings, fmt)
     if fmt == "native":
         from dspark_model.card import redact  # the checkpoint may embed a training config with credentials
 
@@ -214,8 +228,10 @@ def _check_out_dir(ckpt_dir: Path, out_dir: Path) -> None:
 def _verify_round_trip(tmp: Path, target, tensors: dict[str, torch.Tensor]) -> None:
     """Load the written export with our loader and require the very same draft weights."""
     loaded = load_export(tmp, target).state_dict()
+    tensors = native_vocab_tensors(dict(tensors))
+    shared = [k for k in TARGET_WEIGHTS if k in tensors and k not in loaded]  # the target's, not the draft's
     bad = [k for k, v in loaded.items() if k not in tensors or not torch.equal(v.cpu(), tensors[k])]
-    if bad or len(loaded) != len(tensors) - sum(k in tensors for k in TARGET_WEIGHTS):
+    if bad or len(loaded) != len(tensors) - len(shared):
         raise ExportError(f"internal error: the export does not load back to the same weights ({bad[:4]})")
 
 
@@ -296,11 +312,12 @@ def load_export(export_dir: str | Path, target, device=None) -> DSparkDraft:
         return load_draft(export_dir, target, device)
     native = native_config(fmt, read_config(export_dir))
     draft = DSparkDraft(**native["arch"])
-    state = load_file(str(export_dir / WEIGHTS_NAME))
-    extra = {k: state.pop(k) for k in TARGET_WEIGHTS if k in state}
+    state = native_vocab_tensors(load_file(str(export_dir / WEIGHTS_NAME)))
+    own = set(draft.state_dict())  # a reduced draft's K-row lm_head is its own weight
+    extra = {k: state.pop(k) for k in TARGET_WEIGHTS if k in state and k not in own}
     _check_target_weights(extra, target, export_dir)
     draft.load_state_dict(state, strict=True)
-    draft.to(dtype=next(iter(state.values())).dtype)
+    draft.to(dtype=next(v.dtype for v in state.values() if v.is_floating_point()))
     calib = export_dir / CALIBRATION_NAME
     if calib.is_file():
         draft.calibration = json.loads(calib.read_text())

@@ -176,6 +176,8 @@ def _head(config: dict) -> tuple[str, int]:
 
 def _arch_from_layer_config(lc: dict, config: dict, tap_ids: list[int]) -> dict:
     kind, rank = _head(config)
+    K = config.get("draft_vocab_size")
+    reduced = K is not None and K != lc["vocab_size"]  # the K-row head travels in the weights: trainable
     return dict(
         hidden_size=lc["hidden_size"], num_layers=lc["num_hidden_layers"],
         num_attention_heads=lc["num_attention_heads"], num_key_value_heads=lc["num_key_value_heads"],
@@ -185,7 +187,8 @@ def _arch_from_layer_config(lc: dict, config: dict, tap_ids: list[int]) -> dict:
         markov_rank=rank, confidence_head=bool(config["enable_confidence_head"]),
         rope_config={"rope_parameters": dict(lc["rope_parameters"]),
                      "max_position_embeddings": lc["max_position_embeddings"]},
-        initializer_range=lc.get("initializer_range", 0.02),
+        initializer_range=lc.get("initializer_range", 0.02), draft_vocab_size=K if reduced else None,
+        train_draft_head=reduced,
     )
 
 
@@ -207,6 +210,21 @@ def native_config(fmt: str, config: dict) -> dict:
     return {"arch": arch, "tap_layer_ids": taps, "target": target, "block_size": arch["block_size"],
             "mask_token_id": arch["mask_token_id"], "sequential_head": arch["sequential_head"],
             "markov_rank": arch["markov_rank"], "confidence_head": arch["confidence_head"]}
+
+
+def native_vocab_tensors(tensors: dict) -> dict:
+    """speculators' ``d2t``/``t2d`` tables -> our ``draft_to_target`` map (target id = i + d2t[i]); other
+    tensors untouched. Refuses tables that disagree."""
+    if "d2t" not in tensors:
+        return tensors
+    import torch
+
+    d2t, t2d = tensors.pop("d2t"), tensors.pop("t2d", None)
+    ids = torch.arange(d2t.numel(), dtype=torch.long) + d2t.to(torch.long)
+    if t2d is not None and not (t2d.sum() == ids.numel() and bool(t2d[ids].all())):
+        raise ExportSchemaError("d2t and t2d disagree: t2d must be true exactly at the target ids i + d2t[i]")
+    tensors["draft_to_target"] = ids
+    return tensors
 
 
 def expected_weight_shapes(arch: dict) -> dict[str, tuple[int, ...]]:
@@ -258,9 +276,9 @@ def _check_speculators(config: dict) -> list[str]:
     lc, sc = config["transformer_layer_config"], config["speculators_config"]
     if config["speculators_model_type"] != "dspark" or sc["algorithm"] != "dspark":
         p.append("speculators_model_type and speculators_config.algorithm must both be 'dspark'")
-    if config["draft_vocab_size"] != lc["vocab_size"]:
-        p.append(f"draft_vocab_size {config['draft_vocab_size']} != transformer_layer_config.vocab_size "
-                 f"{lc['vocab_size']} (DSpark drafts use the full vocabulary)")
+    if not 1 <= config["draft_vocab_size"] <= lc["vocab_size"]:
+        p.append(f"draft_vocab_size {config['draft_vocab_size']} must be in 1..transformer_layer_config.vocab_size "
+                 f"({lc['vocab_size']})")
     if config["target_hidden_size"] != lc["hidden_size"]:
         p.append(f"target_hidden_size {config['target_hidden_size']} != draft width {lc['hidden_size']}")
     if config["sample_from_anchor"] is not True:
@@ -370,15 +388,20 @@ def check_weights(fmt: str, config: dict, header: dict[str, tuple[tuple[int, ...
     want = expected_weight_shapes(arch)
     V, d = arch["vocab_size"], arch["hidden_size"]
     p = []
+    maps = {"draft_to_target"}  # integer / bool vocabulary tables: exempt from the one-dtype rule
+    if fmt == "speculators" and "draft_to_target" in want:
+        K = want.pop("draft_to_target")[0]
+        want.update(d2t=(K,), t2d=(V,))
+        maps |= {"d2t", "t2d"}
     if fmt == "deepspec":
         deliberate = config.get(TOOLKIT_KEY, {}).get("includes_target_embeddings", True) is False
         if not deliberate or any(name in header for name in TARGET_WEIGHTS):
             want.update({name: (V, d) for name in TARGET_WEIGHTS})
     else:
         for name in TARGET_WEIGHTS:
-            if name in header:
+            if name in header and name not in want:
                 p.append(f"weights: {name} must not be in a {fmt} export (the engine shares the target's)")
-        header = {k: v for k, v in header.items() if k not in TARGET_WEIGHTS}
+        header = {k: v for k, v in header.items() if k not in TARGET_WEIGHTS or k in want}
     missing = sorted(set(want) - set(header))
     unexpected = sorted(set(header) - set(want))
     if missing:
@@ -390,7 +413,7 @@ def check_weights(fmt: str, config: dict, header: dict[str, tuple[tuple[int, ...
     for name in sorted(set(want) & set(header)):
         if tuple(header[name][0]) != want[name]:
             p.append(f"weights: {name} has shape {tuple(header[name][0])}, expected {want[name]}")
-    dtypes = sorted({dt for _, dt in header.values()})
+    dtypes = sorted({dt for k, (_, dt) in header.items() if k not in maps})
     if len(dtypes) > 1:
         p.append(f"weights: mixed dtypes {dtypes}")
     return p

@@ -296,3 +296,42 @@ def test_cli_exports_and_fails_cleanly(tmp_path, targets, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-2].startswith("error:") and "--overwrite" in err[-2]
     assert err[-1].startswith("error:") and "config.json is missing" in err[-1]
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_reduced_vocabulary_exports(tmp_path, targets, trainable):
+    """speculators carries d2t/t2d and the K-row heads and loads back to the same logits; deepspec refuses."""
+    from dspark_model.export_schema import read_weights_header
+
+    target = targets["llama"]
+    torch.manual_seed(0)
+    draft = build_draft_for(target, tiny_draft_config(draft_vocab_size=40, train_draft_head=trainable)).eval()
+    draft.set_draft_vocab(torch.arange(0, 200, 5))  # 40 ids, not a prefix: d2t offsets are not all zero
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ckpt = save_pretrained(draft, tmp_path / "ckpt", target_spec=tiny_spec("llama"))
+    reference = outputs(load_draft(ckpt, target), target)
+    for fmt in ("native", "speculators"):
+        out = export_draft(ckpt, tmp_path / fmt, fmt, "fp32", target=target)
+        assert_same(outputs(load_export(out, target), target), reference)
+    header = read_weights_header(tmp_path / "speculators" / "model.safetensors")
+    assert header["d2t"] == ((40,), "I64") and header["t2d"] == ((target.vocab_size,), "BOOL")
+    assert header["lm_head.weight"][0] == (40, 64) and header["markov_head.markov_w2.weight"][0] == (40, 16)
+    assert header["markov_head.markov_w1.weight"][0] == (target.vocab_size, 16)
+    assert "draft_to_target" not in header
+    tables = load_file(str(tmp_path / "speculators" / "model.safetensors"))
+    assert (torch.arange(40) + tables["d2t"]).tolist() == list(range(0, 200, 5))
+    assert torch.equal(tables["lm_head.weight"], (draft.lm_head.weight if trainable
+                                                  else target.lm_head.weight[torch.arange(0, 200, 5)]).detach())
+    cfg = json.loads((tmp_path / "speculators" / "config.json").read_text())
+    assert cfg["draft_vocab_size"] == 40 and cfg["transformer_layer_config"]["vocab_size"] == target.vocab_size
+    with pytest.raises(ExportError, match="reduced vocabulary of 40 tokens.*--format speculators"):
+        export_draft(ckpt, tmp_path / "ds", "deepspec", "fp32", target=target)
+    bad = Path(tmp_path / "bad")
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(cfg))
+    tables["t2d"][1] = True  # a target id the draft cannot emit, claimed by t2d
+    save_file(tables, str(bad / "model.safetensors"))
+    with pytest.raises(ExportSchemaError, match="d2t and t2d disagree"):
+        load_export(bad, target)
