@@ -14,7 +14,9 @@ Formats (schemas and checks in ``export_schema.py``):
                   runs with random ones otherwise); ``--no-embeddings`` omits them.
 * ``speculators`` vLLM speculators (``speculators_model_type: dspark``): ``aux_hidden_state_layer_ids`` =
                   our ids + 1 (hidden_states indices). Neither embed_tokens nor lm_head: vLLM shares the
-                  verifier's.
+                  verifier's, except that a reduced draft vocabulary (K tokens) carries its K-row
+                  ``lm_head.weight`` and the ``d2t`` (int64 offsets, target id = i + d2t[i]) / ``t2d`` (bool over
+                  the target vocabulary) tables; deepspec refuses such a draft (SGLang runs the full head).
 
 A DFlash draft (no sequential head) is exported with ``markov_rank: 0`` and the readers' default
 ``markov_head_type: "vanilla"`` (inert at rank 0, and accepted by strict validators); no markov weights.

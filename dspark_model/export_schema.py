@@ -107,7 +107,7 @@ SCHEMAS: dict[str, tuple[Key, ...]] = {
         Key("speculators_model_type", "str", "always 'dspark'"),
         Key("speculators_version", "str", "speculators config layout version"),
         Key("transformer_layer_config", "dict", "the draft decoder layers, HF config style"),
-        Key("draft_vocab_size", "int", "full target vocabulary (no reduced draft vocabulary)"),
+        Key("draft_vocab_size", "int", "tokens the draft predicts: the full target vocabulary, or K with d2t/t2d tables"),
         Key("target_hidden_size", "int", "= target width"),
         Key("aux_hidden_state_layer_ids", "list[int]", "hidden_states indices = our decoder-layer ids + 1"),
         Key("sample_from_anchor", "bool", "true: the anchor slot itself predicts the next token"),
