@@ -87,8 +87,7 @@ def main() -> None:
     import torch
 
     from dspark_model.atomic import atomic_write_json
-    from dspark_model.checkpoint import load_draft
-    from dspark_model.config import TargetSpec
+    from dspark_model.checkpoint import load_draft, target_spec_from_checkpoint
     from dspark_model.target import load_target
     from train.data import load_data_dir
 
@@ -100,12 +99,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    target = load_target(TargetSpec(), "cpu")
+    drafts = [item.partition("=")[::2] for item in args.draft]
+    target = load_target(target_spec_from_checkpoint(drafts[0][1]), "cpu")  # the target the drafts name
     data = load_data_dir(args.data, args.max_length, None)
     rows = list(zip(data.input_ids, data.loss_mask))
     results = {}
-    for item in args.draft:
-        name, _, path = item.partition("=")
+    for name, path in drafts:
         results[name] = evaluate(load_draft(path, target), target, rows)
         print(name, json.dumps(results[name]), flush=True)
     if args.out:

@@ -14,10 +14,16 @@ Stages, each a plain command of the toolkit (printed before it runs) that resume
 3. ``eval-<draft>-t<T>``: ``python -m eval`` on the three sets of ``../shared/datasets/eval`` at T=0 and
    T=1. DSpark runs with both baselines (plain ``generate`` and prompt lookup, measured in the same run) and
    is calibrated; DFlash at T=0 runs with ``generate`` (for its greedy-identity check and its own speed-up).
-4. ``train-memory``: ``benchmarks/train_memory.py`` (peak memory of the chunked vs naive loss).
-5. ``cache-dtypes``: bytes per token and reconstruction error of every cache storage dtype on this run's
+4. ``heldout-data`` + ``heldout-tau``: the eval prompts regenerated greedily by the target (``data_prep``) and
+   ``benchmarks/heldout_tau.py`` on them: the target's probability mass inside the draft vocabulary (the
+   ceiling the restriction sets) and each draft's greedy acceptance replayed on those answers.
+5. ``train-dspark-fullvocab`` + ``eval-dspark-fullvocab-t0``: the ablation, DSpark over the full vocabulary
+   for ``ablation_steps`` (sized to the reduced draft's wall time; both wall times are reported).
+6. ``train-throughput`` (``benchmarks/train_throughput.py``: positions/s of the previous code vs this one, in
+   one run) and ``train-memory`` (``benchmarks/train_memory.py``: chunked vs naive loss peak memory).
+7. ``cache-dtypes``: bytes per token and reconstruction error of every cache storage dtype on this run's
    rows, and the trained DSpark draft's expected acceptance when its features pass through each dtype.
-6. ``collect`` (always): ``benchmarks/results/reference.json``, plots under ``benchmarks/results/reference/``
+8. ``collect`` (always): ``benchmarks/results/reference.json``, plots under ``benchmarks/results/reference/``
    and the table between the markers in BENCHMARKS.md (benchmarks/reference_report.py).
 
 Completed stages and the wall time of every attempt are kept in ``<run dir>/state.json``; a finished stage is
@@ -40,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reference_report import DRAFT_NAMES, TEMPERATURES, collect  # noqa: E402
+from benchmarks.reference_report import ABLATION, DRAFT_NAMES, TEMPERATURES, collect  # noqa: E402
 from dspark_model.atomic import atomic_write_json  # noqa: E402
 
 TRAIN_SOURCES = ("gsm8k-train", "livecodebench", "arena-hard-train")  # order of conf/prompts/shared-train.yaml
@@ -55,6 +61,9 @@ class Budget:
     gen_tokens: int = 192
     cache_dtype: str = "bfloat16"
     train_steps: int = 450
+    draft_vocab_size: int = 8192  # both drafts; 0 = the full vocabulary
+    ablation_steps: int = 150  # the full-vocabulary DSpark ablation; 0 skips it
+    throughput_rows: int = 8  # rows per variant in the train-throughput stage; 0 skips it
     eval_prompts_per_source: int = 5
     eval_tokens: int = 96
     seed: int = 0
@@ -70,14 +79,23 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
                  f"generation.max_new_tokens={b.gen_tokens}", f"num_threads={b.threads}", f"seed={b.seed}",
                  "cache.enabled=true", f"cache.dtype={b.cache_dtype}", f"out_dir={run / 'data'}"],
     }
+    vocab = f"draft.draft_vocab_size={b.draft_vocab_size or 'null'}"
+    heldout = [f"prompts.sources.{i}.num_samples={b.eval_prompts_per_source}" for i in range(3)]
+    cmds["heldout-data"] = [py, "-m", "data_prep", f"target={b.target}", "prompts=shared-eval", *heldout,
+                            f"generation.max_new_tokens={b.eval_tokens}", f"num_threads={b.threads}",
+                            f"seed={b.seed}", f"out_dir={run / 'heldout'}"]
+
+    def train(name: str, draft: str, vocab: str, steps: int) -> list[str]:
+        return [py, "-m", "train", f"target={b.target}", "train=reference", f"draft={draft}", "data=demo-offline",
+                vocab, f"data.path={run / 'data'}", f"train.max_steps={steps}", f"train.seed={b.seed}",
+                f"train.output_dir={run / ('train-' + name)}", "logger.tensorboard=false"]
+
     for name in DRAFT_NAMES:
-        cmds[f"train-{name}"] = [py, "-m", "train", f"target={b.target}", "train=reference", f"draft={name}",
-                                 "data=demo-offline",
-                                 f"data.path={run / 'data'}", f"train.max_steps={b.train_steps}",
-                                 f"train.seed={b.seed}", f"train.output_dir={run / ('train-' + name)}",
-                                 "logger.tensorboard=false"]
-    for name in DRAFT_NAMES:
-        for t in TEMPERATURES:
+        cmds[f"train-{name}"] = train(name, name, vocab, b.train_steps)
+    if b.ablation_steps:
+        cmds[f"train-{ABLATION}"] = train(ABLATION, "dspark", "draft.draft_vocab_size=null", b.ablation_steps)
+    for name in (*DRAFT_NAMES, *([ABLATION] if b.ablation_steps else [])):
+        for t in (TEMPERATURES if name in DRAFT_NAMES else (0.0,)):
             first = name == "dspark"
             cmds[f"eval-{name}-t{t:g}"] = [
                 py, "-m", "eval", f"draft={run / ('train-' + name) / 'final'}", "prompts=shared-eval",
@@ -88,6 +106,14 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
                 f"baselines.prompt_lookup={str(first).lower()}",
                 # the T=0 calibration is the one a server would use; T=1 is reported beside it
                 f"calibration.write_to_checkpoint={str(t == 0).lower()}"]
+    drafts = [f"{n}={run / ('train-' + n) / 'final'}" for n in (*DRAFT_NAMES, *([ABLATION] if b.ablation_steps else []))]
+    cmds["heldout-tau"] = [py, str(ROOT / "benchmarks" / "heldout_tau.py"), "--data", str(run / "heldout"),
+                           "--threads", str(b.threads), "--out", str(run / "heldout_tau.json"), "--draft", *drafts]
+    if b.throughput_rows:
+        cmds["train-throughput"] = [py, str(ROOT / "benchmarks" / "train_throughput.py"), "--rows",
+                                    str(b.throughput_rows), "--repeats", "1", "--threads", str(b.threads),
+                                    "--vocab", str(b.draft_vocab_size or 8192),
+                                    "--out", str(run / "train_throughput.json")]
     cmds["train-memory"] = [py, str(ROOT / "benchmarks" / "train_memory.py"),
                             "--out", str(run / "train_memory.json")]
     cmds["cache-dtypes"] = [py, str(ROOT / "benchmarks" / "cache_dtypes.py"), "--data", str(run / "data"),

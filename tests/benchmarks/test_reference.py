@@ -28,8 +28,17 @@ def test_both_drafts_train_with_identical_settings(tmp_path):
     data = cmds["data"]
     assert "prompts=shared-train" in data and "cache.enabled=true" in data
     assert {_arg(data, f"prompts.sources.{i}.num_samples") for i in range(3)} == {"80"}
+    assert _arg(a, "draft.draft_vocab_size") == _arg(b, "draft.draft_vocab_size") == "8192"
+    full = cmds["train-dspark-fullvocab"]  # the ablation: the DSpark command but for vocabulary and steps
+    differ = [(x.split("=")[0], y) for x, y in zip(a, full) if x != y]
+    assert len(full) == len(a) and [k for k, _ in differ] == ["draft.draft_vocab_size", "train.max_steps",
+                                                              "train.output_dir"]
+    assert _arg(full, "draft.draft_vocab_size") == "null"
     evals = [k for k in cmds if k.startswith("eval-")]
-    assert evals == ["eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1"]
+    assert evals == ["eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1",
+                     "eval-dspark-fullvocab-t0"]
+    assert cmds["heldout-tau"][-3:] == [f"{n}={tmp_path / ('train-' + n) / 'final'}"
+                                        for n in ("dspark", "dflash", "dspark-fullvocab")]
     assert all(_arg(cmds[k], "prompts") == "shared-eval" for k in evals)
     assert _arg(cmds["eval-dflash-t0"], "baselines.generate") == "true"  # its greedy-identity check
     assert _arg(cmds["eval-dspark-t1"], "calibration.write_to_checkpoint") == "false"
@@ -91,10 +100,21 @@ def _write_run(run: Path) -> None:
     (run / "eval" / "dspark-t0" / "calibration").mkdir()
     (run / "eval" / "dspark-t0" / "calibration" / "calibration.json").write_text(
         json.dumps({"simulation": {"table": table}}))
-    for d in ("dspark", "dflash"):
-        (run / f"train-{d}").mkdir()
+    (run / "eval" / "dspark-fullvocab-t0").mkdir(parents=True)
+    (run / "eval" / "dspark-fullvocab-t0" / "report.json").write_text(
+        json.dumps(_report({"a": 1.2, "pooled": 1.2}, [0.3], 4.0, 5.0, None)))
+    (run / "heldout_tau.json").write_text(json.dumps({"drafts": {
+        "dspark": {"tau": 1.45, "vocab_mass_in_draft": 0.93, "argmax_outside_vocab": 0.05},
+        "dspark-fullvocab": {"tau": 1.25}}}))
+    (run / "train_throughput.json").write_text(json.dumps(
+        {"train_throughput": {"positions_per_s": {"before": 100.0, "after": 600.0}}}))
+    (run / "train-dspark" / "final").mkdir(parents=True)
+    (run / "train-dspark" / "final" / "config.json").write_text(json.dumps({"arch": {"draft_vocab_size": 8192}}))
+    for d in ("dspark", "dflash", "dspark-fullvocab"):
+        (run / f"train-{d}").mkdir(exist_ok=True)
         lines = [json.dumps({"step": s, "loss": 3.0 - s, "top1": 0.1 * s, "expected_accept": 0.1 * s,
-                             "tokens_per_s": 100.0, "step_time_s": 2.0, "supervised": 50}) for s in (1, 2, 2)]
+                             "tokens_per_s": 100.0, "step_time_s": 2.0 if d != "dspark-fullvocab" else 8.0,
+                             "supervised": 50}) for s in (1, 2, 2)]
         (run / f"train-{d}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -118,7 +138,15 @@ def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path):
     assert g["tau_ratio_dspark_over_dflash_min"]["measured"] == pytest.approx(1.0)  # b at T=0
     assert g["tau_ratio_dspark_over_dflash_min"]["met"] is False
     assert g["ece_after"]["met"] is True and g["auroc"]["met"] is True
-    assert g["speedup_vs_generate_max"]["met"] is False
+    assert g["speedup_vs_generate_min_dspark"]["measured"] == 2.0 and g["speedup_vs_generate_min_dspark"]["met"]
+    assert g["tau_pooled_t0_dspark"] == {"measured": 1.4, "target": 2.0, "met": False}
+    assert g["conditional_acceptance_k1_t0_dspark"]["measured"] == 0.5
+    assert g["conditional_acceptance_k1_t0_dspark"]["met"] is True
+    assert r["draft_vocab_size"] == 8192 and r["vocab_mass_in_draft"] == 0.93
+    assert r["train_throughput"]["positions_per_s"] == {"before": 100.0, "after": 600.0}
+    ab = r["ablation_full_vs_reduced_vocab"]
+    assert ab["reduced"]["positions_per_s"] == pytest.approx(50 / 2.0) and ab["full"]["positions_per_s"] == 50 / 8
+    assert ab["reduced"]["tau_t0"] == 1.4 and ab["full"]["tau_t0"] == 1.2 and ab["full"]["heldout_tau_t0"] == 1.25
     assert g["scheduler_vs_best_fixed_min_over_loads"]["measured"] == pytest.approx(30 / 32)
     t = r["train_budget"]
     assert t["train"]["dspark"]["steps"] == 2 and t["train"]["dspark"]["tokens"] == 400  # repeated step counted once
@@ -139,8 +167,10 @@ def test_whole_benchmark_on_a_tiny_target(tmp_path):
     args = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "reference.json"), "--benchmarks-md",
             str(tmp_path / "B.md"), "--target", "tiny", "--prompts-per-source", "5", "--gen-tokens", "8",
             "--train-steps", "3", "--eval-prompts-per-source", "1", "--eval-tokens", "8", "--threads", "1",
-            "--only", "data", "train-dspark", "train-dflash", "eval-dspark-t0", "eval-dspark-t1",
-            "eval-dflash-t0", "eval-dflash-t1", "cache-dtypes"]
+            "--draft-vocab-size", "64", "--ablation-steps", "2",
+            "--only", "data", "heldout-data", "train-dspark", "train-dflash", "train-dspark-fullvocab",
+            "eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1", "eval-dspark-fullvocab-t0",
+            "heldout-tau", "cache-dtypes"]
     main(args)
     r = json.loads((tmp_path / "reference.json").read_text())
     assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0}
@@ -148,6 +178,8 @@ def test_whole_benchmark_on_a_tiny_target(tmp_path):
     assert r["tau"]["dflash"]["pooled"]["T=1"] >= 1.0
     assert r["cache_dtypes"]["dtypes"]["float8"]["bytes_ratio_to_bfloat16"] == 0.5
     assert r["missing"] == ["train-memory"]
+    assert r["draft_vocab_size"] == 64 and 0 < r["vocab_mass_in_draft"] <= 1
+    assert r["ablation_full_vs_reduced_vocab"]["full"]["steps"] == 2
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     main(args)  # everything done: only collected again
     assert json.loads((tmp_path / "run" / "state.json").read_text())["stages"] == state["stages"]
