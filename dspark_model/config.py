@@ -54,6 +54,7 @@ class DraftConfig:
     # Draft vocabulary: predict only the K most frequent answer tokens of the training data (null = all V).
     draft_vocab_size: int | None = None
     train_draft_head: bool = False  # reduced vocabulary only: train the K-row head instead of sharing it frozen
-    # Warm start: copy these target decoder layers into the draft's layers (negative ids count from the end,
-    # e.g. [-2, -1]); null = random initialisation. Needs the draft's sizes to equal the target's.
-    init_from_target_layers: list[int] | None = None
+    # Warm start: "none" (random initialisation), "last" (the target's last num_layers decoder layers, in order)
+    # or target decoder-layer ids, one per draft layer, e.g. "14,15" or "-2,-1" (negative ids count from the
+    # end). Needs the draft's layer sizes to equal the target's (the default sizes do).
+    init_from_target: str = "none"

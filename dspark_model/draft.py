@@ -468,9 +468,24 @@ def build_draft_for(target, cfg: DraftConfig) -> DSparkDraft:
                                                                                          target.vocab_size)
     draft = DSparkDraft(**draft_kwargs(cfg, target.config, target.tap_layer_ids, mask, target.vocab_size))
     draft = draft.to(device=target.device).attach_target(target)
-    if cfg.init_from_target_layers:
-        init_layers_from_target(draft, target, cfg.init_from_target_layers)
+    layers = warm_start_layers(cfg.init_from_target, cfg.num_layers)
+    if layers:
+        init_layers_from_target(draft, target, layers)
     return draft
+
+
+def warm_start_layers(choice: str, num_layers: int) -> list[int]:
+    """``draft.init_from_target`` -> target layer ids ([] = random initialisation)."""
+    choice = str(choice).strip().lower()
+    if choice in ("", "none", "null", "random"):
+        return []
+    if choice == "last":
+        return list(range(-num_layers, 0))
+    try:
+        return [int(x) for x in choice.replace("[", "").replace("]", "").split(",")]
+    except ValueError:
+        raise ValueError(f"draft.init_from_target must be none, last or comma-separated target layer ids "
+                         f"(e.g. 14,15), got {choice!r}") from None
 
 
 def init_layers_from_target(draft: DSparkDraft, target, layer_ids: list[int]) -> list[int]:
@@ -481,11 +496,11 @@ def init_layers_from_target(draft: DSparkDraft, target, layer_ids: list[int]) ->
     layers = target.model.get_decoder().layers
     L = len(layers)
     if len(layer_ids) != draft.num_layers:
-        raise ValueError(f"draft.init_from_target_layers lists {len(layer_ids)} layers for a "
+        raise ValueError(f"draft.init_from_target lists {len(layer_ids)} layers for a "
                          f"{draft.num_layers}-layer draft; give one target layer per draft layer")
     chosen = [i + L if i < 0 else i for i in layer_ids]
     if any(not 0 <= i < L for i in chosen):
-        raise ValueError(f"draft.init_from_target_layers {layer_ids}: the target has layers 0..{L - 1}")
+        raise ValueError(f"draft.init_from_target {layer_ids}: the target has layers 0..{L - 1}")
     required = ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight")
     with torch.no_grad():
         for j, i in enumerate(chosen):
@@ -510,5 +525,5 @@ def position_weights(gamma: int, decay: float, device=None) -> torch.Tensor:
 
 
 __all__ = ["DSparkDraft", "DraftProposal", "DraftContextCache", "build_draft", "build_draft_for",
-           "init_layers_from_target",
+           "init_layers_from_target", "warm_start_layers",
            "choose_mask_token_id", "count_parameters", "position_weights", "sample_from_logits"]

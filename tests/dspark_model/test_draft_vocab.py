@@ -7,7 +7,7 @@ import torch
 
 from dspark_model.checkpoint import load_draft, save_pretrained
 from dspark_model.config import DraftConfig
-from dspark_model.draft import build_draft_for, init_layers_from_target
+from dspark_model.draft import build_draft_for, init_layers_from_target, warm_start_layers
 from dspark_model.vocab import answer_token_counts, d2t_t2d, top_k_vocab
 from eval.baselines import hf_generate
 from eval.speculative import speculative_generate
@@ -184,7 +184,10 @@ def test_warm_start_copies_the_chosen_target_layers():
     target = _target(2, layers=3)
     target.model.float()
     draft = build_draft_for(target, DraftConfig(num_layers=2, block_size=3, markov_rank=8,
-                                                init_from_target_layers=[-1, 0]))
+                                                init_from_target="-1,0"))
+    assert warm_start_layers("last", 2) == [-2, -1] and warm_start_layers("none", 2) == []
+    with pytest.raises(ValueError, match="none, last or comma-separated"):
+        warm_start_layers("top", 2)
     layers = target.model.get_decoder().layers
     for j, i in enumerate([2, 0]):
         assert torch.equal(draft.layers[j].self_attn.q_proj.weight, layers[i].self_attn.q_proj.weight)
