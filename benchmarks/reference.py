@@ -131,8 +131,22 @@ class State:
     def stage(self, name: str) -> dict:
         return self.data["stages"].setdefault(name, {"done": False, "attempts": 0, "wall_s": 0.0})
 
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data)
+    def save(self, stage: str | None = None) -> None:
+        """Write the state. With ``stage``, under a lock, merge only that stage's record into what is on disk,
+        so that several ``--only`` runners on one run folder (one per core) keep each other's records."""
+        if stage is None:
+            atomic_write_json(self.path, self.data)
+            return
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            disk = json.loads(self.path.read_text()) if self.path.is_file() else {"stages": {}}
+            disk.setdefault("stages", {})[stage] = self.data["stages"][stage]
+            for key, value in self.data.items():
+                disk.setdefault(key, value)
+            self.data["stages"] = {**disk["stages"], **{stage: self.data["stages"][stage]}}
+            atomic_write_json(self.path, disk)
 
 
 def run_stage(name: str, cmd: list[str], state: State, log_dir: Path) -> None:
@@ -157,7 +171,7 @@ def run_stage(name: str, cmd: list[str], state: State, log_dir: Path) -> None:
     finally:
         rec["wall_s"] += time.monotonic() - start
         rec["done"] = code == 0
-        state.save()
+        state.save(name)
     if code != 0:
         raise SystemExit(f"[reference] stage {name} failed with exit code {code}; see {log_dir / (name + '.log')}. "
                          f"Fix the cause and run the same command again: finished stages are skipped and this "
@@ -187,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"Pass the same sizes to resume, or use another --run-dir for a new run.")
     state.data["budget"] = asdict(budget)
     state.data.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if args.only is not None:  # a partial runner: other runners may be writing the same state
+        state.data.pop("finished", None)
     for name in args.redo:  # a fresh measurement: earlier attempts' time is kept apart as discarded
         rec = state.stage(name)
         rec["discarded_wall_s"] = rec.get("discarded_wall_s", 0.0) + rec["wall_s"]
@@ -202,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, cmd in cmds.items():
             if args.only is None or name in args.only:
                 run_stage(name, cmd, state, run / "logs")
-        state.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        state.save()
+        if args.only is None:
+            state.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            state.save()
     collect(run, state.data, Path(args.out), Path(args.benchmarks_md) if args.benchmarks_md else None)
 
 

@@ -183,3 +183,13 @@ def test_whole_benchmark_on_a_tiny_target(tmp_path):
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     main(args)  # everything done: only collected again
     assert json.loads((tmp_path / "run" / "state.json").read_text())["stages"] == state["stages"]
+
+
+def test_two_partial_runners_keep_each_others_stage_records(tmp_path):
+    a, b = State(tmp_path / "state.json"), State(tmp_path / "state.json")  # both loaded before either wrote
+    a.stage("train-dspark").update(done=True, wall_s=5.0)
+    a.save("train-dspark")
+    b.stage("train-dflash").update(done=True, wall_s=7.0)
+    b.save("train-dflash")
+    stages = json.loads((tmp_path / "state.json").read_text())["stages"]
+    assert stages["train-dspark"]["wall_s"] == 5.0 and stages["train-dflash"]["wall_s"] == 7.0
