@@ -103,3 +103,22 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path):
     proc = _run("draft=random", f"out_dir={tmp_path}")
     assert proc.returncode == 2 and "draft=random needs a target" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_reduced_vocabulary_checkpoint_is_lossless_and_calibrates(tmp_path):
+    torch.manual_seed(0)
+    spec = tiny_spec("llama")
+    target = load_target(spec)
+    draft = build_draft_for(target, tiny_draft_config(draft_vocab_size=48))
+    draft.set_draft_vocab(torch.arange(0, 96, 2))
+    ckpt = save_pretrained(draft, tmp_path / "run" / "final", spec)
+    out = tmp_path / "out"
+    proc = _run(f"draft={ckpt}", f"out_dir={out}", "num_prompts=2", "max_new_tokens=16",
+                "calibration.sps_batch_sizes=[1,4]", "progress=false", "baselines.prompt_lookup=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["greedy_match_rate"] == 1.0
+    allowed = set(range(0, 96, 2))
+    for line in (out / "rounds.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        assert set(r["proposed"]) <= allowed  # the draft only ever proposes its own tokens
