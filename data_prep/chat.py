@@ -14,9 +14,12 @@ span, up to and including the first stop token (the tokenizer's / generation con
 is never produced by the target and is excluded. A response cut by ``max_new_tokens`` gets no stop token
 in the mask, because the target did not produce one. Role headers, system and user text are always 0.
 
-Truncation policy (``max_length``): a row longer than ``max_length`` is cut to ``max_length`` tokens and
-counted as truncated, unless fewer than ``min_loss_tokens`` assistant tokens would remain, in which case
-it is dropped and counted as ``too_long``.
+Truncation policy (``max_length``): a row longer than ``max_length`` keeps its answers. The start of the
+text before the first answer is cut (the system message first, then the first user message, from their
+beginning, at a word boundary where one is near) and the conversation rendered again, so the template's
+markup stays whole and every answer token keeps its loss mask (``prompt_cut``). Only when even an empty
+prompt does not make the row fit is its end cut (``truncated``); a row left with fewer than
+``min_loss_tokens`` answer tokens is dropped (``too_long``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ def build_messages(system: str | None, turns: list[str], responses: list[str]) -
 def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False,
            chat_template_kwargs: dict[str, Any] | None = None) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; use "
-                            f"an instruct/chat target or set tokenizer.chat_template")
+        raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set "
+                            f"chat_template=<file or Jinja text>, or chat_template=plain to train on the "
+                            f"continuation of the raw prompt text")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                          **(chat_template_kwargs or {}))
 
@@ -118,7 +122,7 @@ def tokenize_conversation(tokenizer, messages, stop_ids: set[int], stopped: list
 
 
 def apply_max_length(ids: list[int], mask: list[int], max_length: int, min_loss_tokens: int = 2):
-    """Truncation policy: -> (ids, mask, status) with status "ok" | "truncated" | "too_long"."""
+    """Cut a row's end to ``max_length`` -> (ids, mask, status) with status "ok" | "truncated" | "too_long"."""
     if len(ids) <= max_length:
         return ids, mask, "ok"
     if sum(mask[:max_length]) < min_loss_tokens:
@@ -126,19 +130,63 @@ def apply_max_length(ids: list[int], mask: list[int], max_length: int, min_loss_
     return ids[:max_length], mask[:max_length], "truncated"
 
 
+def _cut_start(text: str, n: int) -> str:
+    """``text`` without its first ``n`` characters, moved on to the next word when one starts nearby."""
+    if n <= 0:
+        return text
+    rest = text[n:]
+    for i, ch in enumerate(rest[:32]):
+        if ch.isspace():
+            return rest[i:].lstrip()
+    return rest
+
+
+def fit_prompt(tokenizer, messages: list[dict], stop_ids: set[int], stopped: list[bool] | None, max_length: int,
+               chat_template_kwargs=None) -> tuple[list[int], list[int], bool]:
+    """Cut the start of the text before the first answer so that the conversation fits ``max_length`` tokens
+    -> (ids, mask, whether the prompt was cut). When even an empty prompt does not fit, the conversation is
+    returned whole (and uncut) for ``apply_max_length``.
+
+    Per message (system, then the first user turn), a binary search finds the fewest leading characters to
+    drop; the row is rendered again each time, so template markup is never split.
+    """
+    ids, mask = tokenize_conversation(tokenizer, messages, stop_ids, stopped, chat_template_kwargs)
+    if len(ids) <= max_length:
+        return ids, mask, False
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    messages = [dict(m) for m in messages]
+    length = lambda: len(encode(tokenizer, render(tokenizer, messages, False, chat_template_kwargs)))  # noqa: E731
+    for i in range(first_answer):
+        content = messages[i]["content"]
+        messages[i]["content"] = ""
+        if length() > max_length:
+            continue  # emptying this message is not enough: keep it empty and cut the next one
+        lo, hi = 0, len(content)  # invariant: cutting hi characters fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            messages[i]["content"] = _cut_start(content, mid)
+            lo, hi = (lo, mid) if length() <= max_length else (mid + 1, hi)
+        messages[i]["content"] = _cut_start(content, hi)
+        cut_ids, cut_mask = tokenize_conversation(tokenizer, messages, stop_ids, stopped, chat_template_kwargs)
+        return cut_ids, cut_mask, True
+    return ids, mask, False
+
+
 def tokenize_records(records: list[dict], tokenizer, stop_ids: set[int], max_length: int,
                      chat_template_kwargs=None, min_loss_tokens: int = 2) -> tuple[dict[str, list], Counter]:
-    """Tokenize generated conversations into dataset columns; counts truncated / dropped rows by reason."""
+    """Tokenize generated conversations into dataset columns; counts rows by status (ok, prompt_cut,
+    truncated, too_long, too_few_loss_tokens)."""
     cols: dict[str, list] = {"input_ids": [], "loss_mask": [], "source": [], "row_id": []}
     stats: Counter = Counter()
     for rec in records:
         messages = build_messages(rec.get("system"), rec["turns"], rec["responses"])
         stopped = [reason == "stop" for reason in rec["finish_reasons"]]
-        ids, mask = tokenize_conversation(tokenizer, messages, stop_ids, stopped, chat_template_kwargs)
+        ids, mask, cut = fit_prompt(tokenizer, messages, stop_ids, stopped, max_length, chat_template_kwargs)
         if sum(mask) < min_loss_tokens:
             stats["too_few_loss_tokens"] += 1
             continue
         ids, mask, status = apply_max_length(ids, mask, max_length, min_loss_tokens)
+        status = "prompt_cut" if cut and status == "ok" else status
         stats[status] += 1
         if status == "too_long":
             continue

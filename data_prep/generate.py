@@ -5,9 +5,10 @@ Two backends produce the same record per prompt (one line of ``generations.jsonl
     {"row_id", "source", "prompt_sha", "system", "turns": [user...], "responses": [assistant...],
      "finish_reasons": ["stop" | "length", ...], "num_tokens": [generated tokens per turn]}
 
-* ``local``: ``transformers`` batched ``generate`` (left padding, KV cache). Prompts are sorted by length
-  and cut into fixed batches; the batch plan depends only on the prompt set and ``batch_size``. Greedy
-  (temperature 0, the default) or sampled with temperature / top-p.
+* ``local``: batched decoding with the target in this process (``data_prep/decode.py``: left padding, a
+  preallocated KV cache). Prompts are sorted by length and cut into fixed batches; the batch plan depends
+  only on the prompt set, ``batch_size``, ``max_batch_tokens`` and ``max_new_tokens``. Plain greedy (temperature 0, the default) or sampled with
+  temperature / top-p; the model's own ``generation_config`` (repetition penalty, top-k...) is never applied.
 * ``openai``: any OpenAI-compatible ``/v1/chat/completions`` server, a bounded thread pool, retries with
   exponential backoff, timeouts.
 
@@ -36,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep.chat import build_messages, generation_prompt_ids
+from data_prep.decode import generate_ids
 from data_prep.errors import BadRowError, GenerationError
 from data_prep.sources import Prompt
 from data_prep.store import GenerationLog
@@ -77,36 +79,21 @@ def drop_long_prompts(prompts: list[Prompt], tokenizer, max_length: int, chat_te
 
 # ---- local backend -------------------------------------------------------------------------------------
 
-def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by prompt length (ties by position), cut into batches of ``batch_size``."""
+def plan_batches(lengths: list[int], batch_size: int, max_new_tokens: int = 0,
+                 max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices sorted by prompt length (ties by position), cut into batches of at most ``batch_size`` rows
+    and, when ``max_batch_tokens`` is set, at most that many rows x (longest prompt + max_new_tokens) tokens
+    (the KV cache a batch holds at its end); a batch always takes at least one row."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-@torch.no_grad()
-def generate_ids(model, prompt_ids: list[list[int]], pad_id: int, stop_ids: set[int], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0) -> list[tuple[list[int], str]]:
-    """One left-padded batched ``generate`` -> per row (new tokens incl. the stop token, finish reason)."""
-    from transformers import GenerationConfig
-
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)  # (B, L)
-    attention = torch.zeros_like(input_ids)  # (B, L)
-    for b, ids in enumerate(prompt_ids):
-        input_ids[b, width - len(ids):] = torch.tensor(ids)
-        attention[b, width - len(ids):] = 1
-    sample = temperature > 0
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id,
-                              eos_token_id=sorted(stop_ids), use_cache=True,
-                              **({"temperature": temperature, "top_p": top_p, "top_k": 0} if sample else {}))
-    device = next(model.parameters()).device
-    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                         generation_config=config)  # (B, L + N)
-    results = []
-    for row in out[:, width:].tolist():
-        stop_at = next((i for i, t in enumerate(row) if t in stop_ids), None)
-        results.append((row, "length") if stop_at is None else (row[: stop_at + 1], "stop"))
-    return results
+    batches, current = [], []
+    for i in order:  # ascending lengths: the row being added is the batch's longest
+        too_many = len(current) >= batch_size
+        too_big = max_batch_tokens and (len(current) + 1) * (lengths[i] + max_new_tokens) > max_batch_tokens
+        if current and (too_many or too_big):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
 
 
 def _local_batch(model, tokenizer, batch: list[Prompt], pad_id: int, stop_ids: set[int], kwargs: dict,
@@ -131,12 +118,12 @@ def _local_batch(model, tokenizer, batch: list[Prompt], pad_id: int, stop_ids: s
 
 
 def generate_local(prompts: list[Prompt], lengths: list[int], model, tokenizer, glog: GenerationLog,
-                   done: dict[str, dict], stop_ids: set[int], batch_size: int = 16, max_new_tokens: int = 256,
+                   done: dict[str, dict], stop_ids: set[int], batch_size: int = 64, max_new_tokens: int = 256,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   chat_template_kwargs: dict | None = None) -> int:
+                   chat_template_kwargs: dict | None = None, max_batch_tokens: int | None = None) -> int:
     """Fill ``done`` (row_id -> record) for every prompt; returns tokens generated in this call."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
-    batches = plan_batches(lengths, batch_size)
+    batches = plan_batches(lengths, batch_size, max_new_tokens, max_batch_tokens)
     todo = [b for b in batches if any(prompts[i].row_id not in done for i in b)]
     remaining = sum(len(b) for b in todo)
     log.info("local generation: %d prompts to do in %d batches (%d already done)", remaining, len(todo),

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -13,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from data_prep.chat import stop_token_ids, template_sha256, tokenize_records
-from data_prep.errors import DataPrepError
+from data_prep.errors import DataPrepError, TemplateError
 from data_prep.generate import ChatClient, drop_long_prompts, generate_local, generate_openai, prompt_sha
 from data_prep.schema import DataPrepConfig
 from data_prep.sources import load_prompts
@@ -23,14 +24,17 @@ from data_prep.store import (
     atomic_write_json,
     check_settings,
     dataset_fingerprint,
+    save_token_counts,
     save_tokenized,
 )
+from dspark_model.chat_template import is_plain, template_source
 from dspark_model.redact import redact_url
 
 log = logging.getLogger(__name__)
 
-TRUNCATION_POLICY = ("rows longer than max_length are cut to max_length tokens; a row keeping fewer than "
-                     "min_loss_tokens assistant tokens is dropped (too_long)")
+TRUNCATION_POLICY = ("a row longer than max_length keeps its answers: the start of the text before the first "
+                     "answer is cut (prompt_cut); if an empty prompt still does not fit, the row's end is cut "
+                     "(truncated); a row keeping fewer than min_loss_tokens answer tokens is dropped (too_long)")
 
 
 def default_name(cfg: DataPrepConfig) -> str:
@@ -50,6 +54,26 @@ def chat_kwargs(cfg: DataPrepConfig) -> dict:
     return kwargs
 
 
+def target_spec(cfg: DataPrepConfig):
+    """The target as configured, with the stage's ``chat_template`` (if set) over the target's own."""
+    if cfg.chat_template is None:
+        return cfg.target
+    return dataclasses.replace(cfg.target, chat_template=cfg.chat_template)
+
+
+def sampling_settings(cfg: DataPrepConfig) -> dict:
+    """What decides each generated token, as applied (recorded in generation_settings.json and the manifest)."""
+    g = cfg.generation
+    sample = g.temperature > 0
+    out = {"decoding": "sample" if sample else "greedy", "temperature": g.temperature,
+           "top_p": g.top_p if sample else None}
+    if g.backend == "local":  # data_prep/decode.py applies these and nothing else
+        out.update(top_k=None, repetition_penalty=None, model_generation_config="not applied")
+    else:
+        out["unspecified"] = "the server's defaults"
+    return out
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -60,10 +84,11 @@ def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict) -> dict:
     g = cfg.generation
     settings = {"backend": g.backend, "target_id": cfg.target.id, "target_revision": cfg.target.revision,
                 "chat_template_sha256": template_sha256(tokenizer), "chat_template_kwargs": kwargs,
+                "chat_template": template_source(target_spec(cfg).chat_template),
                 "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
-                "seed": cfg.seed}
+                "sampling": sampling_settings(cfg), "seed": cfg.seed}
     if g.backend == "local":
-        settings["batch_size"] = g.batch_size
+        settings.update(batch_size=g.batch_size, max_batch_tokens=g.max_batch_tokens)
     else:
         settings["model"] = g.model or cfg.target.id
     return settings
@@ -79,7 +104,7 @@ def _generate(cfg, prompts, lengths, target, tokenizer, out_dir: Path, kwargs, s
     start = time.perf_counter()
     if g.backend == "local":
         tokens = generate_local(prompts, lengths, target.model, tokenizer, glog, done, stop_ids, g.batch_size,
-                                g.max_new_tokens, g.temperature, g.top_p, cfg.seed, kwargs)
+                                g.max_new_tokens, g.temperature, g.top_p, cfg.seed, kwargs, g.max_batch_tokens)
     elif g.backend == "openai":
         key = os.environ.get(g.api_key_env) if g.api_key_env else None
         client = ChatClient(g.base_url, g.model or cfg.target.id, g.timeout_s, g.max_retries, g.backoff_s, key,
@@ -97,7 +122,7 @@ def _generate(cfg, prompts, lengths, target, tokenizer, out_dir: Path, kwargs, s
     return done
 
 
-def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer) -> dict:
+def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer, counts) -> dict:
     dropped = {k: stats[k] for k in ("too_long", "too_few_loss_tokens") if stats[k]}
     return {
         "format": MANIFEST_FORMAT, "name": out_dir.name,
@@ -109,17 +134,17 @@ def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats,
         "max_length": cfg.max_length, "min_loss_tokens": cfg.min_loss_tokens,
         "truncation_policy": TRUNCATION_POLICY,
         "counts": {"prompts": len(prompt_set.prompts), "skipped": dict(skipped), "generated": len(records),
-                   "rows": len(cols["row_id"]), "truncated": stats["truncated"], "dropped": dropped},
+                   "rows": len(cols["row_id"]), "prompt_cut": stats["prompt_cut"], "truncated": stats["truncated"],
+                   "dropped": dropped},
         "tokens": {"total": sum(map(len, cols["input_ids"])), "loss": sum(map(sum, cols["loss_mask"])),
                    "generated": sum(sum(r["num_tokens"]) for r in records)},
         "fingerprint": dataset_fingerprint(cols),
+        "token_counts": counts,
     }
 
 
 def run(cfg: DataPrepConfig) -> dict:
     """Run the stage; returns the manifest written to ``<out_dir>/manifest.json``."""
-    from dspark_model.target import load_target, load_tokenizer
-
     out_dir = resolve_out_dir(cfg)
     kwargs = chat_kwargs(cfg)
     if cfg.num_threads:
@@ -128,12 +153,7 @@ def run(cfg: DataPrepConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     prompt_set = load_prompts(cfg.prompts.sources, strict=cfg.strict, seed=cfg.seed,
                               max_chars=cfg.max_prompt_chars, num_prompts=cfg.num_prompts)
-    target = None
-    if cfg.generation.backend == "local" or cfg.cache.enabled:
-        target = load_target(cfg.target, _device(cfg.device))
-        tokenizer = target.tokenizer
-    else:
-        tokenizer = load_tokenizer(cfg.target)
+    target, tokenizer = _load(cfg)
     prompts, lengths, n_long = drop_long_prompts(prompt_set.prompts, tokenizer, cfg.max_length, kwargs,
                                                  cfg.strict)
     skipped = Counter(prompt_set.skipped)
@@ -149,13 +169,33 @@ def run(cfg: DataPrepConfig) -> dict:
     if not cols["row_id"]:
         raise DataPrepError("every generated conversation was dropped by tokenization (see counts); raise "
                             "max_length or generation.max_new_tokens")
-    manifest = _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer)
+    vocab_size = target.vocab_size if target is not None else len(tokenizer)
+    counts = save_token_counts(out_dir, cols["input_ids"], cols["loss_mask"], vocab_size)
+    manifest = _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer, counts)
     save_tokenized(out_dir, cols, manifest)
     if cfg.cache.enabled:
         manifest["cache"] = _write_cache(cfg, target, cols, manifest, out_dir)
         atomic_write_json(out_dir / "manifest.json", manifest)
     _summary(out_dir, manifest)
     return manifest
+
+
+def _load(cfg: DataPrepConfig):
+    """(target or None, tokenizer): the target is loaded when it generates or fills the cache."""
+    from dspark_model.chat_template import ChatTemplateError
+    from dspark_model.target import load_target, load_tokenizer
+
+    spec = target_spec(cfg)
+    if cfg.generation.backend == "openai" and is_plain(spec.chat_template):
+        raise DataPrepError("chat_template=plain needs generation.backend=local: an OpenAI-compatible chat "
+                            "server always applies its own chat template")
+    try:
+        if cfg.generation.backend == "local" or cfg.cache.enabled:
+            target = load_target(spec, _device(cfg.device))
+            return target, target.tokenizer
+        return None, load_tokenizer(spec)
+    except ChatTemplateError as exc:
+        raise TemplateError(str(exc)) from None
 
 
 def _write_cache(cfg: DataPrepConfig, target, cols, manifest, out_dir: Path) -> dict:
@@ -173,6 +213,6 @@ def _summary(out_dir: Path, m: dict) -> None:
     c, t = m["counts"], m["tokens"]
     log.info("data_prep done: %d rows (%d tokens, %d assistant) from %d prompts -> %s", c["rows"], t["total"],
              t["loss"], c["prompts"], out_dir)
-    log.info("skipped prompts: %s; truncated rows: %d; dropped rows: %s", c["skipped"] or "none",
-             c["truncated"], c["dropped"] or "none")
+    log.info("skipped prompts: %s; rows with a cut prompt: %d; rows with a cut end: %d; dropped rows: %s",
+             c["skipped"] or "none", c["prompt_cut"], c["truncated"], c["dropped"] or "none")
     log.info("fingerprint %s", m["fingerprint"])

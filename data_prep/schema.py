@@ -23,7 +23,8 @@ class GenerationConfig:
     max_new_tokens: int = 256  # per assistant turn
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    batch_size: int = 16  # local: prompts per generate call (sorted by length)
+    batch_size: int = 64  # local: prompts decoded together (sorted by length); benchmarks/data_prep_throughput.py
+    max_batch_tokens: int = 32768  # local: rows x (longest prompt + max_new_tokens) per batch (KV-cache memory)
     # openai backend
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str | None = None  # served model name; None = target.id
@@ -62,10 +63,11 @@ class DataPrepConfig:
     max_length: int = 2048  # tokens per training row (truncation policy in data_prep/chat.py)
     min_loss_tokens: int = 2  # rows with fewer assistant tokens are dropped
     max_prompt_chars: int | None = 32000  # longer prompts are skipped as too_long
+    chat_template: str | None = None  # over target.chat_template: a file, Jinja text, or "plain" (no template)
     chat_template_kwargs: dict[str, Any] | None = None  # merged over target.chat_template_kwargs
     thinking: bool | None = None  # shortcut for chat_template_kwargs.enable_thinking
     device: str = "auto"  # auto = cuda if available, else cpu
-    num_threads: int | None = None  # torch CPU threads; None = torch's default (1 is faster on a busy CPU)
+    num_threads: int | None = 1  # torch CPU threads; None = torch's default (all cores: for an idle machine)
     overwrite: bool = False  # discard generations of an earlier run in out_dir
 
 

@@ -5,6 +5,8 @@
   generation_settings.json   what produced generations.jsonl (a resumed run must match it)
   generations.jsonl          one generated conversation per line, appended per batch (flush + fsync)
   dataset/                   datasets.save_to_disk: input_ids, loss_mask, source, row_id
+  token_counts.safetensors   "counts": int64 (vocab_size,), how often each target token id is an answer
+                             (loss-masked) token; read with load_token_counts (the draft vocabulary)
   manifest.json              sources + hashes, target, generation settings, counts, tokens, fingerprint
   cache/                     optional target cache (see data_prep.cache)
 ```
@@ -27,6 +29,7 @@ from dspark_model.atomic import atomic_write_json, replace_dir
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "dspark-data/1"
+TOKEN_COUNTS_FILE = "token_counts.safetensors"
 
 
 def read_json(path: str | Path) -> dict:
@@ -136,3 +139,55 @@ def load_tokenized(data_dir: str | Path):
         raise DataPrepError(f"{manifest_path} has format {manifest.get('format')!r}, expected "
                             f"{MANIFEST_FORMAT!r}; regenerate the data with this version of data_prep")
     return datasets.load_from_disk(str(ds_path)), manifest
+
+
+def save_token_counts(out_dir: Path, input_ids: list[list[int]], loss_mask: list[list[int]],
+                      vocab_size: int) -> dict:
+    """Count target token ids over the loss-masked tokens, write ``token_counts.safetensors`` atomically;
+    returns the manifest entry."""
+    from safetensors.numpy import save_file
+
+    ids = np.concatenate([np.asarray(r, dtype=np.int64) for r in input_ids] + [np.zeros(0, np.int64)])
+    mask = np.concatenate([np.asarray(m, dtype=bool) for m in loss_mask] + [np.zeros(0, bool)])
+    answer = ids[mask]  # (loss tokens,)
+    if answer.size and (answer.min() < 0 or answer.max() >= vocab_size):
+        raise DataPrepError(f"answer token id {int(answer.max())} lies outside the target vocabulary of "
+                            f"{vocab_size}; the tokenizer does not match the target")
+    counts = np.bincount(answer, minlength=vocab_size).astype(np.int64)  # (V,)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / TOKEN_COUNTS_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({"counts": counts}, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"file": TOKEN_COUNTS_FILE, "vocab_size": vocab_size, "answer_tokens": int(counts.sum()),
+            "distinct_ids": int(np.count_nonzero(counts))}
+
+
+def load_token_counts(data_dir: str | Path, vocab_size: int | None = None):
+    """The answer-token counts of a data_prep output folder: int64 tensor (vocab_size,).
+
+    ``vocab_size``: the target's embedding rows, when known; shorter counts (a run whose target was not
+    loaded counts over the tokenizer's ids) are padded with zeros.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(data_dir) / TOKEN_COUNTS_FILE
+    if not path.is_file():
+        raise DataPrepError(f"{path} is missing; run `python -m data_prep` again on this output (same settings: "
+                            f"it resumes without regenerating) to write the answer-token counts")
+    counts = load_file(str(path))["counts"]
+    if counts.dtype != torch.int64 or counts.dim() != 1:
+        raise DataPrepError(f"{path} holds {counts.dtype} {tuple(counts.shape)}, expected one int64 vector; "
+                            f"rewrite it with this version of data_prep")
+    if vocab_size is not None and counts.numel() != vocab_size:
+        if counts.numel() > vocab_size and counts[vocab_size:].any():
+            raise DataPrepError(f"{path} counts ids up to {counts.numel() - 1}, beyond the target vocabulary of "
+                                f"{vocab_size}; the data was prepared for another target")
+        counts = torch.nn.functional.pad(counts[:vocab_size], (0, max(0, vocab_size - counts.numel())))
+    return counts

@@ -29,6 +29,9 @@ class TargetSpec:
     # Tap layers: decoder-layer indices (layer i's output is hidden_states[i + 1]). None = derived.
     tap_layer_ids: list[int] | None = None
     num_tap_layers: int = 5
+    # Chat template used by data_prep, train and eval: None = the tokenizer's own; a file path or Jinja text;
+    # "plain" = no markup, the answer continues the raw prompt text (see dspark_model/chat_template.py).
+    chat_template: str | None = None
     # Chat template options used by data_prep and eval.
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # Tiny random target: a family name (llama, qwen2, qwen3, mistral) plus config overrides.
@@ -55,6 +58,7 @@ class DraftConfig:
     draft_vocab_size: int | None = None
     train_draft_head: bool = False  # reduced vocabulary only: train the K-row head instead of sharing it frozen
     # Warm start: "none" (random initialisation), "last" (the target's last num_layers decoder layers, in order)
-    # or target decoder-layer ids, one per draft layer, e.g. "14,15" or "-2,-1" (negative ids count from the
-    # end). Needs the draft's layer sizes to equal the target's (the default sizes do).
+    # or target decoder-layer ids, one per draft layer (negative ids count from the end); on the command line
+    # quote a list so Hydra does not read it as a sweep: 'draft.init_from_target="14,15"'. Needs the draft's
+    # layer sizes to equal the target's (the default sizes do).
     init_from_target: str = "none"

@@ -102,11 +102,13 @@ def resolve_weights(spec: TargetSpec) -> tuple[str, str | None]:
 
 
 def load_tokenizer(spec: TargetSpec):
-    """The target's tokenizer, from the same source as its weights."""
+    """The target's tokenizer, from the same source as its weights, with ``spec.chat_template`` installed."""
+    from dspark_model.chat_template import apply_chat_template_setting
+
     if spec.random is not None:
         from dspark_model.tiny import build_tiny_tokenizer
 
-        return build_tiny_tokenizer()
+        return apply_chat_template_setting(build_tiny_tokenizer(), spec.chat_template)
     from transformers import AutoTokenizer
 
     folder, gguf = resolve_weights(spec)
@@ -114,7 +116,7 @@ def load_tokenizer(spec: TargetSpec):
     tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code, **kwargs)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return tok
+    return apply_chat_template_setting(tok, spec.chat_template)
 
 
 def load_target(spec: TargetSpec, device: str | torch.device = "cpu") -> Target:

@@ -126,14 +126,56 @@ def test_template_that_is_not_prefix_stable_fails_clearly():
         tokenize_conversation(tok, build_messages(None, ["Q", "R"], ["AB", "CD"]), stop_token_ids(tok))
 
 
-def test_truncation_policy(chatml):
+def _answer(tok, ids, mask):
+    return tok.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_end_cut_policy():
     ids, mask = list(range(10)), [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
     assert apply_max_length(ids, mask, 20)[2] == "ok"
     cut_ids, cut_mask, status = apply_max_length(ids, mask, 7)
     assert status == "truncated" and cut_ids == ids[:7] and cut_mask == mask[:7]
     assert apply_max_length(ids, mask, 5)[2] == "too_long"  # one assistant token would remain
-    records = [{"row_id": f"s:{i}", "source": "s", "system": None, "turns": ["q" * n], "responses": ["a" * 30],
-                "finish_reasons": ["stop"]} for i, n in enumerate((5, 60, 200))]
+
+
+def _record(i, turns, responses, system=None):
+    return {"row_id": f"s:{i}", "source": "s", "system": system, "turns": turns, "responses": responses,
+            "finish_reasons": ["stop"] * len(responses)}
+
+
+def test_long_row_loses_the_start_of_its_prompt_not_its_answer(chatml):
+    records = [_record(0, ["q" * 5], ["a" * 30]), _record(1, ["x" * 30 + "q" * 60], ["a" * 30]),
+               _record(2, ["q" * 200], ["a" * 30])]
     cols, stats = tokenize_records(records, chatml, stop_token_ids(chatml), max_length=100)
-    assert cols["row_id"] == ["s:0", "s:1"] and [len(x) for x in cols["input_ids"]][1] == 100
-    assert stats == {"ok": 1, "truncated": 1, "too_long": 1}
+    assert cols["row_id"] == ["s:0", "s:1", "s:2"]
+    assert stats == {"ok": 1, "prompt_cut": 2}
+    for ids, mask in zip(cols["input_ids"], cols["loss_mask"]):
+        assert _answer(chatml, ids, mask) == "a" * 30 + "<|im_end|>"  # every answer token kept, still masked
+    for ids in cols["input_ids"][1:]:
+        # byte-level tokens: the cut keeps exactly max_length tokens, markup whole, the prompt's end kept
+        assert len(ids) == 100
+        text = chatml.decode(ids)
+        assert text.startswith("<|im_start|>user\nq") and "x" not in text
+        assert text.endswith("q<|im_end|>\n<|im_start|>assistant\n" + "a" * 30 + "<|im_end|>\n")
+
+
+def test_prompt_cut_takes_the_system_message_first_and_starts_at_a_word(chatml):
+    stop = stop_token_ids(chatml)
+    words = " ".join(f"w{i:02d}" for i in range(40))  # 159 characters
+    cols, stats = tokenize_records([_record(0, ["Keep me."], ["a" * 20], system=words)], chatml, stop, 100)
+    text = chatml.decode(cols["input_ids"][0])
+    system = text.split("<|im_start|>system\n")[1].split("<|im_end|>")[0]
+    assert stats == {"prompt_cut": 1} and "<|im_start|>user\nKeep me.<|im_end|>" in text
+    assert system and words.endswith(system) and system.startswith("w")  # a whole word first
+    assert len(cols["input_ids"][0]) <= 100
+
+
+def test_rows_whose_answers_alone_do_not_fit_are_cut_at_the_end_or_dropped(chatml):
+    stop = stop_token_ids(chatml)
+    multi = _record(0, ["q1", "q2"], ["a" * 60, "b" * 60])  # both answers cannot fit in 100 tokens
+    cols, stats = tokenize_records([multi], chatml, stop, max_length=100)
+    assert stats == {"truncated": 1} and len(cols["input_ids"][0]) == 100
+    assert chatml.decode(cols["input_ids"][0]).startswith("<|im_start|>user\nq1<|im_end|>")  # prompt kept
+    # An empty prompt still leaves room for a single answer token: dropped.
+    cols, stats = tokenize_records([_record(1, ["q"], ["a" * 30])], chatml, stop, max_length=20)
+    assert stats == {"too_long": 1} and not cols["row_id"]
