@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -37,3 +38,22 @@ def make_cfg(prompt_file: str, out_dir, **gen) -> DataPrepConfig:
     return DataPrepConfig(target=tiny_spec(), device="cpu", out_dir=str(out_dir),
                           prompts=PromptsConfig(name="t", sources=[PromptSource(name="p", path=prompt_file)]),
                           generation=GenerationConfig(**gen))
+
+
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 (ephemeral port), served on a daemon thread while used as a context manager."""
+
+    def _serve(self, handler) -> int:
+        from http.server import ThreadingHTTPServer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        return self.httpd.server_address[1]
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

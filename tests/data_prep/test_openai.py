@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -16,7 +16,7 @@ from data_prep.pipeline import run
 from data_prep.store import load_tokenized
 from dspark_model.tiny import build_tiny_tokenizer
 
-from .conftest import make_cfg
+from .conftest import LoopbackServer, make_cfg
 
 
 def reply_for(messages: list[dict]) -> str:
@@ -25,7 +25,7 @@ def reply_for(messages: list[dict]) -> str:
     return f"answer {len(messages)}: {users[-1][::-1][:12]}"
 
 
-class FakeServer:
+class FakeServer(LoopbackServer):
     """ThreadingHTTPServer on an ephemeral port; optionally fails every distinct request once (HTTP 503)."""
 
     def __init__(self, fail_first: bool = False, status: int = 200, delay_s: float = 0.02):
@@ -66,17 +66,8 @@ class FakeServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.url = f"http://127.0.0.1:{self._serve(Handler)}/v1"
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _openai_cfg(prompt_file, out, url, **kw):

@@ -12,8 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -22,11 +21,13 @@ import pytest
 from data_prep.errors import GenerationError
 from data_prep.generate import ChatClient
 
+from .conftest import LoopbackServer
+
 ROOT = Path(__file__).resolve().parents[2]
 USER, PASSWORD, API_KEY = "alice", "Pw-s3cret-7731", "KEY-xyz-993311"
 
 
-class AuthServer:
+class AuthServer(LoopbackServer):
     """Chat completions behind basic auth + ``?api_key=``; ``echo_error`` answers 400 quoting the request."""
 
     def __init__(self, echo_error: bool = False):
@@ -56,18 +57,9 @@ class AuthServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        port = self.httpd.server_address[1]
+        port = self._serve(Handler)
         self.url = f"http://{USER}:{PASSWORD}@127.0.0.1:{port}/v1?api_key={API_KEY}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _leaks(text: str) -> list[str]:

@@ -19,7 +19,7 @@ from tests.eval.test_speculative import (
     _target,
     small_vocab_pair,  # noqa: F401  (fixture)
 )
-from tests.train.test_loss import _setup
+from tests.train.test_loss import _setup, loss_and_grads
 from train.loss import LossWeights, draft_loss, naive_draft_loss, teacher_stats
 from train.teacher import TeacherMemo
 
@@ -124,16 +124,9 @@ def test_reduced_loss_chunked_with_memo_equals_naive(tiny_target, head, chunk, r
     lm[:, 1:] = (mask.sum((1, 2)) > 0)[:, None].long()  # every position of both rows may be supervised
     stats = TeacherMemo().lookup(tiny_target, [0, 1], out.final_hidden, lm, [ids.shape[1]] * 2) if memo else (None,) * 2
 
-    def run(fn, **kw):
-        draft.zero_grad()
-        h = draft.forward_train(out.tap_hidden, ids, anchors)
-        loss, metrics = fn(draft, tiny_target, h, out.final_hidden, ids, anchors, mask, LossWeights(), **kw)
-        loss.backward()
-        return loss.detach(), metrics, {n: p.grad.clone() for n, p in draft.named_parameters()}
-
-    l_ref, m_ref, g_ref = run(naive_draft_loss)
-    l_chk, m_chk, g_chk = run(draft_loss, chunk_size=chunk, recompute=recompute, teacher_lse=stats[0],
-                              teacher_argmax=stats[1])
+    l_ref, m_ref, g_ref = loss_and_grads(naive_draft_loss, draft, tiny_target, ids, out, anchors, mask)
+    l_chk, m_chk, g_chk = loss_and_grads(draft_loss, draft, tiny_target, ids, out, anchors, mask, chunk_size=chunk,
+                                         recompute=recompute, teacher_lse=stats[0], teacher_argmax=stats[1])
     assert l_chk.item() == pytest.approx(l_ref.item(), rel=1e-5)
     assert torch.allclose(m_chk["accept_per_slot"], m_ref["accept_per_slot"], atol=1e-5)
     assert m_chk["argmax_outside_vocab"].item() == pytest.approx(m_ref["argmax_outside_vocab"].item())

@@ -35,6 +35,15 @@ def _setup(target, draft_cfg=None, A=6):
     return draft, ids, out, anchors, mask
 
 
+def loss_and_grads(fn, draft, target, ids, out, anchors, mask, **kw):
+    """One forward + loss ``fn`` + backward: (loss, metrics, gradient of every draft parameter)."""
+    draft.zero_grad()
+    h = draft.forward_train(out.tap_hidden, ids, anchors)
+    loss, metrics = fn(draft, target, h, out.final_hidden, ids, anchors, mask, LossWeights(), **kw)
+    loss.backward()
+    return loss.detach(), metrics, {n: p.grad.clone() for n, p in draft.named_parameters()}
+
+
 def test_slot_mask_is_contiguous_prefix():
     lm = torch.tensor([[0, 1, 1, 1, 0, 1, 1, 1, 1, 1]])
     anchors = torch.tensor([[1, 2, 6, 8]])
@@ -123,15 +132,9 @@ def test_chunked_equals_naive_with_gradients(tiny_target, head, chunk, recompute
     cfg = tiny_draft_config(sequential_head=head, confidence_head=head != "none")
     draft, ids, out, anchors, mask = _setup(tiny_target, cfg)
 
-    def run(fn, **kw):
-        draft.zero_grad()
-        h = draft.forward_train(out.tap_hidden, ids, anchors)
-        loss, metrics = fn(draft, tiny_target, h, out.final_hidden, ids, anchors, mask, LossWeights(), **kw)
-        loss.backward()
-        return loss.detach(), metrics, {n: p.grad.clone() for n, p in draft.named_parameters()}
-
-    l_ref, m_ref, g_ref = run(naive_draft_loss)
-    l_chk, m_chk, g_chk = run(draft_loss, chunk_size=chunk, recompute=recompute)
+    l_ref, m_ref, g_ref = loss_and_grads(naive_draft_loss, draft, tiny_target, ids, out, anchors, mask)
+    l_chk, m_chk, g_chk = loss_and_grads(draft_loss, draft, tiny_target, ids, out, anchors, mask,
+                                         chunk_size=chunk, recompute=recompute)
     assert l_chk.item() == pytest.approx(l_ref.item(), rel=1e-5)
     assert torch.allclose(m_chk["accept_per_slot"], m_ref["accept_per_slot"], atol=1e-5)
     for name, g in g_ref.items():
