@@ -143,13 +143,14 @@ def train_step(model, optimizer, scheduler, target, data: TrainData, batches: li
             acc.backward(loss)
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-                metrics["grad_norm"] = torch.as_tensor(float(norm) if norm is not None else float("nan"))
+                metrics["grad_norm"] = (torch.as_tensor(norm, device=rt.device).float() if norm is not None
+                                        else torch.tensor(float("nan"), device=rt.device))
             optimizer.step()
             optimizer.zero_grad()
-        metrics["tokens"] = torch.tensor(float(b.tokens))
-        metrics["micro_batches"] = torch.tensor(1.0)
+        metrics["tokens"] = torch.tensor(float(b.tokens), device=rt.device)
+        metrics["micro_batches"] = torch.tensor(1.0, device=rt.device)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v.detach().float().cpu()
+            totals[k] = totals.get(k, 0.0) + v.detach().float()  # stays on the device: no sync until logging
     scheduler.step()
     return totals
 
