@@ -8,7 +8,8 @@ chunks of 448 positions without recompute, fp32, AdamW):
   loss), i.e. the code the previous reference run trained with;
 * ``full``: this tree, full vocabulary;
 * ``vocab-<K>``: this tree, a reduced draft vocabulary of K tokens (the teacher's log-normaliser memoised per
-  row, as ``train`` does).
+  row, as ``train`` does); ``vocab-<K>-bf16`` (``--bf16``) the same under bf16 autocast
+  (``train.precision=bf16``), faster only on CPUs with native bf16 (AMX / AVX512-BF16).
 
 Rows: chat-templated prompts of the shared training sets, each followed by the text of another prompt as
 its "answer" (loss-masked), cut to ``--prompt-tokens`` + ``--answer-tokens``. Token identities do not change
@@ -75,6 +76,7 @@ def worker(variant: str, args) -> dict:
     target = load_target(TargetSpec(), "cpu")
     rows = _rows(target.tokenizer, args.rows, args.prompt_tokens, args.answer_tokens)
     K = int(variant.split("-")[1]) if variant.startswith("vocab-") else None
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.endswith("-bf16"))
     cfg = dict(num_layers=r["num_layers"], block_size=r["block_size"], markov_rank=r["markov_rank"])
     if K:
         cfg["draft_vocab_size"] = K
@@ -117,9 +119,10 @@ def worker(variant: str, args) -> dict:
         if memo is not None:
             extra = memo.lookup(target, indices, fin, lm, [rows[i][0].numel() for i in indices])
         memo_s = time.perf_counter() - tic
-        h = draft.forward_train(tap, ids, anchors)
-        loss, _ = draft_loss(draft, target, h, fin, ids, anchors, mask, LossWeights(), r["chunk_size"], False,
-                             *extra)
+        with autocast:
+            h = draft.forward_train(tap, ids, anchors)
+            loss, _ = draft_loss(draft, target, h, fin, ids, anchors, mask, LossWeights(), r["chunk_size"], False,
+                                 *extra)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
@@ -147,6 +150,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline-ref", default="41eba57", help="commit of the old code path")
     p.add_argument("--vocab", type=int, nargs="*", default=[8192], help="reduced vocabulary sizes to measure")
+    p.add_argument("--bf16", action="store_true", help="also measure the first vocabulary under bf16 autocast")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=160)
     p.add_argument("--answer-tokens", type=int, default=192)
@@ -160,6 +164,8 @@ def main() -> None:
         return
     tree = _worktree(args.baseline_ref)
     variants = ["baseline", "full"] + [f"vocab-{k}" for k in args.vocab]
+    if args.bf16 and args.vocab:
+        variants.append(f"vocab-{args.vocab[0]}-bf16")
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     passthrough = [f"--rows={args.rows}", f"--prompt-tokens={args.prompt_tokens}",
                    f"--answer-tokens={args.answer_tokens}", f"--threads={args.threads}"]
