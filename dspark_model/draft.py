@@ -213,15 +213,19 @@ class DSparkDraft(nn.Module):
         t2d[ids] = torch.arange(ids.numel(), device=ids.device)
         self.__dict__["target_to_draft"] = t2d
 
+    def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight (K, d), bias) of a reduced vocabulary's head: the trained copy, or the target's frozen rows."""
+        if self.arch["train_draft_head"]:
+            return self.lm_head.weight, None
+        return self.__dict__["_head_rows"]
+
     def base_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(…, d) -> (…, K) fp32 logits of the backbone over the draft's output vocabulary."""
         h = h.to(self.target.dtype)
         if not self.reduced_vocab:
             return self.target.logits(h).float()
-        if self.arch["train_draft_head"]:
-            return self.target.logits(h, self.lm_head.weight.to(h.dtype)).float()
-        weight, bias = self.__dict__["_head_rows"]
-        return self.target.logits(h, weight, bias).float()
+        weight, bias = self.output_head()
+        return self.target.logits(h, weight.to(h.dtype), bias).float()
 
     @torch.no_grad()
     def teacher_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,7 @@ def export_tensors(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: b
         d2t, t2d = d2t_t2d(out.pop("draft_to_target"), draft.arch["vocab_size"])
         out.update(d2t=d2t, t2d=t2d)
         if "lm_head.weight" not in out:  # the frozen head: the target's own rows of the K tokens
-            out["lm_head.weight"] = draft.__dict__["_head_rows"][0].detach().to(dtype).cpu().contiguous()
+            out["lm_head.weight"] = draft.output_head()[0].detach().to(dtype).cpu().contiguous()
     if embeddings:
         out["embed_tokens.weight"] = target.embed.weight.detach().to(dtype).cpu().clone()  # (V, d)
         out["lm_head.weight"] = target.lm_head.weight.detach().to(dtype).cpu().clone()  # (V, d)

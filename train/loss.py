@@ -60,11 +60,12 @@ def teacher_probs(draft, target, fh: torch.Tensor, lse: torch.Tensor | None, arg
     ``lse``/``argmax`` (M,) from ``teacher_stats`` let a reduced vocabulary skip the full-vocabulary matmul;
     positions with lse = +inf get an all-zero distribution (never supervised)."""
     with torch.no_grad():
-        if not draft.reduced_vocab:
-            p = torch.softmax(target.logits(fh).float(), dim=-1)
-            return p, torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-        if lse is None:
-            lse, argmax = teacher_stats(target, fh)
+        if not draft.reduced_vocab or lse is None:  # no memo: one full-vocabulary matmul, then the K columns
+            logits = target.logits(fh).float()  # (M, V)
+            p = torch.softmax(logits, dim=-1)
+            if not draft.reduced_vocab:
+                return p, torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+            return p[:, draft.draft_to_target], draft.target_to_draft[logits.argmax(-1)] < 0
         logp = draft.teacher_logits(fh) - lse.unsqueeze(-1)  # (M, K)
         return logp.exp(), draft.target_to_draft[argmax] < 0
 
