@@ -5,10 +5,11 @@ what our own draft computes.
 
 ``speculators`` is not a dependency of this toolkit: install it anywhere and put it on PYTHONPATH. The script
 builds a tiny random Llama target (width 64, 4 layers), saves it as a plain Hugging Face folder (the verifier
-speculators reads its embedding, final norm and LM head from), then for three drafts (Markov head over the
-full vocabulary, Markov head over a 40-token draft vocabulary, DFlash) randomises the weights, saves and
-exports them (speculators, fp32), loads each export with ``speculators``' own ``DSparkDraftModel`` and runs
-its training forward on the same tokens, anchors and tapped target states as ours.
+speculators reads its embedding, final norm and LM head from), then for five drafts (Markov, gated and rnn
+heads over the full vocabulary, a Markov head over a 40-token draft vocabulary, DFlash) randomises the
+weights, saves and exports them (speculators, fp32, ``--verifier-path`` = the saved verifier folder), loads
+each export with ``speculators``' own ``DSparkDraftModel`` and runs its training forward on the same tokens,
+anchors and tapped target states as ours.
 
 speculators is fed the verifier's ``hidden_states`` at the export's ``aux_hidden_state_layer_ids`` (its own
 convention), so ``aux_hidden`` checks our id + 1 conversion. Compared per draft: those features against our
@@ -19,17 +20,14 @@ equal the export's or the verifier's (nothing left at its random / NaN initialis
 difference exceeds 1e-4 or loading reports missing / unexpected keys. Result:
 benchmarks/results/speculators_check.json.
 
-Two deliberate deviations from a plain ``DSparkDraftModel.from_pretrained(export)``:
-* config.json's ``speculators_config.verifier.name_or_path`` (our export writes the target's id, here
-  ``tiny-llama``, which is no folder) is rewritten to the saved verifier folder;
-* the draft layers use speculators' ``eager`` attention instead of its default flex attention (which compiles
-  its block mask with torch.compile; a supported ``draft_attn_impl``, same mask, no compiler needed on CPU).
+One deliberate deviation from a plain ``DSparkDraftModel.from_pretrained(export)``: the draft layers use
+speculators' ``eager`` attention instead of its default flex attention (which compiles its block mask with
+torch.compile; a supported ``draft_attn_impl``, same mask, no compiler needed on CPU).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import sys
 import tempfile
@@ -56,6 +54,8 @@ RESULT = ROOT / "benchmarks" / "results" / "speculators_check.json"
 SEQ_LEN, ANCHORS = 24, [2, 5, 11, 19]  # speculators needs anchor + block_size < SEQ_LEN (block_size 4)
 DRAFTS = {  # name -> DraftConfig fields (2 layers, block 4, rank 16 for all)
     "markov-full": dict(sequential_head="markov", confidence_head=True),
+    "gated-full": dict(sequential_head="gated", confidence_head=True),
+    "rnn-full": dict(sequential_head="rnn", confidence_head=True),
     "markov-reduced-40": dict(sequential_head="markov", confidence_head=True, draft_vocab_size=40),
     "dflash": dict(sequential_head="none", confidence_head=False),
 }
@@ -71,7 +71,7 @@ def build_target(folder: Path):
 
 
 def make_export(name: str, fields: dict, target, spec, work: Path, verifier: Path, seed: int):
-    """A randomised draft, saved natively and exported for speculators (verifier path rewritten)."""
+    """A randomised draft, saved natively and exported for speculators, naming the saved verifier folder."""
     torch.manual_seed(seed)
     cfg = DraftConfig(num_layers=2, block_size=4, markov_rank=16, **fields)
     draft = build_draft_for(target, cfg).eval()
@@ -81,11 +81,8 @@ def make_export(name: str, fields: dict, target, spec, work: Path, verifier: Pat
         for p in draft.parameters():
             p.normal_(0.0, 0.3)
     ckpt = save_pretrained(draft, work / f"{name}-ckpt", target_spec=spec)
-    out = export_draft(ckpt, work / f"{name}-speculators", "speculators", "fp32", target=target)
-    cfg_path = out / "config.json"
-    config = json.loads(cfg_path.read_text())
-    config["speculators_config"]["verifier"]["name_or_path"] = str(verifier)
-    cfg_path.write_text(json.dumps(config, indent=2))
+    out = export_draft(ckpt, work / f"{name}-speculators", "speculators", "fp32", target=target,
+                       verifier_path=str(verifier))
     return draft, out
 
 
@@ -227,11 +224,11 @@ def main() -> int:
         for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "weight_problems"):
             if row[what]:
                 print(f"    {what}: {row[what]}")
-    print("note: config.json's speculators_config.verifier.name_or_path ('tiny-llama' in our export) was "
-          "rewritten to the saved verifier folder; draft attention ran with speculators' 'eager' backend")
+    print("note: exported with --verifier-path = the saved verifier folder; draft attention ran with "
+          "speculators' 'eager' backend")
     result = {"speculators_version": version, "torch_version": torch.__version__, "tolerance": TOL,
               "target": "tiny random llama (width 64, 4 layers, vocab 272)", "seq_len": SEQ_LEN,
-              "anchors": ANCHORS, "sequences_per_draft": 2, "verifier_path_rewritten": True,
+              "anchors": ANCHORS, "sequences_per_draft": 2, "verifier_path": "--verifier-path <saved folder>",
               "speculators_attention": "eager", "drafts": rows, "ok": all(r["ok"] for r in rows.values())}
     atomic_write_json(RESULT, result, indent=2)
     print(f"wrote {RESULT.relative_to(ROOT)}")

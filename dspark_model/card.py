@@ -178,7 +178,7 @@ def _target_facts(fmt: str, config: dict, target) -> tuple:
                  prov.get("target_num_hidden_layers")]
     else:
         v = config["speculators_config"]["verifier"]
-        facts = [v.get("name_or_path"), prov.get("target_revision"),
+        facts = [prov.get("target_id") or v.get("name_or_path"), prov.get("target_revision"),
                  config["transformer_layer_config"].get("model_type"), v.get("architectures"),
                  prov.get("target_num_hidden_layers")]
     if target is not None:
@@ -273,7 +273,7 @@ def _serving_section(ctx: CardContext) -> str:
            "speculators `dspark` algorithm can serve it directly:", "```bash",
            f"vllm serve {repo if ctx.fmt == 'speculators' else '<speculators-export-repo>'}", "```",
            f"or next to the target: `vllm serve {ctx.target_id} --speculative-config "
-           f"'{{\"model\": \"{repo}\", \"num_speculative_tokens\": {G}}}'`.", "",
+           f"'{{\"model\": \"{repo}\", \"num_speculative_tokens\": {G}}}'`.", *_verifier_lines(ctx), "",
            "### SGLang / DeepSpec (deepspec format)",
            f"Export with `--format deepspec` (config `architectures` = `{deepspec_architecture(mtype)}`, "
            "`embed_tokens`/`lm_head` included). Point the engine's draft-model path at this repo with "
@@ -287,6 +287,17 @@ def _serving_section(ctx: CardContext) -> str:
             f"target = load_target(TargetSpec(id=\"{ctx.target_id}\", path=None, tap_layer_ids={taps}))",
             "draft = load_export(\"<downloaded folder>\", target)  # any of the three formats", "```"]
     return "\n".join(out)
+
+
+def _verifier_lines(ctx: CardContext) -> list[str]:
+    """Where a speculators export's verifier loads from (engines rebuild embedding, norm and LM head there)."""
+    if ctx.fmt != "speculators":
+        return []
+    name = ctx.config["speculators_config"]["verifier"].get("name_or_path")
+    why = ctx.config.get(TOOLKIT_KEY, {}).get("verifier_source", "")
+    return ["", f"The verifier is named `{name}` ({why}): speculators and vLLM load the verifier's embedding, "
+            f"final norm and LM head from it, so it must load where the draft is served. To name another copy, "
+            f"export again with `--verifier-path <Hub id or folder>`."]
 
 
 def _files_section(ctx: CardContext) -> str:

@@ -54,7 +54,8 @@ class DraftConfig:
     num_key_value_heads: int | None = None
     rms_norm_eps: float | None = None
     initializer_range: float = 0.02
-    # Draft vocabulary: predict only the K most frequent answer tokens of the training data (null = all V).
+    # Draft vocabulary: predict only the K most frequent answer tokens of the training data (null, or K >= V:
+    # the full vocabulary).
     draft_vocab_size: int | None = None
     train_draft_head: bool = False  # reduced vocabulary only: train the K-row head instead of sharing it frozen
     # Warm start: "none" (random initialisation), "last" (the target's last num_layers decoder layers, in order)

@@ -13,12 +13,14 @@ sequential head projects to K, and every distribution the draft emits is zero ou
 Then a sequential head (heads.py) adds a bias from the previous token, and a confidence head predicts
 P(slot k accepted | earlier slots accepted).
 
-Sizes (heads, KV heads, MLP width, RoPE) come from the target config; the embedding and LM head are the
-target's own, frozen and shared - they are NOT parameters of this module (see ``attach_target``).
+Sizes (heads, KV heads, MLP width, RoPE: the target's full-attention set, see rope.py) come from the target
+config; the embedding and LM head are the target's own, frozen and shared - they are NOT parameters of this
+module (see ``attach_target``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +29,9 @@ from torch import nn
 
 from dspark_model.config import DraftConfig
 from dspark_model.heads import HEAD_KINDS, ConfidenceHead, SequentialHead
+from dspark_model.rope import DraftRotary, draft_rope_parameters, target_rope_parameters
+
+log = logging.getLogger(__name__)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -131,17 +136,22 @@ class DSparkDraft(nn.Module):
             raise ValueError(f"draft.sequential_head must be one of {HEAD_KINDS}, got {sequential_head!r}")
         if block_size < 1:
             raise ValueError(f"draft.block_size must be >= 1, got {block_size}")
-        if draft_vocab_size is not None and not 1 <= draft_vocab_size <= vocab_size:
-            raise ValueError(f"draft.draft_vocab_size must be in 1..{vocab_size} (the target vocabulary) or null "
-                             f"for the full vocabulary, got {draft_vocab_size}")
-        if draft_vocab_size == vocab_size:
-            draft_vocab_size = None  # K = V is the full vocabulary: no mapping, the target's own head
+        if draft_vocab_size is not None and draft_vocab_size < 1:
+            raise ValueError(f"draft.draft_vocab_size must be >= 1, or null for the full vocabulary, got "
+                             f"{draft_vocab_size}")
+        if draft_vocab_size is not None and draft_vocab_size >= vocab_size:
+            if draft_vocab_size > vocab_size:
+                log.info("draft.draft_vocab_size=%d >= the target's %d tokens: the full vocabulary is used",
+                         draft_vocab_size, vocab_size)
+            draft_vocab_size = None  # K >= V is the full vocabulary: no mapping, the target's own head
         self.arch = dict(hidden_size=hidden_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
                          num_key_value_heads=num_key_value_heads, head_dim=head_dim,
                          intermediate_size=intermediate_size, rms_norm_eps=rms_norm_eps, hidden_act=hidden_act,
                          vocab_size=vocab_size, tap_layer_ids=list(tap_layer_ids), block_size=block_size,
                          mask_token_id=mask_token_id, sequential_head=sequential_head, markov_rank=markov_rank,
-                         confidence_head=confidence_head, rope_config=dict(rope_config),
+                         confidence_head=confidence_head,
+                         rope_config=dict(rope_config, rope_parameters=draft_rope_parameters(
+                             rope_config["rope_parameters"])),
                          initializer_range=initializer_range, draft_vocab_size=draft_vocab_size,
                          train_draft_head=bool(train_draft_head and draft_vocab_size))
         self.block_size, self.mask_token_id, self.tap_layer_ids = block_size, mask_token_id, list(tap_layer_ids)
@@ -161,7 +171,8 @@ class DSparkDraft(nn.Module):
                 self.lm_head = nn.Linear(hidden_size, K, bias=False)  # initialised from the target's rows
         self.markov_head = SequentialHead(sequential_head, vocab_size, rank, hidden_size, K) if rank else None
         self.confidence_head = ConfidenceHead(hidden_size, rank) if confidence_head else None
-        self.rotary = _rotary_from_config(rope_config, head_dim)
+        self.rotary = DraftRotary(self.arch["rope_config"]["rope_parameters"], head_dim,
+                                  rope_config.get("max_position_embeddings", 4096))
         self.calibration: dict | None = None  # filled by checkpoint loading when calibration.json exists
         self._init_weights(initializer_range)
 
@@ -390,44 +401,12 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, generator=None)
     return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
 
 
-class _Rotary(nn.Module):
-    """RoPE from the target's own rope parameters, computed by transformers (llama3/yarn/... scaling too)."""
-
-    def __init__(self, config):
-        super().__init__()
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        self.inner = LlamaRotaryEmbedding(config)
-        self._inv_freq_fp32 = self.inner.inv_freq.detach().clone().float()  # plain attribute: never cast
-
-    def _apply(self, fn, recurse=True):
-        # Casting the draft to bf16 must not round RoPE frequencies: restore them in fp32 after any move.
-        super()._apply(fn, recurse)
-        device = self.inner.inv_freq.device
-        self.inner.inv_freq = self._inv_freq_fp32.to(device)
-        self.inner.original_inv_freq = self._inv_freq_fp32.to(device)
-        return self
-
-    def forward(self, like: torch.Tensor, positions: torch.Tensor):
-        return self.inner(like, positions)
-
-
-def _rotary_from_config(rope_config: dict, head_dim: int) -> nn.Module:
-    from transformers import LlamaConfig
-
-    cfg = LlamaConfig(head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
-                      max_position_embeddings=rope_config.get("max_position_embeddings", 4096),
-                      rope_parameters=dict(rope_config["rope_parameters"]))
-    return _Rotary(cfg)
-
-
 def draft_kwargs(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask_token_id: int | None,
                  vocab_size: int | None = None) -> dict:
     """Map the draft config + the target's config to ``DSparkDraft`` constructor arguments."""
     tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
     n_heads = cfg.num_attention_heads or tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    rope = getattr(tc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": getattr(tc, "rope_theta", 1e4)}
     return dict(
         hidden_size=tc.hidden_size, num_layers=cfg.num_layers, num_attention_heads=n_heads,
         num_key_value_heads=cfg.num_key_value_heads or getattr(tc, "num_key_value_heads", None) or n_heads,
@@ -436,7 +415,8 @@ def draft_kwargs(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask
         hidden_act=getattr(tc, "hidden_act", "silu"), vocab_size=vocab_size or tc.vocab_size,
         tap_layer_ids=list(tap_layer_ids), block_size=cfg.block_size, mask_token_id=mask_token_id,
         sequential_head=cfg.sequential_head, markov_rank=cfg.markov_rank, confidence_head=cfg.confidence_head,
-        rope_config={"rope_parameters": dict(rope), "max_position_embeddings": tc.max_position_embeddings},
+        rope_config={"rope_parameters": target_rope_parameters(tc),
+                     "max_position_embeddings": tc.max_position_embeddings},
         initializer_range=cfg.initializer_range, draft_vocab_size=cfg.draft_vocab_size,
         train_draft_head=cfg.train_draft_head,
     )

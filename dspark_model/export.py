@@ -8,15 +8,22 @@ Formats (schemas and checks in ``export_schema.py``):
                   calibration.json (when calibrated), README.md. No target weights.
 * ``deepspec``    SGLang / DeepSpec: config.json = the target's text config with ``num_hidden_layers`` = draft
                   layers, ``architectures`` = [<Family>DSparkModel], the DSpark keys, ``target_layer_ids`` in
-                  OUR decoder-layer convention (no conversion). Weights under our names (``layers.{i}.*``,
-                  ``fc``, ``hidden_norm``, ``norm``, ``markov_head.*``, ``confidence_head.proj``) PLUS the
-                  target's ``embed_tokens.weight`` and ``lm_head.weight`` (DeepSpec's evaluator silently
-                  runs with random ones otherwise); ``--no-embeddings`` omits them.
-* ``speculators`` vLLM speculators (``speculators_model_type: dspark``): ``aux_hidden_state_layer_ids`` =
-                  our ids + 1 (hidden_states indices). Neither embed_tokens nor lm_head: vLLM shares the
-                  verifier's, except that a reduced draft vocabulary (K tokens) carries its K-row
-                  ``lm_head.weight`` and the ``d2t`` (int64 offsets, target id = i + d2t[i]) / ``t2d`` (bool over
-                  the target vocabulary) tables; deepspec refuses such a draft (SGLang runs the full head).
+                  OUR decoder-layer convention (no conversion), and what DeepSpec's config builder writes
+                  (``num_anchors`` = train.max_anchors, ``tie_word_embeddings: false``, ``num_target_layers``).
+                  Weights under the reference names (``layers.{i}.*``, ``fc``, ``hidden_norm``, ``norm``,
+                  ``markov_head.*``, ``confidence_head.proj``) PLUS the target's ``embed_tokens.weight`` and
+                  ``lm_head.weight`` (DeepSpec's evaluator silently runs with random ones otherwise);
+                  ``--no-embeddings`` omits them.
+* ``speculators`` vLLM speculators (``speculators_model_type: dspark``), keyed as speculators' own save writes
+                  it: ``aux_hidden_state_layer_ids`` = our ids + 1 (hidden_states indices), the verifier named
+                  by where it loads (``--verifier-path``, ``verifier_source``). Neither embed_tokens nor lm_head:
+                  vLLM shares the verifier's, except that a reduced draft vocabulary (K tokens) carries its
+                  K-row ``lm_head.weight`` and the ``d2t`` (int64 offsets, target id = i + d2t[i]) / ``t2d``
+                  (bool over the target vocabulary) tables; deepspec refuses such a draft (SGLang runs the full
+                  head).
+
+Both public formats write the draft's flat RoPE set (rope.py) and are checked against the weight names and
+shapes the reference implementations read (``reference.py``, recorded from their code).
 
 A DFlash draft (no sequential head) is exported with ``markov_rank: 0`` and the readers' default
 ``markov_head_type: "vanilla"`` (inert at rank 0, and accepted by strict validators); no markov weights.
@@ -65,6 +72,7 @@ from dspark_model.export_schema import (
     read_config,
     validate_export,
 )
+from dspark_model.rope import DRAFT_LAYER_TYPE, export_rope_parameters
 from dspark_model.target import TargetNotFoundError
 from dspark_model.vocab import d2t_t2d
 
@@ -72,8 +80,11 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-SPECULATORS_VERSION = "0.3.0"
-SPECULATORS_ARCHITECTURE = "DSparkSpeculator"
+# What speculators' own DSparkDraftModel.save_pretrained writes (version checked: reference_layouts.json).
+SPECULATORS_VERSION = "0.9.0"
+SPECULATORS_ARCHITECTURE = "DSparkDraftModel"
+DEFAULT_NUM_ANCHORS = 512  # train.max_anchors' default (train/schema.py OptimConfig); DeepSpec's recipes use 512 too
+_PRIVATE_KEYS = ("_name_or_path", "transformers_version", "auto_map")  # local paths / remote code
 README_NAME = "README.md"
 INCLUDES_EMBEDDINGS = {"native": False, "deepspec": True, "speculators": False}  # per-format default
 DECODER_CONVENTION = "decoder-layer ids: id i is the output of decoder layer i = hidden_states[i + 1]"
@@ -98,19 +109,39 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ---- configs ------------------------------------------------------------------------------------------------
 def layer_config(draft: DSparkDraft, target) -> dict:
-    """The draft's decoder layers in Hugging Face config style (shared by deepspec and speculators)."""
+    """The target's text config reshaped into the draft's decoder layers (deepspec's config and speculators'
+    ``transformer_layer_config``): the draft's sizes and layer count, every layer full attention, and the
+    draft's flat RoPE set (repeated per layer type for per-layer-type families, see rope.py)."""
     a = draft.arch
-    rope = dict(a["rope_config"]["rope_parameters"])
-    out = {"model_type": getattr(target.config, "model_type", None), "hidden_size": a["hidden_size"],
-           "num_attention_heads": a["num_attention_heads"], "num_key_value_heads": a["num_key_value_heads"],
-           "head_dim": a["head_dim"], "intermediate_size": a["intermediate_size"],
-           "rms_norm_eps": a["rms_norm_eps"], "hidden_act": a["hidden_act"], "rope_parameters": rope,
-           "max_position_embeddings": a["rope_config"]["max_position_embeddings"],
-           "num_hidden_layers": a["num_layers"], "vocab_size": a["vocab_size"],
-           "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
-    if "rope_theta" in rope:  # flat copy for readers that predate rope_parameters
-        out["rope_theta"] = rope["rope_theta"]
-    return out
+    flat = dict(a["rope_config"]["rope_parameters"])
+    cfg = {k: v for k, v in target.config.to_dict().items() if k not in _PRIVATE_KEYS}
+    cfg.update(model_type=getattr(target.config, "model_type", None), architectures=target_architectures(target),
+               hidden_size=a["hidden_size"], num_attention_heads=a["num_attention_heads"],
+               num_key_value_heads=a["num_key_value_heads"],
+               head_dim=a["head_dim"], intermediate_size=a["intermediate_size"], rms_norm_eps=a["rms_norm_eps"],
+               hidden_act=a["hidden_act"], max_position_embeddings=a["rope_config"]["max_position_embeddings"],
+               rope_parameters=export_rope_parameters(flat, getattr(target.config, "rope_parameters", None)),
+               num_hidden_layers=a["num_layers"], vocab_size=a["vocab_size"], attention_bias=False, mlp_bias=False)
+    if "rope_theta" in flat:  # flat copy for readers that predate rope_parameters
+        cfg["rope_theta"] = flat["rope_theta"]
+    if "layer_types" in cfg:  # draft layers are all full attention (they attend to the whole context)
+        cfg["layer_types"] = [DRAFT_LAYER_TYPE] * a["num_layers"]
+    return cfg
+
+
+def target_architectures(target) -> list[str]:
+    return list(getattr(target.model.config, "architectures", None) or [type(target.model).__name__])
+
+
+def training_num_anchors(ckpt_config: dict) -> int:
+    """Anchor blocks per training sequence (DeepSpec's ``num_anchors``): the run's ``train.max_anchors``, the
+    cap on anchors per row, read from the resolved config saved with a final checkpoint; else its default."""
+    for key in ("resolved_config", "train_config"):
+        doc = ckpt_config.get(key)
+        train = doc.get("train") if isinstance(doc, dict) else None
+        if isinstance(train, dict) and isinstance(train.get("max_anchors"), int):
+            return train["max_anchors"]
+    return DEFAULT_NUM_ANCHORS
 
 
 def _head_keys(draft: DSparkDraft) -> dict:
@@ -130,43 +161,54 @@ def _provenance(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embedd
             "includes_lm_head": embeddings, "dtype": _dtype_name(dtype)}
 
 
-def deepspec_config(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: bool) -> dict:
-    """The target's text config, reshaped into the draft's (layer count, sizes) plus the DSpark keys."""
-    cfg = target.config.to_dict()
-    for private in ("_name_or_path", "transformers_version", "auto_map"):  # local paths / remote code
-        cfg.pop(private, None)
-    lc = layer_config(draft, target)
-    lc.pop("tie_word_embeddings")
-    cfg.update(lc)
-    n = draft.num_layers
-    if "layer_types" in cfg:  # draft layers are all full attention (they attend to the whole context)
-        cfg["layer_types"] = ["full_attention"] * n
+def deepspec_config(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: bool, num_anchors: int) -> dict:
+    """The draft's layer config plus the keys DeepSpec's config builder writes (``build_draft_config``)."""
+    cfg = layer_config(draft, target)
     model_type = cfg.get("model_type") or "unknown"
     cfg.update(architectures=[deepspec_architecture(model_type)], model_type=model_type,
-               target_layer_ids=list(draft.tap_layer_ids), dtype=_dtype_name(dtype),
-               torch_dtype=_dtype_name(dtype), **_head_keys(draft))
+               target_layer_ids=list(draft.tap_layer_ids), num_target_layers=target.num_layers,
+               num_anchors=num_anchors, tie_word_embeddings=False,  # the draft's lm_head is its own copy
+               dtype=_dtype_name(dtype), torch_dtype=_dtype_name(dtype), **_head_keys(draft))
     cfg[TOOLKIT_KEY] = _provenance(draft, target, "deepspec", dtype, embeddings)
     return cfg
 
 
-def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype) -> dict:
-    """vLLM speculators config: hidden_states-index layer ids, verifier = the target."""
-    archs = getattr(target.model.config, "architectures", None) or [type(target.model).__name__]
-    G = draft.block_size
+def verifier_source(target, verifier_path: str | None = None) -> tuple[str, str]:
+    """(``speculators_config.verifier.name_or_path``, why): what speculators / vLLM load the verifier's
+    embedding, final norm and LM head from. It must load there, so a GGUF file never is one."""
+    if verifier_path:
+        return verifier_path, "given with --verifier-path"
+    local = target.weights_path
+    if local and not str(local).endswith(".gguf"):
+        return str(Path(local).resolve()), ("the local folder the target was loaded from: it loads on this "
+                                            "machine only; name a Hub id or shared path with --verifier-path")
+    if local:
+        return target.name_or_path, ("the target's Hub id: the target was loaded from a GGUF file, which "
+                                     "speculators cannot read; name another copy with --verifier-path")
+    return target.name_or_path, "the target's Hub id"
+
+
+def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype, verifier_path: str | None = None) -> dict:
+    """vLLM speculators config, keyed as speculators' own save writes it: hidden_states-index layer ids, the
+    target's config reshaped into the draft's layers, verifier = where the target loads from."""
+    verifier, why = verifier_source(target, verifier_path)
+    lc = dict(layer_config(draft, target), dtype=_dtype_name(dtype))
+    prov = dict(_provenance(draft, target, "speculators", dtype, False), verifier_source=why)
     return {
         "architectures": [SPECULATORS_ARCHITECTURE], "speculators_model_type": "dspark",
-        "speculators_version": SPECULATORS_VERSION, "transformer_layer_config": layer_config(draft, target),
+        "speculators_version": SPECULATORS_VERSION, "transformer_layer_config": lc,
         "draft_vocab_size": draft.out_vocab_size, "target_hidden_size": target.hidden_size,
         "aux_hidden_state_layer_ids": [i + 1 for i in draft.tap_layer_ids], "sample_from_anchor": True,
-        **_head_keys(draft),
+        "sliding_window_non_causal": False, "tie_word_embeddings": False, **_head_keys(draft),
         "speculators_config": {
             "algorithm": "dspark",
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": G}],
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": draft.block_size,
+                                  "accept_tolerance": 0.0, "verifier_accept_k": 1}],
             "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": target.name_or_path, "architectures": list(archs)},
+            "verifier": {"name_or_path": verifier, "architectures": target_architectures(target)},
         },
-        "torch_dtype": _dtype_name(dtype),
-        TOOLKIT_KEY: _provenance(draft, target, "speculators", dtype, False),
+        "dtype": _dtype_name(dtype),
+        TOOLKIT_KEY: prov,
     }
 
 
@@ -189,7 +231,7 @@ def export_tensors(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: b
 
 
 def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embeddings: bool,
-                 ckpt_config: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+                 ckpt_config: dict, verifier_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json content, tensors) of one format."""
     if fmt == "deepspec" and draft.reduced_vocab:
         raise ExportError(f"this draft predicts a reduced vocabulary of {draft.out_vocab_size} tokens, but the "
@@ -204,9 +246,9 @@ def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embed
         config = redact(dict(ckpt_config, target=named, dtype=_dtype_name(dtype),
                              includes_target_embeddings=False))
     elif fmt == "deepspec":
-        config = deepspec_config(draft, target, dtype, embeddings)
+        config = deepspec_config(draft, target, dtype, embeddings, training_num_anchors(ckpt_config))
     else:
-        config = speculators_config(draft, target, dtype)
+        config = speculators_config(draft, target, dtype, verifier_path)
     return config, tensors
 
 
@@ -239,7 +281,8 @@ def _verify_round_trip(tmp: Path, target, tensors: dict[str, torch.Tensor]) -> N
 
 def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "native", dtype=None,
                  include_embeddings: bool | None = None, target=None, overwrite: bool = False,
-                 card_sources=None, device: str = "cpu", target_spec: TargetSpec | None = None) -> Path:
+                 card_sources=None, device: str = "cpu", target_spec: TargetSpec | None = None,
+                 verifier_path: str | None = None) -> Path:
     """Export the checkpoint in ``ckpt_dir`` to ``out_dir`` in ``format``; returns the folder.
 
     ``dtype``: bf16 / fp16 / fp32 (None keeps the checkpoint's). ``include_embeddings``: None = the format's
@@ -247,6 +290,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     choice of weights, downloads, remote code), else the target the checkpoint names is loaded the safe way
     (``checkpoint.target_spec_from_checkpoint``: local files only, no remote code).
     ``card_sources``: ``card.CardSources`` (eval report, data manifest, train config; auto-discovered).
+    ``verifier_path`` (speculators): where engines load the verifier from (default: ``verifier_source``).
     """
     from dspark_model import card as card_mod
     from dspark_model.target import load_target
@@ -254,6 +298,9 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     embeddings = INCLUDES_EMBEDDINGS[format] if include_embeddings is None else bool(include_embeddings)
+    if verifier_path and format != "speculators":
+        raise ExportError("--verifier-path names the verifier of a speculators export; the "
+                          f"{format} format has none")
     if embeddings and format != "deepspec":
         raise ExportError(f"the {format} format never carries the target's embed_tokens/lm_head "
                           f"(the engine shares the target's); drop include_embeddings")
@@ -272,7 +319,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
                                       f"with --target-path, or let it download with --allow-download)") from None
     draft = load_draft(ckpt_dir, target)
     torch_dtype = resolve_dtype(dtype) or next(draft.parameters()).dtype
-    config, tensors = build_export(draft, target, format, torch_dtype, embeddings, ckpt_config)
+    config, tensors = build_export(draft, target, format, torch_dtype, embeddings, ckpt_config, verifier_path)
     sources = card_sources or card_mod.discover_sources(ckpt_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -340,6 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-manifest", help="data_prep manifest.json for the card's data provenance")
     p.add_argument("--train-config", help="resolved training config (yaml/json) for the card")
     p.add_argument("--repo-id", help="Hub repo id to show in the card's usage snippets")
+    p.add_argument("--verifier-path", help="speculators: the verifier engines load (Hub id or path; default: the "
+                                           "target's Hub id, or the local folder it was loaded from)")
     p.add_argument("--device", default="cpu", help="where to load the target (default cpu)")
     # The checkpoint only names its target; where its weights come from is decided here, never by the checkpoint.
     p.add_argument("--target-path", help="the target's weights: a model folder or a .gguf file (default: the "
@@ -375,7 +424,7 @@ def main(argv=None) -> int:
             train_config=args.train_config or sources.train_config)
         export_draft(args.ckpt, out, args.format, args.dtype, False if args.no_embeddings else None,
                      overwrite=args.overwrite, card_sources=sources, device=args.device,
-                     target_spec=user_target_spec(args))
+                     target_spec=user_target_spec(args), verifier_path=args.verifier_path)
     except (ExportError, ExportSchemaError, CheckpointMismatchError, TargetNotFoundError,
             card_mod.CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -23,12 +23,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dspark_model.reference import reference_config_problems, reference_weight_problems
+
 FORMATS = ("native", "deepspec", "speculators")
 # markov_head_type in the public formats <-> our sequential_head names.
 HEAD_TYPE_OF = {"markov": "vanilla", "gated": "gated", "rnn": "rnn"}
 HEAD_KIND_OF = {v: k for k, v in HEAD_TYPE_OF.items()}
 TARGET_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
+LEGACY_HEAD_WEIGHTS = ("markov_head.gate.", "markov_head.rnn_proj.")  # before the reference names (heads.py)
 TOOLKIT_KEY = "dspark_toolkit"  # our provenance block inside the public formats (extra keys are ignored there)
 
 
@@ -100,6 +103,8 @@ SCHEMAS: dict[str, tuple[Key, ...]] = {
         Key("vocab_size", "int", "= target embedding rows"),
         *_DRAFT_LAYER_KEYS,
         Key("target_layer_ids", "list[int]", "tapped target layers, decoder-layer ids (ours, unchanged)"),
+        Key("num_anchors", "int", "anchor blocks per training sequence (train.max_anchors); DeepSpec asserts it"),
+        Key("tie_word_embeddings", "bool", "false: the draft's lm_head is its own copy (DeepSpec's builder)"),
         *_DSPARK_HEAD_KEYS,
     ),
     "speculators": (
@@ -306,6 +311,9 @@ def _check_deepspec(config: dict) -> list[str]:
                  f"got {config['architectures']}")
     if any(i < 0 for i in config["target_layer_ids"]):
         p.append(f"target_layer_ids {config['target_layer_ids']} must be decoder-layer ids >= 0")
+    if config["tie_word_embeddings"] is not False:
+        p.append("tie_word_embeddings must be false: the draft's lm_head is its own copy of the target's, and "
+                 "DeepSpec would tie it to embed_tokens (wrong for an untied target)")
     return p
 
 
@@ -320,6 +328,7 @@ def validate_config(fmt: str, config: dict) -> list[str]:
         return [] if config["model_type"] == "dspark" else ["config.json: model_type must be 'dspark'"]
     p = _check_heads(config, "config.json")
     p += _check_speculators(config) if fmt == "speculators" else _check_deepspec(config)
+    p += reference_config_problems(fmt, config)
     if not p:
         p += _check_provenance(fmt, config)
         kind, _ = _head(config)
@@ -409,7 +418,10 @@ def check_weights(fmt: str, config: dict, header: dict[str, tuple[tuple[int, ...
                 if set(missing) & set(TARGET_WEIGHTS) else "")
         p.append(f"weights: missing {missing[:6]}{'...' if len(missing) > 6 else ''}{hint}")
     if unexpected:
-        p.append(f"weights: unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+        legacy = [n for n in unexpected if n.startswith(LEGACY_HEAD_WEIGHTS)]
+        hint = (f" ({legacy[0]}: written by an older toolkit under a name the references do not know; export the "
+                f"checkpoint again (a gated head must be retrained first))" if legacy else "")
+        p.append(f"weights: unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}{hint}")
     for name in sorted(set(want) & set(header)):
         if tuple(header[name][0]) != want[name]:
             p.append(f"weights: {name} has shape {tuple(header[name][0])}, expected {want[name]}")
@@ -499,7 +511,11 @@ def validate_export(export_dir: str | Path, target=None, fmt: str | None = None)
         if not weights.is_file():
             problems.append("model.safetensors is missing")
         else:
-            problems += check_weights(found, config, read_weights_header(weights))
+            header = read_weights_header(weights)
+            problems += check_weights(found, config, header)
+            if found != "native" and not problems:
+                omitted = found == "deepspec" and not {"embed_tokens.weight", "lm_head.weight"} & set(header)
+                problems += reference_weight_problems(found, native_config(found, config)["arch"], header, omitted)
         if target is not None:
             problems += validate_against_target(found, config, target)
         problems += _check_calibration(export_dir, native_config(found, config)["block_size"])

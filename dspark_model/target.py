@@ -137,8 +137,11 @@ def load_target(spec: TargetSpec, device: str | torch.device = "cpu") -> Target:
             folder, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kwargs
         )
     model.to(device)
+    local = None
+    if spec.random is None and spec.path:
+        local = os.path.join(folder, gguf) if gguf else folder
     return Target(model, tokenizer, name_or_path=spec.id, revision=spec.revision,
-                  tap_layer_ids=spec.tap_layer_ids, num_taps=spec.num_tap_layers)
+                  tap_layer_ids=spec.tap_layer_ids, num_taps=spec.num_tap_layers, weights_path=local)
 
 
 @dataclass
@@ -152,11 +155,12 @@ class Target:
     """A frozen causal LM plus the facts a draft needs about it."""
 
     def __init__(self, model: nn.Module, tokenizer, name_or_path: str = "", revision: str | None = None,
-                 tap_layer_ids: list[int] | None = None, num_taps: int = 5):
+                 tap_layer_ids: list[int] | None = None, num_taps: int = 5, weights_path: str | None = None):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
-        self.name_or_path = name_or_path
+        self.name_or_path = name_or_path  # the canonical (Hub) id
         self.revision = revision
+        self.weights_path = weights_path  # the local folder / .gguf file it was loaded from (None: id or random)
         self.config = text_config(model.config)
         ids = list(tap_layer_ids) if tap_layer_ids else default_tap_layer_ids(self.num_layers, num_taps)
         bad = [i for i in ids if not 0 <= i < self.num_layers - 1]

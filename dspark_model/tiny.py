@@ -24,6 +24,7 @@ _FAMILIES = {
     "qwen2": "Qwen2Config",
     "qwen3": "Qwen3Config",
     "mistral": "MistralConfig",
+    "gemma3": "Gemma3TextConfig",  # per-layer-type attention and RoPE (sliding / full)
 }
 
 
@@ -54,7 +55,7 @@ def tiny_config(family: str = "llama", **overrides):
     fields = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                   tie_word_embeddings=True, eos_token_id=256, pad_token_id=257, bos_token_id=None)
-    if family == "qwen3":
+    if family in ("qwen3", "gemma3"):
         fields["head_dim"] = 16
     fields.update(overrides)
     return getattr(transformers, _FAMILIES[family])(**fields)

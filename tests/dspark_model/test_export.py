@@ -128,7 +128,8 @@ def test_dflash_and_speculators_layout(tmp_path, targets):
                                                                                                       False)
     assert cfg["draft_vocab_size"] == 272 and cfg["target_hidden_size"] == 64
     sc = cfg["speculators_config"]
-    assert sc["proposal_methods"] == [{"proposal_type": "greedy", "speculative_tokens": 4}]
+    assert sc["proposal_methods"] == [{"proposal_type": "greedy", "speculative_tokens": 4, "accept_tolerance": 0.0,
+                                       "verifier_accept_k": 1}]
     assert sc["verifier"]["name_or_path"] == "tiny-llama"
     assert cfg["transformer_layer_config"]["num_hidden_layers"] == 2
     names = set(load_file(str(out / "model.safetensors")))
