@@ -10,30 +10,27 @@ Examples::
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import hydra
 from omegaconf import OmegaConf
 
 from data_prep.schema import DataPrepConfig, register
 
-log = logging.getLogger("data_prep")
 register()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="data_prep")
 def main(dict_cfg) -> None:
     from data_prep.errors import DataPrepError
-    from data_prep.pipeline import run
+    from data_prep.pipeline import resolve_out_dir, run
+    from dspark_model.cli_errors import run_stage
+    from dspark_model.output_lock import OutputLockedError
     from dspark_model.target import TargetNotFoundError
 
     cfg: DataPrepConfig = OmegaConf.to_object(dict_cfg)
-    try:
-        run(cfg)
-    except (DataPrepError, TargetNotFoundError) as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    out = resolve_out_dir(cfg)
+    run_stage(lambda: run(cfg), (DataPrepError, TargetNotFoundError, OutputLockedError), folder=out,
+              resume=f"generations so far are kept in {out / 'generations.jsonl'}; rerun the same command to "
+                     f"continue where it stopped")
 
 
 if __name__ == "__main__":

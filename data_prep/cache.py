@@ -117,10 +117,11 @@ def encode(name: str, x: torch.Tensor, dtype: str, groups: int) -> dict[str, tor
     return {name: x.to(STORAGE_DTYPES[dtype]).contiguous()}
 
 
-def decode(values: torch.Tensor, scale: torch.Tensor | None, dtype: str = "int8") -> torch.Tensor:
-    """Stored values (and their scales, if any) -> float32."""
+def decode(values: torch.Tensor, scale: torch.Tensor | None, dtype: str = "int8", upcast: bool = True) -> torch.Tensor:
+    """Stored values (and their scales, if any) -> float32. ``upcast=False`` returns unscaled storage dtypes
+    (float32 / bfloat16 / float16) as stored, so a reader can move half the bytes and convert on the device."""
     if scale is None:
-        return values.float()
+        return values.float() if upcast else values
     return dequantize_fp8(values, scale) if dtype == "float8" else dequantize_int8(values, scale)
 
 
@@ -296,6 +297,11 @@ class TargetCache:
         return self._open[s]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.row(i)
+
+    def row(self, i: int, upcast: bool = True) -> dict[str, torch.Tensor]:
+        """Row ``i``'s (T, k*d) tap and (T, d) final states: float32, or with ``upcast=False`` the storage dtype
+        when it needs no scales (int8 / float8 rows are always dequantised to float32)."""
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} is outside the cache's {len(self)} rows")
         s = bisect.bisect_right(self._starts, i) - 1
@@ -306,7 +312,7 @@ class TargetCache:
         for name in ("tap_hidden", "final_hidden"):
             values = handle.get_slice(name)[a:b]
             scale = handle.get_slice(f"{name}_scale")[a:b] if dtype == "int8" else shard_scales.get(name)
-            out[name] = decode(values, scale, dtype)  # (T, k*d) / (T, d) fp32
+            out[name] = decode(values, scale, dtype, upcast)  # (T, k*d) / (T, d)
         return out
 
     def check_compatible(self, target_id: str, tap_layer_ids: Sequence[int], hidden_size: int) -> None:

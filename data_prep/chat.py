@@ -25,6 +25,7 @@ prompt does not make the row fit is its end cut (``truncated``); a row left with
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from typing import Any
 
@@ -75,6 +76,12 @@ def stop_token_ids(tokenizer, generation_config=None) -> set[int]:
 
 def template_sha256(tokenizer) -> str:
     return hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """sha256 of the token -> id map (added tokens included): equal exactly when token ids mean the same."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
 def assistant_spans(tokenizer, messages, chat_template_kwargs=None) -> tuple[str, list[tuple[int, int]]]:

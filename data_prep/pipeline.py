@@ -13,10 +13,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from data_prep.chat import stop_token_ids, template_sha256, tokenize_records
+from data_prep.chat import stop_token_ids, template_sha256, tokenize_records, tokenizer_sha256
 from data_prep.errors import DataPrepError, TemplateError
 from data_prep.generate import ChatClient, drop_long_prompts, generate_local, generate_openai, prompt_sha
-from data_prep.schema import DataPrepConfig
+from data_prep.schema import DataPrepConfig, validate
 from data_prep.sources import load_prompts
 from data_prep.store import (
     MANIFEST_FORMAT,
@@ -28,6 +28,7 @@ from data_prep.store import (
     save_tokenized,
 )
 from dspark_model.chat_template import is_plain, template_source
+from dspark_model.output_lock import output_lock
 from dspark_model.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats,
     return {
         "format": MANIFEST_FORMAT, "name": out_dir.name,
         "target": {"id": cfg.target.id, "revision": cfg.target.revision, "path": cfg.target.path,
-                   "chat_template_sha256": template_sha256(tokenizer)},
+                   "chat_template_sha256": template_sha256(tokenizer),
+                   "tokenizer_sha256": tokenizer_sha256(tokenizer)},
         "sources": prompt_set.sources, "prompts_config": cfg.prompts.name,
         "generation": {**settings, "base_url": redact_url(cfg.generation.base_url)
                        if cfg.generation.backend == "openai" else None},
@@ -144,8 +146,14 @@ def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats,
 
 
 def run(cfg: DataPrepConfig) -> dict:
-    """Run the stage; returns the manifest written to ``<out_dir>/manifest.json``."""
+    """Run the stage, holding ``out_dir`` locked; returns the manifest written to ``<out_dir>/manifest.json``."""
+    validate(cfg)
     out_dir = resolve_out_dir(cfg)
+    with output_lock(out_dir, "data_prep", "out_dir=<another folder> or name=<another name>"):
+        return _run(cfg, out_dir)
+
+
+def _run(cfg: DataPrepConfig, out_dir: Path) -> dict:
     kwargs = chat_kwargs(cfg)
     if cfg.num_threads:
         import torch

@@ -6,6 +6,7 @@ the composed config to these dataclasses once, so no DictConfig travels further.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,23 @@ class DataPrepConfig:
     device: str = "auto"  # auto = cuda if available, else cpu
     num_threads: int | None = 1  # torch CPU threads; None = torch's default (all cores: for an idle machine)
     overwrite: bool = False  # discard generations of an earlier run in out_dir
+
+
+def validate(cfg: DataPrepConfig) -> None:
+    """Cheap checks before anything is loaded; raises DataPrepError naming the field."""
+    from data_prep.errors import DataPrepError
+
+    g = cfg.generation
+    checks = [
+        (math.isfinite(g.temperature) and g.temperature >= 0,
+         f"generation.temperature must be >= 0 (0 = greedy), got {g.temperature}"),
+        (0 < g.top_p <= 1, f"generation.top_p must lie in (0, 1], got {g.top_p}"),
+        (g.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}"),
+        (g.batch_size >= 1 and g.concurrency >= 1, "generation.batch_size and generation.concurrency must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataPrepError(message)
 
 
 def register() -> None:

@@ -159,8 +159,14 @@ def parse_row(row: Any, field: str | None = None) -> tuple[list[str], str | None
 def _file_rows(path: Path):
     """Yield (line number, row object or _Skip) from a .jsonl or .parquet file."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise SourceError(f"prompt file {str(path)!r} line {n} is not UTF-8 (byte 0x{raw[exc.start]:02x} "
+                                      f"at column {exc.start + 1}); convert the file to UTF-8, e.g. "
+                                      f"`iconv -f latin1 -t utf-8`") from None
                 if not line.strip():
                     yield n, _Skip("empty", "blank line")
                     continue
@@ -169,9 +175,16 @@ def _file_rows(path: Path):
                 except json.JSONDecodeError as exc:
                     yield n, _Skip("invalid_json", exc.msg)
     elif path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for n, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as exc:
+            raise SourceError(f"prompt file {str(path)!r} is not a readable Parquet file "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                              f"rewrite it, or give a .jsonl file") from None
+        for n, row in enumerate(table.to_pylist(), start=1):
             yield n, row
     else:
         raise SourceError(f"prompt file {str(path)!r} has suffix {path.suffix!r}; use .jsonl or .parquet")

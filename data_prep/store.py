@@ -9,6 +9,7 @@
                              (loss-masked) token; read with load_token_counts (the draft vocabulary)
   manifest.json              sources + hashes, target, generation settings, counts, tokens, fingerprint
   cache/                     optional target cache (see data_prep.cache)
+  run.lock, run.lock.json    held while a run writes here (dspark_model/output_lock.py): one run at a time
 ```
 """
 
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +39,25 @@ def read_json(path: str | Path) -> dict:
         return json.load(f)
 
 
+def valid_record(rec) -> bool:
+    """Whether a decoded log line has the shape of a generated conversation (see data_prep/generate.py):
+    string ids, one response, finish reason and token count per user turn."""
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k), str) for k in ("row_id", "source", "prompt_sha")):
+        return False
+    turns, responses = rec.get("turns"), rec.get("responses")
+    lists = [turns, responses, rec.get("finish_reasons"), rec.get("num_tokens")]
+    if not all(isinstance(x, list) for x in lists) or len({len(x) for x in lists}) != 1:
+        return False
+    return (all(isinstance(t, str) for t in turns + responses) and isinstance(rec.get("system"), (str, type(None)))
+            and all(isinstance(n, int) for n in rec["num_tokens"]))
+
+
 class GenerationLog:
     """Append-only JSONL of generated conversations keyed by ``row_id``.
 
-    Each batch is appended, flushed and fsynced. A crash can leave a partial last line: ``load`` ignores it
-    and cuts the file back to the last complete line, so later appends start on a clean line.
+    Each batch is appended, flushed and fsynced. ``load`` skips and counts lines that are not JSON or not a
+    conversation wherever they are (their rows are generated again); only a torn last line — the write a
+    crash interrupted, with no final newline — is cut from the file, so later appends start on a clean line.
     """
 
     def __init__(self, path: str | Path):
@@ -50,23 +66,47 @@ class GenerationLog:
     def load(self) -> dict[str, dict]:
         if not self.path.exists():
             return {}
-        done, good_end = {}, 0
         with open(self.path, "rb") as f:
             data = f.read()
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # partial last line of an interrupted run
+        *lines, torn = data.split(b"\n")  # torn: whatever follows the last newline (b"" when none)
+        done, bad, first_bad = {}, Counter(), None
+        for n, line in enumerate(lines, start=1):
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            done[rec["row_id"]] = rec
-            good_end += len(line)
-        if good_end < len(data):
-            log.warning("%s: ignoring %d bytes of a partially written last line", self.path, len(data) - good_end)
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
+            except ValueError:  # also invalid UTF-8
+                reason = "not JSON"
+            else:
+                reason = None if valid_record(rec) else "not a conversation record"
+            if reason is None:
+                done[rec["row_id"]] = rec
+            else:
+                bad[reason] += 1
+                first_bad = first_bad or n
+        if bad:
+            log.warning("%s: skipped %d unreadable line(s) (%s; first at line %d); their rows are generated again",
+                        self.path, sum(bad.values()), ", ".join(f"{k}: {v}" for k, v in sorted(bad.items())),
+                        first_bad)
+        if torn:
+            self._cut_torn_last_line(len(data) - len(torn), torn, done)
         return done
+
+    def _cut_torn_last_line(self, end: int, torn: bytes, done: dict[str, dict]) -> None:
+        """Cut the bytes after the last newline; a complete record there (only its newline lost) is kept."""
+        try:
+            rec = json.loads(torn)
+        except ValueError:
+            rec = None
+        with open(self.path, "r+b") as f:
+            if valid_record(rec):
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")
+                done[rec["row_id"]] = rec
+            else:
+                f.truncate(end)
+                log.warning("%s: cut %d bytes of a torn last line (a write that was interrupted)", self.path,
+                            len(torn))
+            f.flush()
+            os.fsync(f.fileno())
 
     def append(self, records: list[dict]) -> None:
         if not records:

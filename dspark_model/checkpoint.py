@@ -29,6 +29,8 @@ from dspark_model import __version__
 from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft
+from dspark_model.heads import LegacyHeadError
+from dspark_model.identity import weights_fingerprint
 from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None,
         spec.setdefault("id", target.name_or_path)
         spec.update(num_layers=target.num_layers, hidden_size=target.hidden_size, vocab_size=target.vocab_size,
                     model_type=getattr(target.config, "model_type", None),
-                    architectures=getattr(target.model.config, "architectures", None))
+                    architectures=getattr(target.model.config, "architectures", None),
+                    fingerprint=weights_fingerprint(target))  # compared by eval, never used to load
     return {
         "model_type": "dspark",
         "format_version": FORMAT_VERSION,
@@ -215,7 +218,10 @@ def load_draft(ckpt_dir: str | Path, target=None, device=None) -> DSparkDraft:
     if not weights.is_file():
         raise CheckpointMismatchError(f"{ckpt_dir}: {WEIGHTS_NAME} is missing")
     state = load_file(str(weights))
-    missing, unexpected = draft.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = draft.load_state_dict(state, strict=False)
+    except LegacyHeadError as exc:
+        raise CheckpointMismatchError(f"{weights}: {exc}") from None
     if missing or unexpected:
         raise CheckpointMismatchError(f"{weights}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
     draft.to(dtype=next(v.dtype for v in state.values() if v.is_floating_point()))  # the draft_to_target map is int64

@@ -5,6 +5,8 @@ on the prompts, writes the report into ``runs/eval/<name>`` and, for drafts with
 them (``eval/calibration_report.py``). The checkpoint only names its target: without ``target=`` that name is
 loaded from local files with no remote code (``checkpoint.target_spec_from_checkpoint``); ``target=<name>``
 (with ``target.path`` / ``target.allow_download`` / ``target.trust_remote_code``) is the user's own choice.
+Either way the loaded target must be the one the checkpoint records (id, revision, weights fingerprint:
+``dspark_model/identity.py``) unless ``allow_target_mismatch=true``.
 ``draft=random`` builds an untrained draft from ``draft_config=<conf/draft name>`` for smoke tests.
 """
 
@@ -19,7 +21,7 @@ import hydra
 import torch
 from omegaconf import OmegaConf
 
-from eval.schema import EvalConfig, EvalConfigError
+from eval.schema import EvalConfig, EvalConfigError, validate
 
 log = logging.getLogger("eval")
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,26 @@ def load_models(cfg: EvalConfig, device: torch.device):
         raise TargetNotFoundError(f"{exc} (eval: the checkpoint only names its target; choose it yourself with "
                                   f"target=<conf/target name>, plus target.path=... or target.allow_download=true "
                                   f"as needed)") from None
+    check_identity(ckpt, spec, target, cfg.allow_target_mismatch)
     return target, load_draft(ckpt, target, device=device), spec, str(ckpt)
+
+
+def check_identity(ckpt: Path, spec, target, allow_mismatch: bool) -> None:
+    """Refuse a target other than the one the checkpoint records (id, revision, weights fingerprint): a
+    draft runs on any target of the same shapes, and its calibration would be fitted to the wrong one."""
+    from dspark_model.checkpoint import CheckpointMismatchError, read_draft_config
+    from dspark_model.identity import identity_problems
+
+    named = read_draft_config(ckpt).get("target") or {}
+    problems = identity_problems(named if isinstance(named, dict) else {}, spec.id, spec.revision, target)
+    if not problems:
+        return
+    message = f"draft {ckpt} was trained for another target: {'; '.join(problems)}"
+    if allow_mismatch:
+        log.warning("%s (continuing: allow_target_mismatch=true)", message)
+        return
+    raise CheckpointMismatchError(f"{message}. Fix: pass the target it was trained for (target=<name>, "
+                                  f"target.path=...), or allow_target_mismatch=true if you know they are the same")
 
 
 def load_eval_prompts(cfg: EvalConfig) -> list:
@@ -95,11 +116,12 @@ def run(cfg: EvalConfig) -> str:
     from eval.report import build_report, calibrate, run_settings_record, write_outputs
     from eval.speculative import eos_token_ids_of
 
+    validate(cfg)
     device = resolve_device(cfg.device)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     target, draft, spec, ckpt = load_models(cfg, device)
-    gamma = cfg.gamma or draft.block_size
+    gamma = cfg.gamma if cfg.gamma is not None else draft.block_size
     if not 1 <= gamma <= draft.block_size:
         raise EvalConfigError(f"gamma={gamma} must lie in 1..{draft.block_size} (the draft's trained block "
                               f"size); set gamma<={draft.block_size}")
@@ -119,7 +141,7 @@ def run(cfg: EvalConfig) -> str:
     report = build_report(acceptance_summary(records, gamma), throughput_summary(rows),
                           run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt))
     if cfg.calibration.enabled and draft.confidence_head is not None:
-        report.update(calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed))
+        report.update(calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed, spec))
     write_outputs(out_dir, report, records if cfg.save_rounds else None, rows, outputs)
     log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report["tau"] or 0,
              {k: round(v, 1) for k, v in report["tokens_per_s"].items() if v}, report["greedy_match_rate"],
@@ -129,20 +151,19 @@ def run(cfg: EvalConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(dcfg) -> None:
+    from dspark_model.cli_errors import fail, run_stage
+
     if OmegaConf.is_missing(dcfg, "draft_checkpoint"):
-        print("eval: error: no draft given; pass draft=<checkpoint dir> (e.g. runs/train/<name>/final), "
-              "or draft=random target=<name> for an untrained draft", file=sys.stderr)
-        sys.exit(2)
+        fail("eval: no draft given; pass draft=<checkpoint dir> (e.g. runs/train/<name>/final), or "
+             "draft=random target=<name> for an untrained draft")
     cfg: EvalConfig = OmegaConf.to_object(dcfg)
     from data_prep.errors import DataPrepError
     from dspark_model.checkpoint import CheckpointMismatchError
     from dspark_model.target import TargetNotFoundError
 
-    try:
-        run(cfg)
-    except (EvalConfigError, DataPrepError, CheckpointMismatchError, TargetNotFoundError) as exc:
-        print(f"eval: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_stage(lambda: run(cfg), (EvalConfigError, DataPrepError, CheckpointMismatchError, TargetNotFoundError),
+              folder=cfg.out_dir or ROOT / "runs" / "eval",
+              resume="an eval keeps no partial state; rerun the same command to evaluate again")
 
 
 if __name__ == "__main__":

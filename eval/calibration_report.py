@@ -170,7 +170,8 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
                     n_bins: int = 15, calib_fraction: float = 0.5, seed: int = 0,
                     hardware: Mapping | None = None,
                     max_wasted_fraction: float = DEFAULT_MAX_WASTED_FRACTION,
-                    concurrency: Sequence[int] = DEFAULT_CONCURRENCY, n_steps: int | None = None) -> dict:
+                    concurrency: Sequence[int] = DEFAULT_CONCURRENCY, n_steps: int | None = None,
+                    target: Mapping | None = None) -> dict:
     """Calibrate, score, sweep, simulate and write ``calibration.json`` + PNGs into ``out_dir``.
 
     calibration.json (and the returned dict) holds: version, gamma, temperatures, n_bins, split,
@@ -179,7 +180,9 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
     scheduler {policy, early_stop, ...},
     simulation {table, scheduler_vs_best_fixed, ...}, figures, and the report keys ece_before, ece_after
     (pooled prefix-survival ECE on the held-out part), auroc, brier (after STS, pooled) and
-    scheduler_vs_best_fixed. ``hardware`` defaults to the hardware recorded in the SPS table.
+    scheduler_vs_best_fixed. ``hardware`` defaults to the hardware recorded in the SPS table. ``target``: the
+    target the records were measured on (id, revision, fingerprint; ``dspark_model/identity.py``), stored
+    as ``target`` so that a calibration beside a draft's weights says which target it was fitted with.
     """
     gamma = _validate(records)
     sps = sps_table if isinstance(sps_table, SpsTable) else SpsTable.from_dict(sps_table)
@@ -207,7 +210,7 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
         "simulation": simulation, "figures": figures,
         "ece_before": before["pooled"]["ece"], "ece_after": after["pooled"]["ece"],
         "auroc": after["pooled"]["auroc"], "brier": after["pooled"]["brier"],
-        "scheduler_vs_best_fixed": simulation["scheduler_vs_best_fixed"],
+        "scheduler_vs_best_fixed": simulation["scheduler_vs_best_fixed"], "target": target,
     })
     atomic_write_json(os.path.join(out_dir, "calibration.json"), result, allow_nan=False)  # NaN already null
     return result

@@ -240,11 +240,12 @@ def run_settings_record(cfg, spec, target, draft, settings, prompts: Sequence, c
 
 
 def calibrate(records: Sequence[Mapping], target, out_dir: str, checkpoint: str | None, cal_cfg,
-              seed: int = 0) -> dict:
+              seed: int = 0, spec=None) -> dict:
     """Profile SPS on this machine and run the calibration stage (eval/calibration_report.py).
 
     Writes ``<out_dir>/calibration/`` and, when ``cal_cfg.write_to_checkpoint`` and a checkpoint folder is
-    known, copies ``calibration.json`` beside the checkpoint. Returns the report keys to merge (ece_before,
+    known, copies ``calibration.json`` beside the checkpoint; it records the target it was fitted with
+    (``spec``'s id and revision, the weights fingerprint). Returns the report keys to merge (ece_before,
     ece_after, auroc, brier, scheduler_vs_best_fixed), or {"calibration_error": reason} when it cannot run,
     so the rest of the eval never depends on it.
     """
@@ -252,6 +253,7 @@ def calibrate(records: Sequence[Mapping], target, out_dir: str, checkpoint: str 
 
     log = logging.getLogger(__name__)
     try:
+        from dspark_model.identity import identity_record
         from eval.calibration_report import run_calibration
         from eval.scheduler import describe_hardware, make_target_step_fn, profile_sps
 
@@ -261,8 +263,10 @@ def calibrate(records: Sequence[Mapping], target, out_dir: str, checkpoint: str 
         sps = profile_sps(step, cal_cfg.sps_batch_sizes, warmup=cal_cfg.sps_warmup, repeats=cal_cfg.sps_repeats,
                           hardware=describe_hardware())
         cal_dir = os.path.join(out_dir, "calibration")
+        fitted_with = identity_record(spec.id if spec else target.name_or_path,
+                                      spec.revision if spec else target.revision, target)
         result = run_calibration(usable, sps, cal_dir, n_bins=cal_cfg.n_bins,
-                                 calib_fraction=cal_cfg.calib_fraction, seed=seed)
+                                 calib_fraction=cal_cfg.calib_fraction, seed=seed, target=fitted_with)
     except Exception as exc:  # calibration is an add-on: report why it was skipped, keep the eval
         log.warning("calibration skipped: %s: %s", type(exc).__name__, exc)
         return {"calibration_error": f"{type(exc).__name__}: {exc}"}

@@ -7,6 +7,7 @@ the draft checkpoint names, loaded from local files without remote code), ``draf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,23 @@ class EvalConfig:
     progress: bool = True
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    # The target must be the one the checkpoint records (id, revision, weights fingerprint); true: warn only.
+    allow_target_mismatch: bool = False
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Cheap checks before any model is loaded (gamma's upper bound needs the draft: checked in run)."""
+    checks = [
+        (cfg.gamma is None or cfg.gamma >= 1, f"gamma={cfg.gamma} must be >= 1 (draft tokens per round); "
+         f"leave it unset for the draft's trained block size"),
+        (math.isfinite(cfg.temperature) and cfg.temperature >= 0,
+         f"temperature={cfg.temperature} must be >= 0 (0 = greedy)"),
+        (cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1"),
+        (cfg.num_prompts is None or cfg.num_prompts >= 1, f"num_prompts={cfg.num_prompts} must be >= 1 or null"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise EvalConfigError(message)
 
 
 def register() -> None:

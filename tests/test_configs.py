@@ -76,7 +76,7 @@ def _build(stage: str, group: str | None, obj) -> None:
 
 def _build_train(job) -> None:
     from train.distributed import deepspeed_config
-    from train.loop import lr_lambda
+    from train.optim import lr_lambda
     from train.schema import validate
 
     validate(job)
@@ -109,6 +109,7 @@ def test_train_defaults_and_bad_overrides():
     assert job.train.anchors_per_4096 == 512 and job.deepspeed.stage == "none"
     demo = _compose("train", ["train=demo"])
     assert demo.draft.num_layers == 2 and demo.train.global_batch_size == 4
+    assert demo.data.mode == "offline" and demo.draft.draft_vocab_size == 4096  # scripts/demo.sh builds the cache
     # the reference benchmark's two drafts share the backbone and recipe; only the heads differ
     ref = {d: _compose("train", ["train=reference", f"draft={d}", "data=demo-offline"]) for d in ("dspark", "dflash")}
     assert ref["dspark"].train == ref["dflash"].train and ref["dspark"].data == ref["dflash"].data

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -32,8 +31,10 @@ def output_dir(job: TrainJob) -> Path:
 def main(cfg: DictConfig) -> None:
     from data_prep.errors import DataPrepError
     from dspark_model.checkpoint import CheckpointMismatchError
+    from dspark_model.cli_errors import run_stage
+    from dspark_model.output_lock import OutputLockedError
     from dspark_model.target import TargetNotFoundError
-    from train.checkpointing import CheckpointRunError
+    from train.checkpointing import CheckpointCorruptError, CheckpointRunError, checkpoint_size_hint
     from train.data import DataError
     from train.loop import train
     from train.schema import TrainConfigError
@@ -41,12 +42,12 @@ def main(cfg: DictConfig) -> None:
     job: TrainJob = OmegaConf.to_object(cfg)
     out = output_dir(job)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        metrics = train(job, out, resolved)
-    except (TargetNotFoundError, DataError, DataPrepError, TrainConfigError, CheckpointMismatchError,
-            CheckpointRunError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    user_errors = (TargetNotFoundError, DataError, DataPrepError, TrainConfigError, CheckpointMismatchError,
+                   CheckpointRunError, CheckpointCorruptError, OutputLockedError, FileNotFoundError)
+    metrics = run_stage(lambda: train(job, out, resolved), user_errors, folder=out,
+                        resume=f"checkpoints in {out / 'checkpoints'} are intact (each is written whole or not "
+                               f"at all); rerun the same command to continue from the newest one",
+                        space_needed=lambda: checkpoint_size_hint(out / "checkpoints"))
     if metrics:
         log.info("done: step loss %.4f, expected acceptance %.3f; draft in %s", metrics.get("loss", float("nan")),
                  metrics.get("expected_accept", float("nan")), out / "final")

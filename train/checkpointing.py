@@ -9,10 +9,15 @@ Layout of ``<output_dir>/checkpoints/step-00000100/``::
     deepspeed/               DeepSpeed's own checkpoint (engine.save_checkpoint) under ZeRO-2 / ZeRO-3
     rng-rank<r>.json         python / numpy RNG state of rank r; rng-rank<r>.safetensors: torch (+cuda) state
 
+    files.json               byte size and sha256 of every other file (written last)
+
 Non-tensor state is JSON, tensors are safetensors: nothing is unpickled on resume, except that DeepSpeed's
 own checkpoint format (used under ZeRO, the standard way to save sharded optimizer state) is torch.save
 based. A checkpoint is written into ``.tmp-step-*``, fsynced, and renamed into place, so a crash while saving
 leaves the previous checkpoints intact; a folder without ``trainer_state.json`` is never resumed from.
+``resume=auto`` checks the newest checkpoint against its ``files.json`` before loading anything and falls
+back to the previous intact one with a warning (a truncated or damaged file never blocks a resume); a run
+first removes the temporary folders a crash or a full disk left behind.
 
 Run id: the first run in an output folder records a random id in ``<output_dir>/run.json`` (``start_run``);
 every checkpoint's ``trainer_state.json`` carries it, and a checkpoint whose id differs (copied from another
@@ -23,6 +28,7 @@ someone who can write into the output folder itself.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,11 +47,16 @@ from dspark_model.atomic import atomic_write_json, replace_dir
 log = logging.getLogger(__name__)
 
 STATE_NAME = "trainer_state.json"
+FILES_NAME = "files.json"  # {"files": {relative path: {"bytes": n, "sha256": hex}}}
 RUN_NAME = "run.json"  # in the output folder, beside checkpoints/: {"run_id": ...}
 
 
 class CheckpointRunError(ValueError):
     """A checkpoint was not written by this output folder's run; the message names both and the fix."""
+
+
+class CheckpointCorruptError(ValueError):
+    """No intact checkpoint to resume from (a named one is damaged, or every one is); the message says why."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -61,28 +72,116 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def resolve_resume(root: Path, resume: str) -> Path | None:
-    """``auto``: newest complete checkpoint or None; ``never``: None; else the given folder (must exist).
-    A checkpoint found is checked to come from this run folder (``check_run``) before it is returned."""
+    """``auto``: the newest intact checkpoint (damaged newer ones are skipped with a warning) or None;
+    ``never``: None; else the given folder (must exist and be intact). The checkpoint is checked to come
+    from this run folder (``check_run``) before it is returned."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = list_checkpoints(root)
-        path = found[-1] if found else None
+        path, damaged = None, []
+        for candidate in reversed(list_checkpoints(root)):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                path = candidate
+                break
+            damaged.append(candidate)
+            log.warning("checkpoint %s is damaged (%s); falling back to the one before it (the damaged one "
+                        "stays on disk until this run saves that step again)", candidate, problem)
+        if damaged and path is None:
+            raise CheckpointCorruptError(f"every checkpoint in {root} is damaged ({damaged[0].name}: "
+                                         f"{verify_checkpoint(damaged[0])}); start over with train.resume=never")
     else:
         path = Path(resume)
         if not (path / STATE_NAME).is_file():
             raise FileNotFoundError(f"train.resume={resume!r} is not a complete checkpoint ({STATE_NAME} "
                                     f"missing); use train.resume=auto, never, or a {root}/step-* folder")
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointCorruptError(f"train.resume={resume} is damaged ({problem}); use train.resume=auto "
+                                         f"to take the newest intact checkpoint, or name an older one")
     if path is not None:
         check_run(root, path)
     return path
 
 
+# ---- integrity: sizes and hashes recorded at save, checked before a resume ---------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_files(folder: Path) -> dict:
+    """{relative path: {bytes, sha256}} for every file under ``folder`` (except files.json itself)."""
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FILES_NAME}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (a short phrase), or None when it is intact.
+
+    trainer_state.json must parse; every file in files.json must have its recorded size and sha256.
+    Checkpoints saved before files.json existed are checked on trainer_state.json only."""
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{STATE_NAME} holds no step"
+    except (OSError, ValueError) as exc:
+        return f"{STATE_NAME} unreadable: {type(exc).__name__}"
+    if not (path / FILES_NAME).is_file():
+        return None
+    try:
+        files = json.loads((path / FILES_NAME).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{FILES_NAME} unreadable: {type(exc).__name__}"
+    for name, want in files.items():
+        p = path / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != want["bytes"]:
+            return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(p) != want["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def remove_stale_temporaries(out: Path) -> list[str]:
+    """Delete the temporary folders that a crash or a full disk left in output folder ``out`` (unfinished
+    checkpoints ``.tmp-step-*``, swapped-out copies ``.*.old-*``, unfinished final drafts ``.final.tmp-*``).
+    Safe only while the folder is locked by this run. Returns the names removed."""
+    root = out / "checkpoints"
+    found = [*root.glob(".tmp-step-*"), *root.glob(".step-*.old-*"), *out.glob(".final.tmp-*"),
+             *out.glob(".final.old-*")]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if found:
+        log.warning("removed %d temporary folder(s) left by an interrupted run in %s: %s", len(found), out,
+                    ", ".join(sorted(p.name for p in found)))
+    return [p.name for p in found]
+
+
+def checkpoint_size_hint(root: Path) -> str | None:
+    """'a checkpoint here takes about N MiB' from the newest checkpoint (what a full disk message needs)."""
+    found = list_checkpoints(root)
+    if not found:
+        return None
+    size = sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file())
+    return f"a checkpoint here takes about {size / 2**20:.1f} MiB"
+
+
 # ---- run id: only checkpoints this run folder wrote are resumed from -----------------------------------------
 def start_run(root: Path, *, rank: int, barrier: Callable[[], None]) -> str:
     """The run id of the output folder holding ``root`` (the checkpoints folder): read from its run.json, or
-    drawn at random and written there (atomically, by rank 0) when the folder is new. Collective."""
+    drawn at random and written there (atomically, by rank 0) when the folder is new. Rank 0 also removes
+    temporary folders an interrupted run left there. Collective."""
     path = root.parent / RUN_NAME
+    if rank == 0:
+        remove_stale_temporaries(root.parent)
     if rank == 0 and not path.is_file():
         atomic_write_json(path, {"run_id": uuid.uuid4().hex, "note": "checkpoints under checkpoints/ carry "
                                  "this id; only they are resumed from"})
@@ -200,6 +299,7 @@ def save_checkpoint(root: Path, step: int, trainer_state: dict, *, rank: int, ba
     barrier()
     if rank == 0:
         _write_json(tmp / STATE_NAME, {**trainer_state, "run_id": run_id(root)})
+        _write_json(tmp / FILES_NAME, {"files": record_files(tmp)})
         _fsync_tree(tmp)
         replace_dir(tmp, final)  # re-saving a step after a resume swaps the old copy out
         _fsync_dir(root)

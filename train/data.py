@@ -2,12 +2,13 @@
 
 Order: each epoch is a seeded permutation of the rows; optimizer step s takes the next ``global_batch_size``
 rows of it (a short last slice is dropped). The rows of a step are sorted by length and cut into
-micro-batches; micro-batch i goes to process i mod world_size. So the data order is a pure function of
+micro-batches, dealt to processes by token count (``micro_batches``). So the data order is a pure function of
 (seed, step) — resuming needs no sampler state — and one process with gradient accumulation sees exactly
 the micro-batches that several processes see together.
 
-For random (tiny) targets a missing data folder is replaced by rows sampled from the target itself, so
-``python -m train target=tiny`` runs with nothing prepared.
+Data made for another target is refused (``check_data_target``). For random (tiny) targets,
+``data.synthetic=true`` (``data=synthetic``) samples rows from the target itself, so
+``python -m train target=tiny data=synthetic`` runs with nothing prepared; it is never a silent fallback.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class TrainData:
     origin: str  # the data folder, or "synthetic"
     cache: object | None = None  # data_prep.cache.TargetCache in offline mode
     manifest: dict = field(default_factory=dict)
+    starts: list[int] = field(default_factory=list)  # per row: tokens cut from its start (cache offset); [] = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -59,7 +61,9 @@ def content_fingerprint(input_ids: list[torch.Tensor], loss_mask: list[torch.Ten
 
 
 def load_data_dir(path: Path, max_length: int, limit: int | None) -> TrainData:
-    """Rows of a data_prep output folder, truncated to ``max_length``; rows with no anchor are skipped."""
+    """Rows of a data_prep output folder; rows with no anchor are skipped. A row longer than ``max_length``
+    keeps its last ``max_length`` tokens: the answer (at the end) survives and the prompt's start goes, as in
+    data_prep. The target cache's states stay valid for the kept tokens (they were computed on the whole row)."""
     from data_prep.store import load_tokenized
 
     ds, manifest = load_tokenized(path)
@@ -68,19 +72,50 @@ def load_data_dir(path: Path, max_length: int, limit: int | None) -> TrainData:
         raise DataError(f"{path}/dataset lacks column(s) {sorted(missing)}; regenerate it with python -m data_prep")
     n = len(ds) if limit is None else min(limit, len(ds))
     ids_col, mask_col = ds["input_ids"][:n], ds["loss_mask"][:n]
-    ids_out, mask_out, rows = [], [], []
+    ids_out, mask_out, rows, starts = [], [], [], []
     for i, (ids, mask) in enumerate(zip(ids_col, mask_col)):
-        ids_t = torch.as_tensor(ids[:max_length], dtype=torch.long)
-        mask_t = torch.as_tensor(mask[:max_length], dtype=torch.long)
+        start = max(0, len(ids) - max_length)
+        ids_t = torch.as_tensor(ids[start:], dtype=torch.long)
+        mask_t = torch.as_tensor(mask[start:], dtype=torch.long)
         if anchor_candidates(mask_t).numel() == 0:
             continue
         ids_out.append(ids_t)
         mask_out.append(mask_t)
         rows.append(i)
+        starts.append(start)
     if not ids_out:
         raise DataError(f"{path}: no row has two consecutive supervised tokens; check data_prep's loss masks")
     log.info("data: %d rows (%d skipped without anchors) from %s", len(rows), n - len(rows), path)
-    return TrainData(ids_out, mask_out, rows, manifest.get("fingerprint", ""), str(path), None, manifest)
+    if any(starts):
+        log.info("data: %d rows longer than data.max_length=%d keep their last %d tokens (prompt start cut)",
+                 sum(1 for x in starts if x), max_length, max_length)
+    return TrainData(ids_out, mask_out, rows, manifest.get("fingerprint", ""), str(path), None, manifest, starts)
+
+
+def check_data_target(manifest: dict, path: Path, spec, target, allow_mismatch: bool) -> None:
+    """Refuse data that data_prep made for another target: its manifest's target id, revision (when both
+    are known) and tokenizer hash must match the target trained against. ``allow_mismatch`` warns instead."""
+    from data_prep.chat import tokenizer_sha256
+
+    made = manifest.get("target")
+    if not isinstance(made, dict):
+        log.warning("%s/manifest.json records no target; cannot check that the data fits %s", path, spec.id)
+        return
+    problems = []
+    if made.get("id") != spec.id:
+        problems.append(f"id {made.get('id')!r} there, {spec.id!r} here")
+    if made.get("revision") and spec.revision and made["revision"] != spec.revision:
+        problems.append(f"revision {made['revision']} there, {spec.revision} here")
+    if made.get("tokenizer_sha256") and made["tokenizer_sha256"] != tokenizer_sha256(target.tokenizer):
+        problems.append("a different tokenizer (token ids mean other tokens)")
+    if not problems:
+        return
+    message = f"data at {path} was prepared for another target: {'; '.join(problems)}"
+    if allow_mismatch:
+        log.warning("%s (continuing: data.allow_target_mismatch=true)", message)
+        return
+    raise DataError(f"{message}. Fix: prepare data with `python -m data_prep target=<this target>`, or set "
+                    f"data.allow_target_mismatch=true if you know the two targets share their tokens")
 
 
 @torch.no_grad()
@@ -162,10 +197,23 @@ class StepSampler:
 
 
 def micro_batches(rows: list[int], lengths: list[int], micro: int, world: int, rank: int) -> list[list[int]]:
-    """This process's micro-batches of a step: rows sorted by length (longest first), cut, dealt round-robin."""
+    """This process's micro-batches of a step. The step's rows are sorted by length (longest first) and cut
+    into micro-batches of similar rows (little padding); the micro-batches are then dealt to processes by
+    token count: each in turn (largest first) goes to the process with the fewest tokens so far among those
+    still short of their share, so every process runs the same number of micro-batches (gradient accumulation
+    stays in step) and the longest rows do not all land on one rank. A pure function of its arguments."""
     ordered = sorted(rows, key=lambda r: (-lengths[r], r))
     chunks = [ordered[i: i + micro] for i in range(0, len(ordered), micro)]
-    return chunks[rank::world]
+    if world == 1:
+        return chunks
+    share = -(-len(chunks) // world)  # ceil: a short tail leaves some processes one micro-batch fewer
+    tokens, mine = [0] * world, [[] for _ in range(world)]
+    for chunk in sorted(chunks, key=lambda c: (-sum(lengths[r] for r in c), c[0])):
+        open_ranks = [k for k in range(world) if len(mine[k]) < share]
+        k = min(open_ranks, key=lambda j: (tokens[j], j))
+        mine[k].append(chunk)
+        tokens[k] += sum(lengths[r] for r in chunk)
+    return mine[rank]
 
 
 @dataclass
@@ -179,7 +227,10 @@ class Batch:
     final_hidden: torch.Tensor | None = None  # (B, T, d) offline mode
 
 
-def collate(data: TrainData, indices: list[int], pad_id: int) -> Batch:
+def collate(data: TrainData, indices: list[int], pad_id: int, pin: bool = False) -> Batch:
+    """Right-padded micro-batch of rows ``indices``. Cached target states keep their storage dtype (a bf16
+    cache moves half the bytes of float32; the training step converts on its device); ``pin`` puts every
+    tensor in page-locked memory for asynchronous copies to a GPU."""
     lengths = [data.input_ids[i].numel() for i in indices]
     B, T = len(indices), max(lengths)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -189,9 +240,14 @@ def collate(data: TrainData, indices: list[int], pad_id: int) -> Batch:
         mask[b, : lengths[b]] = data.loss_mask[i]
     batch = Batch(ids, mask, [data.loss_mask[i] for i in indices], list(indices), sum(lengths))
     if data.cache is not None:
-        rows = [data.cache[data.rows[i]] for i in indices]
-        batch.tap_hidden = _pad_stack([r["tap_hidden"][:n] for r, n in zip(rows, lengths)], T)
-        batch.final_hidden = _pad_stack([r["final_hidden"][:n] for r, n in zip(rows, lengths)], T)
+        rows = [data.cache.row(data.rows[i], upcast=False) for i in indices]
+        starts = [data.starts[i] if data.starts else 0 for i in indices]
+        batch.tap_hidden = _pad_stack([r["tap_hidden"][s: s + n] for r, s, n in zip(rows, starts, lengths)], T)
+        batch.final_hidden = _pad_stack([r["final_hidden"][s: s + n] for r, s, n in zip(rows, starts, lengths)], T)
+    if pin:
+        for name in ("input_ids", "loss_mask", "tap_hidden", "final_hidden"):
+            if getattr(batch, name) is not None:
+                setattr(batch, name, getattr(batch, name).pin_memory())
     return batch
 
 

@@ -38,6 +38,15 @@ def ensure_launch_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun / accelerate / deepspeed: RANK; mpirun:
+    OMPI_COMM_WORLD_RANK), readable before any process group exists; 0 for a plain launch."""
+    for key in ("RANK", "OMPI_COMM_WORLD_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
 def pick_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -25,14 +24,17 @@ from tqdm import tqdm
 
 from dspark_model.atomic import atomic_write_text
 from dspark_model.draft import build_draft_for, count_parameters
+from dspark_model.output_lock import output_lock
 from dspark_model.target import load_target, resolve_weights
 from dspark_model.vocab import answer_token_counts, top_k_vocab
 from train import checkpointing, distributed
 from train.anchors import batch_anchors, slot_mask
 from train.data import (
+    Batch,
     DataError,
     StepSampler,
     TrainData,
+    check_data_target,
     collate,
     default_data_dir,
     load_data_dir,
@@ -42,45 +44,36 @@ from train.data import (
 )
 from train.loss import LossWeights, draft_loss
 from train.metrics_log import MetricsLogger, NullLogger
+from train.optim import make_optimizer
+from train.prefetch import Prefetcher
 from train.schema import TrainJob, validate
 from train.teacher import TeacherMemo
 
 log = logging.getLogger(__name__)
 
 
+def noisy_taps(tap_hidden: torch.Tensor, std: float, num_taps: int) -> torch.Tensor:
+    """(B, T, n*d) tapped states plus Gaussian noise of ``std`` times each state's own RMS (per tap and
+    position: SmolLM2's deep taps carry values of ~1e4 where shallow ones are ~1, so one absolute scale fails)."""
+    x = tap_hidden.float().unflatten(-1, (num_taps, -1))  # (B, T, n, d)
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+    return (x + std * rms * torch.randn_like(x)).flatten(-2).to(tap_hidden.dtype)
+
+
 class DraftObjective(nn.Module):
     """The draft and its loss as one module: (target states, ids, anchors, mask) -> (loss, metrics)."""
 
-    def __init__(self, draft, weights: LossWeights, chunk_size: int, recompute: bool):
+    def __init__(self, draft, weights: LossWeights, chunk_size: int, recompute: bool, feature_noise: float = 0.0):
         super().__init__()
         self.draft, self.weights, self.chunk_size, self.recompute = draft, weights, chunk_size, recompute
+        self.feature_noise = feature_noise
 
     def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask, teacher_lse=None, teacher_argmax=None):
+        if self.training and self.feature_noise > 0:
+            tap_hidden = noisy_taps(tap_hidden, self.feature_noise, len(self.draft.tap_layer_ids))
         h = self.draft.forward_train(tap_hidden, input_ids, anchors)  # (B, A, G, d)
         return draft_loss(self.draft, self.draft.target, h, final_hidden, input_ids, anchors, mask,
                           self.weights, self.chunk_size, self.recompute, teacher_lse, teacher_argmax)
-
-
-def lr_lambda(step: int, warmup: int, max_steps: int, schedule: str, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine to ``min_ratio`` (or constant)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(draft: nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with weight decay on matrices only, and the warm-up + cosine schedule."""
-    params = [p for p in draft.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), foreach=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio))
-    return opt, sched
 
 
 def seed_everything(seed: int) -> None:
@@ -90,43 +83,74 @@ def seed_everything(seed: int) -> None:
 
 
 def data_path(job: TrainJob) -> Path | None:
-    """The data folder to read, or None when rows are to be sampled from a random target. Checked before any
-    model is loaded so that missing data fails fast."""
+    """The data folder to read, or None when rows are to be sampled from a random target (data.synthetic,
+    asked for explicitly). Checked before any model is loaded so that missing data fails fast."""
     d = job.data
+    if d.synthetic:
+        if job.target.random is None or d.mode != "online":
+            raise DataError("data.synthetic=true samples rows from a random target in online mode only; "
+                            "prepare data for this target with `python -m data_prep` and set data.path")
+        return None
     path = Path(d.path) if d.path else default_data_dir(d.prompts, job.target.id)
     if (path / "manifest.json").is_file():
         return path
-    if job.target.random is not None and d.mode == "online":
-        return None
+    tiny = " (or sample rows from a random target with data=synthetic)" if job.target.random is not None else ""
     raise DataError(f"no training data at {path} (manifest.json missing); prepare it with "
-                    f"`python -m data_prep target=<same target>` or set data.path=<data_prep output dir>")
+                    f"`python -m data_prep target=<same target>` or set data.path=<data_prep output dir>{tiny}")
 
 
 def load_data(job: TrainJob, target, path: Path | None) -> TrainData:
-    """data_prep output (online / offline), or sampled rows for a random target with no data folder."""
+    """data_prep output (online / offline), or sampled rows from a random target (data.synthetic)."""
     d = job.data
     if path is None:
         return synthesize(target, d.synthetic_rows, d.synthetic_response_tokens, job.train.seed)
     data = load_data_dir(path, d.max_length, d.limit)
+    check_data_target(data.manifest, path, job.target, target, d.allow_target_mismatch)
     if d.mode == "offline":
         open_cache(data, path / "cache", target, job.target.id)
     return data
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX tiles or AVX512-BF16), where bf16 autocast trains the
+    draft ~1.9x faster than fp32 (BENCHMARKS.md); on AVX2-only CPUs bf16 is emulated and several times slower."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # private probes: a torch without them gets the safe answer
+        return False
+
+
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """train.precision -> bf16 autocast or not. auto: on GPUs only; native: on GPUs and on CPUs with native
+    bf16 (the measured-faster choice on such a CPU); bf16 / fp32: always / never."""
+    if precision == "native":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def _autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(device, precision)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def train_step(model, optimizer, scheduler, target, data: TrainData, batches: list[list[int]], epoch: int,
+def step_inputs(data: TrainData, sampler: StepSampler, lengths: list[int], rt, t, pad_id: int, start: int):
+    """(epoch, this process's collated micro-batches) of every step from ``start`` on, in order."""
+    for step in range(start, t.max_steps):
+        epoch, rows = sampler.rows(step)
+        batches = micro_batches(rows, lengths, t.micro_batch_size, rt.world, rt.rank)
+        yield epoch, [collate(data, indices, pad_id, pin=rt.device.type == "cuda") for indices in batches]
+
+
+def train_step(model, optimizer, scheduler, target, data: TrainData, batches: list[Batch], epoch: int,
                rt, job: TrainJob, block_size: int, memo: TeacherMemo | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step over this process's micro-batches; returns summed metrics (and a count).
     ``memo`` (reduced draft vocabulary): the target's per-row log-normalisers, computed at first visit."""
     t, acc = job.train, rt.accelerator
     totals: dict[str, torch.Tensor] = {}
-    for indices in batches:
-        b = collate(data, indices, pad_id=target.tokenizer.pad_token_id or 0)
-        ids, lm = b.input_ids.to(rt.device), b.loss_mask.to(rt.device)  # (B, T)
+    copy = {"device": rt.device, "non_blocking": True}
+    for b in batches:
+        indices = b.indices
+        ids, lm = b.input_ids.to(**copy), b.loss_mask.to(**copy)  # (B, T)
         anchors, valid = batch_anchors(b.masks, [data.rows[i] for i in indices], epoch, t.seed,
                                        t.anchors_per_4096, t.min_anchors, t.max_anchors)
         anchors, valid = anchors.to(rt.device), valid.to(rt.device)  # (B, A)
@@ -136,7 +160,7 @@ def train_step(model, optimizer, scheduler, target, data: TrainData, batches: li
                 out = target.forward(ids)
             tap, fin = out.tap_hidden, out.final_hidden  # (B, T, k*d), (B, T, d)
         else:
-            tap, fin = b.tap_hidden.to(rt.device), b.final_hidden.to(rt.device)
+            tap, fin = b.tap_hidden.to(**copy).float(), b.final_hidden.to(**copy).float()  # cache dtype -> fp32
         stats = (None, None) if memo is None else memo.lookup(target, indices, fin, lm, [m.numel() for m in b.masks])
         with acc.accumulate(model), _autocast(rt.device, t.precision):
             loss, metrics = model(tap, fin, ids, anchors, mask, *stats)
@@ -155,8 +179,9 @@ def train_step(model, optimizer, scheduler, target, data: TrainData, batches: li
     return totals
 
 
-def reduce_metrics(totals: dict[str, torch.Tensor], rt, G: int) -> dict[str, float]:
-    """Sum over processes, then means over micro-batches; tokens stay a sum."""
+def reduce_metrics(totals: dict[str, torch.Tensor], rt, G: int, steps: int = 1) -> dict[str, float]:
+    """Sum over processes, then means over micro-batches (the grad norm, recorded once per optimizer step and
+    process: a mean over the ``steps`` steps of the window); tokens stay a sum."""
     keys = sorted(totals)
     flat = torch.cat([totals[k].reshape(-1) for k in keys]).to(rt.device)
     flat = rt.all_reduce_sum(flat).cpu()
@@ -172,7 +197,7 @@ def reduce_metrics(totals: dict[str, torch.Tensor], rt, G: int) -> dict[str, flo
         if k == "accept_per_slot":
             result.update({f"accept_k{j + 1}": float(x) / count for j, x in enumerate(v)})
         elif k == "grad_norm":
-            result[k] = float(v) / rt.world
+            result[k] = float(v) / (rt.world * steps)
         else:
             result[k] = float(v) / count
     return result
@@ -248,10 +273,20 @@ def _prepare_and_resume(rt, objective, optimizer, scheduler, root: Path, resume:
 
 
 def train(job: TrainJob, output_dir: str | Path | None = None, resolved: dict | None = None) -> dict:
-    """Run a training job end to end; returns the last logged metrics (rank 0; {} elsewhere)."""
+    """Run a training job end to end; returns the last logged metrics (rank 0; {} elsewhere).
+
+    The output folder is locked for the whole run (``dspark_model/output_lock.py``) by the process of global
+    rank 0, before any process group exists: the other ranks write only where rank 0 tells them to."""
     validate(job)
+    out = Path(output_dir or job.train.output_dir or "runs/train/default")
+    lock = (output_lock(out, "train", "train.output_dir=<another folder>")
+            if distributed.launch_rank() == 0 else contextlib.nullcontext())
+    with lock:
+        return _train(job, out, resolved)
+
+
+def _train(job: TrainJob, out: Path, resolved: dict | None) -> dict:
     t = job.train
-    out = Path(output_dir or t.output_dir or "runs/train/default")
     resolved = resolved if resolved is not None else dataclasses.asdict(job)
     rt, accum = distributed.setup(str(job.deepspeed.stage), job.deepspeed.config, t.micro_batch_size,
                                   t.global_batch_size, t.grad_clip, t.device)
@@ -261,7 +296,7 @@ def train(job: TrainJob, output_dir: str | Path | None = None, resolved: dict | 
     sampler = StepSampler(len(data), t.global_batch_size, t.seed)
     optimizer, scheduler = make_optimizer(draft, t)
     weights = LossWeights(t.alpha_ce, t.alpha_tv, t.alpha_conf, t.position_decay)
-    objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks)
+    objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks, t.feature_noise)
     root = out / "checkpoints"
     checkpointing.start_run(root, rank=rt.rank, barrier=rt.barrier)  # run.json: resume only from our checkpoints
     model, optimizer, engine, start = _prepare_and_resume(rt, objective, optimizer, scheduler, root, t.resume,
@@ -271,7 +306,7 @@ def train(job: TrainJob, output_dir: str | Path | None = None, resolved: dict | 
         log.info("draft: %.2fM trainable parameters; %d rows; %d process(es) x %d micro x %d accumulation",
                  count_parameters(draft) / 1e6, len(data), rt.world, t.micro_batch_size, accum)
     logger = (MetricsLogger(out, job.logger.tensorboard, job.logger.wandb, job.logger.wandb_project,
-                            job.logger.wandb_mode, job.logger.wandb_run_name, resolved)
+                            job.logger.wandb_mode, job.logger.wandb_run_name, resolved, start_step=start)
               if rt.is_main else NullLogger())
     lengths = [x.numel() for x in data.input_ids]
     last = _loop(model, optimizer, scheduler, target, data, sampler, lengths, rt, job, engine, root, start, logger,
@@ -290,28 +325,32 @@ def _loop(model, optimizer, scheduler, target, data, sampler, lengths, rt, job, 
     memo = TeacherMemo() if draft.reduced_vocab else None
     model.train()
     tic, window, n_window = time.perf_counter(), {}, 0
-    for step in range(start, t.max_steps):
-        epoch, rows = sampler.rows(step)
-        batches = micro_batches(rows, lengths, t.micro_batch_size, rt.world, rt.rank)
-        lr = scheduler.get_last_lr()[0]
-        totals = train_step(model, optimizer, scheduler, target, data, batches, epoch, rt, job,
-                            job.draft.block_size, memo)
-        window = {k: window.get(k, 0.0) + v for k, v in totals.items()}
-        n_window += 1
-        done = step + 1
-        if done % t.log_every == 0 or done == t.max_steps:
-            last = reduce_metrics(window, rt, job.draft.block_size)
-            now = time.perf_counter()
-            last.update(lr=lr, epoch=epoch, step_time_s=(now - tic) / n_window,
-                        tokens_per_s=last.pop("tokens") / max(now - tic, 1e-9))
-            tic, window, n_window = now, {}, 0
-            logger.log(done, last)
-            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                            acc=f"{last['expected_accept']:.3f}")
-        bar.update(1)
-        if done % t.save_every == 0 or done == t.max_steps:
-            checkpointing.save_checkpoint(root, done, _trainer_state(done, sampler, scheduler, data, rt.world),
-                                          rank=rt.rank, barrier=rt.barrier, draft=draft, optimizer=optimizer,
-                                          engine=engine, keep_last=t.keep_last)
+    pad_id = target.tokenizer.pad_token_id or 0
+    inputs = Prefetcher(step_inputs(data, sampler, lengths, rt, t, pad_id, start), depth=1)
+    try:
+        for step in range(start, t.max_steps):
+            epoch, batches = next(inputs)
+            lr = scheduler.get_last_lr()[0]
+            totals = train_step(model, optimizer, scheduler, target, data, batches, epoch, rt, job,
+                                job.draft.block_size, memo)
+            window = {k: window.get(k, 0.0) + v for k, v in totals.items()}
+            n_window += 1
+            done = step + 1
+            if done % t.log_every == 0 or done == t.max_steps:
+                last = reduce_metrics(window, rt, job.draft.block_size, n_window)
+                now = time.perf_counter()
+                last.update(lr=lr, epoch=epoch, step_time_s=(now - tic) / n_window,
+                            tokens_per_s=last.pop("tokens") / max(now - tic, 1e-9))
+                tic, window, n_window = now, {}, 0
+                logger.log(done, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                acc=f"{last['expected_accept']:.3f}")
+            bar.update(1)
+            if done % t.save_every == 0 or done == t.max_steps:
+                checkpointing.save_checkpoint(root, done, _trainer_state(done, sampler, scheduler, data, rt.world),
+                                              rank=rt.rank, barrier=rt.barrier, draft=draft, optimizer=optimizer,
+                                              engine=engine, keep_last=t.keep_last)
+    finally:
+        inputs.close()
     bar.close()
     return last

@@ -6,6 +6,7 @@ Registered in Hydra's ConfigStore as ``train_schema``; the entry point converts 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,11 @@ class DataConfig:
     mode: str = "online"  # online: frozen target runs in the loop | offline: read <path>/cache (data_prep)
     max_length: int = 2048  # tokens per sequence; longer rows are truncated
     limit: int | None = None  # use only the first N rows
-    # Random (tiny) targets only: when `path` does not exist, sample this many rows from the target itself.
+    # Data prepared for another target (id, revision or tokenizer in its manifest.json) is refused unless true.
+    allow_target_mismatch: bool = False
+    # Random (tiny) targets only, and only when asked (data=synthetic): sample rows from the target itself
+    # instead of reading a data_prep folder. A missing data folder is an error otherwise.
+    synthetic: bool = False
     synthetic_rows: int = 64
     synthetic_response_tokens: int = 48
 
@@ -38,6 +43,7 @@ class OptimConfig:
     warmup_steps: int = 100
     schedule: str = "cosine"  # cosine | constant (both after linear warm-up)
     weight_decay: float = 0.0  # applied to matrices only (not norms / biases)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the draft's hidden matrices, AdamW for the rest; train/optim.py)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # max global grad norm; <= 0 disables
     global_batch_size: int = 32  # sequences per optimizer step, all processes together
@@ -54,7 +60,11 @@ class OptimConfig:
     position_decay: float = 4.0
     logits_chunk_size: int = 2048  # block positions whose full-vocab logits are alive at once (<= 0: no chunks)
     recompute_chunks: bool = True  # checkpoint each chunk: recompute its logits in backward instead of storing
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (autocast; also on CPU)
+    # Std of Gaussian noise added to the tapped target states while training, relative to each state's RMS
+    # (a regulariser against the draft leaning on exact features; 0 = off).
+    feature_noise: float = 0.0
+    # auto (bf16 on GPU, fp32 on CPU) | native (bf16 also on CPUs with AMX / AVX512-BF16) | fp32 | bf16 (autocast)
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     log_every: int = 1  # steps between metric records
@@ -100,13 +110,23 @@ class TrainConfigError(ValueError):
 
 def validate(job: TrainJob) -> None:
     """Cheap checks that fail before any model is loaded."""
-    t = job.train
+    t, d = job.train, job.draft
     checks = [
         (job.data.mode in ("online", "offline"), f"data.mode must be online or offline, got {job.data.mode!r}"),
+        (not (job.data.synthetic and job.data.path), "data.synthetic=true samples rows from the target and "
+         "reads no data folder: drop data.path, or drop data.synthetic to train on data_prep output"),
+        (math.isfinite(t.lr) and t.lr > 0, f"train.lr must be a positive number, got {t.lr}"),
+        (d.block_size >= 1, f"draft.block_size must be >= 1 (anchor + mask slots), got {d.block_size}"),
+        (d.num_layers >= 1, f"draft.num_layers must be >= 1, got {d.num_layers}"),
         (str(job.deepspeed.stage) in ("none", "2", "3"),
          f"deepspeed.stage must be none, 2 or 3, got {job.deepspeed.stage!r}"),
-        (t.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto|fp32|bf16, got {t.precision!r}"),
+        (t.precision in ("auto", "native", "fp32", "bf16"),
+         f"train.precision must be auto|native|fp32|bf16, got {t.precision!r}"),
         (t.schedule in ("cosine", "constant"), f"train.schedule must be cosine|constant, got {t.schedule!r}"),
+        (t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw|muon, got {t.optimizer!r}"),
+        (t.optimizer == "adamw" or str(job.deepspeed.stage) == "none",
+         "train.optimizer=muon is not supported with DeepSpeed ZeRO; use train.optimizer=adamw or deepspeed=none"),
+        (t.feature_noise >= 0, f"train.feature_noise must be >= 0, got {t.feature_noise}"),
         (t.micro_batch_size >= 1 and t.global_batch_size >= 1, "train.*_batch_size must be >= 1"),
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
         (1 <= t.min_anchors <= t.max_anchors, "need 1 <= train.min_anchors <= train.max_anchors"),

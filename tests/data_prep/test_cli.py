@@ -32,6 +32,7 @@ def test_cli_smoke_tiny_demo(tmp_path):
     ds, manifest = load_tokenized(out)
     assert len(ds) == manifest["counts"]["rows"] == manifest["counts"]["prompts"] == 4
     assert manifest["tokens"]["total"] == sum(len(r) for r in ds["input_ids"])
+    assert len(manifest["target"]["tokenizer_sha256"]) == 64  # what train compares with its own tokenizer
     cache_manifest = json.loads((out / "cache" / "manifest.json").read_text())
     assert cache_manifest["complete"] and cache_manifest["rows"] == 4 and cache_manifest["dtype"] == "int8"
     assert cache_manifest["dataset_fingerprint"] == manifest["fingerprint"]

@@ -84,8 +84,9 @@ def test_cli_checkpoint_at_t1_takes_the_target_from_it_and_writes_calibration_be
     assert report["greedy_match_rate"] is None and "prompt_lookup" not in report["tokens_per_s"]
     assert len(report["conditional_acceptance"]["pooled"]) == 3
     assert report["settings"]["prompts_by_dataset"] == {"smoke": 3}
-    if "ece_before" in report:
-        assert (ckpt / "calibration.json").is_file()
+    if "ece_before" in report:  # the calibration beside the weights names the target it was fitted with
+        fitted = json.loads((ckpt / "calibration.json").read_text())["target"]
+        assert fitted["id"] == tiny_spec("llama").id and fitted["fingerprint"]["embedding_shape"] == [272, 64]
 
 
 def test_gamma_beyond_the_trained_block_size_is_one_clear_error(tmp_path):

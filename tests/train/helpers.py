@@ -39,6 +39,6 @@ def losses(out_dir: Path) -> dict[int, float]:
 
 
 # A small, fast job on the tiny random target (overrides shared by the resume and distributed tests).
-FAST = ["target=tiny", "logger=jsonl", "draft.num_layers=1", "draft.markov_rank=16", "data.synthetic_rows=32",
-        "data.synthetic_response_tokens=32", "train.global_batch_size=8", "train.micro_batch_size=2",
-        "train.warmup_steps=2", "train.lr=1e-3"]
+FAST = ["target=tiny", "logger=jsonl", "draft.num_layers=1", "draft.markov_rank=16", "data=synthetic",
+        "data.synthetic_rows=32", "data.synthetic_response_tokens=32", "train.global_batch_size=8",
+        "train.micro_batch_size=2", "train.warmup_steps=2", "train.lr=1e-3"]

@@ -10,16 +10,15 @@ from safetensors.torch import load_file
 
 from tests.train.helpers import losses, run_train
 
-# `python -m train target=tiny train.max_steps=4` with the shipped defaults (tiny target, dspark draft,
-# train/default.yaml, data sampled from the target). Update only for an intended numerical change.
+# `python -m train target=tiny data=synthetic train.max_steps=4` with the shipped defaults (tiny target, dspark
+# draft, train/default.yaml, data sampled from the target). Update only for an intended numerical change.
 GOLDEN_LOSSES = [1.4536569118499756, 1.4611830711364746, 1.4461779594421387, 1.4318397045135498]
 
 
 def test_tiny_run_matches_golden_loss_and_writes_outputs(tmp_path):
     out = tmp_path / "run"
-    # data.path points nowhere on purpose: a data_prep run for the tiny target must not change the golden.
-    proc = run_train(["target=tiny", "train.max_steps=4", f"train.output_dir={out}", "logger=jsonl",
-                      f"data.path={tmp_path / 'no-data'}"])
+    proc = run_train(["target=tiny", "data=synthetic", "train.max_steps=4", f"train.output_dir={out}",
+                      "logger=jsonl"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = losses(out)
     assert sorted(got) == [1, 2, 3, 4]
@@ -66,8 +65,7 @@ def test_reduced_vocabulary_run_stores_its_map_and_reports_outside_argmax(tmp_pa
     from tests.train.helpers import FAST
 
     out = tmp_path / "run"
-    proc = run_train(FAST + ["train.max_steps=3", "draft.draft_vocab_size=48", f"train.output_dir={out}",
-                             f"data.path={tmp_path / 'no-data'}"])
+    proc = run_train(FAST + ["train.max_steps=3", "draft.draft_vocab_size=48", f"train.output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "draft vocabulary: 48 of" in proc.stderr + proc.stdout
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])

@@ -60,3 +60,46 @@ def test_offline_cache_gives_online_losses(prepared, tmp_path):
 def test_cache_for_another_target_is_refused(prepared, tmp_path):
     with pytest.raises(CacheMismatchError, match="target"):
         train(_job(prepared, tmp_path / "bad", "offline", "some-other-model"))
+
+
+def test_long_rows_keep_their_answer_and_cache_alignment(prepared):
+    """A row longer than data.max_length loses its prompt's start, not its answer; the cached target states
+    of the kept tokens are the ones collated."""
+    import torch
+
+    from data_prep.cache import TargetCache
+    from train.data import collate, load_data_dir
+
+    full = load_data_dir(prepared, 10_000, None)
+    cut = load_data_dir(prepared, 20, None)
+    cut.cache = TargetCache(prepared / "cache")
+    assert len(cut) == len(full) and any(cut.starts)
+    for i in range(len(full)):
+        n = cut.input_ids[i].numel()
+        assert n == min(20, full.input_ids[i].numel())
+        assert torch.equal(cut.input_ids[i], full.input_ids[i][-n:])
+        assert torch.equal(cut.loss_mask[i], full.loss_mask[i][-n:])
+        assert cut.loss_mask[i].sum() == min(n, int(full.loss_mask[i].sum()))  # answers survive
+    batch = collate(cut, [0, 1], pad_id=0)
+    for b, i in enumerate([0, 1]):
+        row, s, n = cut.cache[cut.rows[i]], cut.starts[i], cut.input_ids[i].numel()
+        assert torch.equal(batch.final_hidden[b, :n], row["final_hidden"][s: s + n].to(batch.final_hidden.dtype))
+
+
+def test_collate_keeps_the_cache_storage_dtype(tmp_path, prepared):
+    """A bfloat16 cache is collated as bfloat16 (half the bytes to move); the values are the cached ones."""
+    import torch
+
+    from data_prep.cache import TargetCache, write_cache
+    from data_prep.store import load_tokenized
+    from train.data import collate, load_data_dir
+
+    ds, manifest = load_tokenized(prepared)
+    write_cache(load_target(tiny_spec()), ds["input_ids"], tmp_path / "cache", dtype="bfloat16",
+                target_id="tiny-llama", dataset_fingerprint=manifest["fingerprint"])
+    data = load_data_dir(prepared, 10_000, None)
+    data.cache = TargetCache(tmp_path / "cache")
+    batch = collate(data, [0], pad_id=0)
+    n = data.input_ids[0].numel()
+    assert batch.tap_hidden.dtype == batch.final_hidden.dtype == torch.bfloat16
+    assert torch.equal(batch.final_hidden[0, :n].float(), data.cache[data.rows[0]]["final_hidden"])

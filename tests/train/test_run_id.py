@@ -10,7 +10,14 @@ import pytest
 from dspark_model.config import DraftConfig
 from tests.conftest import tiny_spec
 from tests.train.helpers import FAST, run_train
-from train.checkpointing import RUN_NAME, STATE_NAME, CheckpointRunError, list_checkpoints, start_run
+from train.checkpointing import (
+    FILES_NAME,
+    RUN_NAME,
+    STATE_NAME,
+    CheckpointRunError,
+    list_checkpoints,
+    start_run,
+)
 from train.loop import train
 from train.schema import DataConfig, LoggerConfig, OptimConfig, TrainJob
 
@@ -18,7 +25,7 @@ from train.schema import DataConfig, LoggerConfig, OptimConfig, TrainJob
 def _job(out, resume: str = "auto") -> TrainJob:
     return TrainJob(
         target=tiny_spec(), draft=DraftConfig(num_layers=1, block_size=4, markov_rank=16),
-        data=DataConfig(path=str(out / "no-data"), synthetic_rows=8, synthetic_response_tokens=16),
+        data=DataConfig(synthetic=True, synthetic_rows=8, synthetic_response_tokens=16),
         train=OptimConfig(max_steps=2, global_batch_size=2, micro_batch_size=2, warmup_steps=1, lr=1e-3,
                           min_anchors=4, max_anchors=8, save_every=2, output_dir=str(out), device="cpu",
                           resume=resume),
@@ -49,6 +56,7 @@ def test_checkpoints_of_another_run_folder_are_refused(tmp_path):
     state = json.loads((ckpt / STATE_NAME).read_text())
     del state["run_id"]  # a checkpoint that records no run id is not ours either
     (ckpt / STATE_NAME).write_text(json.dumps(state))
+    (ckpt / FILES_NAME).unlink()  # as saved before files.json existed (else the edit reads as damage)
     with pytest.raises(CheckpointRunError, match="records no run id"):
         train(_job(first))
 
