@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ from data_prep.store import (
     atomic_write_json,
     check_settings,
     dataset_fingerprint,
+    default_data_dir,
     save_token_counts,
     save_tokenized,
 )
@@ -38,13 +38,10 @@ TRUNCATION_POLICY = ("a row longer than max_length keeps its answers: the start 
                      "(truncated); a row keeping fewer than min_loss_tokens answer tokens is dropped (too_long)")
 
 
-def default_name(cfg: DataPrepConfig) -> str:
-    tail = (cfg.target.id or "target").rstrip("/").split("/")[-1].lower()
-    return re.sub(r"[^a-z0-9._-]+", "-", f"{cfg.prompts.name}-{tail}")
-
-
 def resolve_out_dir(cfg: DataPrepConfig) -> Path:
-    return Path(cfg.out_dir) if cfg.out_dir else Path("runs") / "data" / (cfg.name or default_name(cfg))
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path("runs") / "data" / cfg.name if cfg.name else default_data_dir(cfg.prompts.name, cfg.target.id)
 
 
 def chat_kwargs(cfg: DataPrepConfig) -> dict:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,14 @@ from data_prep.errors import DataPrepError, GenerationError
 from dspark_model.atomic import atomic_write_json, replace_dir
 
 log = logging.getLogger(__name__)
+
+
+def default_data_dir(prompts_name: str, target_id: str | None) -> Path:
+    """The one naming rule for a data folder nobody named: ``runs/data/<prompts>-<last part of the target id,
+    lowercased>``, relative to the working directory. data_prep writes there for ``prompts=<name>`` and train
+    reads from there for ``data.prompts=<name>`` (same target), so the two commands need no path between them."""
+    tail = (target_id or "target").rstrip("/").split("/")[-1].lower()
+    return Path("runs") / "data" / re.sub(r"[^a-z0-9._-]+", "-", f"{prompts_name}-{tail}")
 
 MANIFEST_FORMAT = "dspark-data/1"
 TOKEN_COUNTS_FILE = "token_counts.safetensors"

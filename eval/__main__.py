@@ -1,8 +1,8 @@
 """Entry point: ``python -m eval draft=<checkpoint dir> [target=<name>] [prompts=<name>] [temperature=0] ...``.
 
 Loads the target and the draft, runs speculative decoding, plain ``generate`` and prompt lookup side by side
-on the prompts, writes the report into ``runs/eval/<name>`` and, for drafts with a confidence head, calibrates
-them (``eval/calibration_report.py``). The checkpoint only names its target: without ``target=`` that name is
+on the prompts, writes the report into ``runs/eval/<name>`` under the working directory and, for drafts with a
+confidence head, calibrates them (``eval/calibration_report.py``). The checkpoint only names its target: without ``target=`` that name is
 loaded from local files with no remote code (``checkpoint.target_spec_from_checkpoint``); ``target=<name>``
 (with ``target.path`` / ``target.allow_download`` / ``target.trust_remote_code``) is the user's own choice.
 Either way the loaded target must be the one the checkpoint records (id, revision, weights fingerprint:
@@ -127,7 +127,7 @@ def run(cfg: EvalConfig) -> str:
                               f"size); set gamma<={draft.block_size}")
     prompts = load_eval_prompts(cfg)
     name = cfg.name or (f"{Path(ckpt).parent.name}-{Path(ckpt).name}" if ckpt else f"random-{spec.id}")
-    out_dir = cfg.out_dir or str(ROOT / "runs" / "eval" / name.replace("/", "_"))
+    out_dir = cfg.out_dir or str(Path("runs") / "eval" / name.replace("/", "_"))  # under the working directory
     settings = RunSettings(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, gamma=gamma,
                            seed=cfg.seed, eos_token_ids=eos_token_ids_of(target),
                            chat_template_kwargs={**spec.chat_template_kwargs, **cfg.chat_template_kwargs},
@@ -162,7 +162,7 @@ def main(dcfg) -> None:
     from dspark_model.target import TargetNotFoundError
 
     run_stage(lambda: run(cfg), (EvalConfigError, DataPrepError, CheckpointMismatchError, TargetNotFoundError),
-              folder=cfg.out_dir or ROOT / "runs" / "eval",
+              folder=cfg.out_dir or Path("runs") / "eval",
               resume="an eval keeps no partial state; rerun the same command to evaluate again")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +28,6 @@ log = logging.getLogger(__name__)
 
 class DataError(RuntimeError):
     """Training data is missing or unusable; the message says how to make it."""
-
-
-def default_data_dir(prompts_name: str, target_id: str) -> Path:
-    """data_prep's default output folder: runs/data/<prompts>-<last part of the target id, lowercased>."""
-    tail = (target_id or "target").rstrip("/").split("/")[-1].lower()
-    return Path("runs") / "data" / re.sub(r"[^a-z0-9._-]+", "-", f"{prompts_name}-{tail}")
 
 
 @dataclass

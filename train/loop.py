@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data_prep.store import default_data_dir
 from dspark_model.atomic import atomic_write_text
 from dspark_model.draft import build_draft_for, count_parameters
 from dspark_model.output_lock import output_lock
@@ -36,7 +37,6 @@ from train.data import (
     TrainData,
     check_data_target,
     collate,
-    default_data_dir,
     load_data_dir,
     micro_batches,
     open_cache,

@@ -31,9 +31,9 @@ def _prompt_file(tmp_path: Path) -> str:
     return str(path)
 
 
-def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _run(*args: str, timeout: int = 120, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -47,11 +47,12 @@ def test_cli_aliases_keep_other_arguments():
 
 
 def test_cli_smoke_random_draft_is_lossless_and_writes_the_report(tmp_path):
-    out = tmp_path / "out"
-    # the brief's smoke command, on the default prompt set (demo)
+    # the brief's smoke command, on the default prompt set (demo), run from another folder: like data_prep
+    # and train, eval writes under the working directory (runs/eval/<name>), never into the package
     proc = _run("draft=random", "target=tiny", "num_prompts=2", "max_new_tokens=16",
-                "calibration.sps_batch_sizes=[1,4,16]", f"out_dir={out}", "progress=false")
+                "calibration.sps_batch_sizes=[1,4,16]", "progress=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (tmp_path / "runs" / "eval").iterdir()
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
     assert report["greedy_match_rate"] == 1.0
