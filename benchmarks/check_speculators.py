@@ -18,7 +18,9 @@ logits speculators rebuilds from the verifier (its verifier_norm + verifier_lm_h
 vocabulary, the loaded d2t / t2d / lm_head against ours. Every tensor of the loaded model must
 equal the export's or the verifier's (nothing left at its random / NaN initialisation). Exit status 1 when a
 difference exceeds 1e-4 or loading reports missing / unexpected keys. Result:
-benchmarks/results/speculators_check.json.
+benchmarks/results/speculators_check.json. Loading and comparing is ``dspark_model/verify.py``'s, the code
+behind ``python -m dspark_model.export --format speculators --verify``; this script builds the target and the
+five exports.
 
 One deliberate deviation from a plain ``DSparkDraftModel.from_pretrained(export)``: the draft layers use
 speculators' ``eager`` attention instead of its default flex attention (which compiles its block mask with
@@ -32,7 +34,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,6 +49,7 @@ from dspark_model.config import DraftConfig, TargetSpec  # noqa: E402
 from dspark_model.draft import build_draft_for  # noqa: E402
 from dspark_model.export import export_draft  # noqa: E402
 from dspark_model.target import load_target  # noqa: E402
+from dspark_model.verify import check_speculators_export  # noqa: E402
 
 TOL = 1e-4
 RESULT = ROOT / "benchmarks" / "results" / "speculators_check.json"
@@ -86,121 +88,13 @@ def make_export(name: str, fields: dict, target, spec, work: Path, verifier: Pat
     return draft, out
 
 
-def load_reference(export: Path):
-    """speculators' DSparkDraftModel from the export, plus its loading report (missing / unexpected keys)."""
-    from speculators.models.dspark import DSparkDraftModel, DSparkSpeculatorConfig
-
-    config = DSparkSpeculatorConfig.from_pretrained(export)
-    config.transformer_layer_config._attn_implementation = "eager"
-    model, info = DSparkDraftModel.from_pretrained(export, config=config, output_loading_info=True)
-    # With output_loading_info, SpeculatorModel.from_pretrained hands back the tuple before its two
-    # post-load steps; run them as it would (no t2d/d2t given: the checkpoint's own tables are kept).
-    model.load_vocab_mappings(None, None)
-    model.load_verifier_weights()
-    return model.eval(), info
-
-
-def reference_outputs(model, taps, ids, last_hidden):
-    """Run speculators' training forward and catch what it hands to its loss: (logits, teacher, confidence)."""
-    import speculators.models.dspark.core as core
-
-    seen = {}
-
-    def catch(logits, targets, confidence_logits, *args, **kwargs):
-        seen.update(logits=logits, targets=targets, conf=confidence_logits)
-        return torch.zeros(()), {}
-
-    loss_mask = torch.zeros_like(ids)
-    loss_mask[0, ANCHORS] = 1  # the only valid positions: select_anchors must pick exactly these
-    with mock.patch.object(core, "compute_metrics", catch), torch.no_grad():
-        model(hidden_states=taps, input_ids=ids, loss_mask=loss_mask, verifier_last_hidden_states=last_hidden,
-              document_ids=torch.zeros_like(ids), max_anchors=len(ANCHORS))
-    A, G = len(ANCHORS), model.block_size
-    conf = None if seen["conf"] is None else seen["conf"].view(A, G)
-    return seen["logits"].view(A, G, -1), seen["targets"].view(A, G, -1), conf
-
-
-def our_outputs(draft, target, ids):
-    """Our draft on the same blocks: (logits, teacher logits, confidence), plus the tap / pre-norm states."""
-    last = {}
-    hook = target.model.get_decoder().layers[-1].register_forward_hook(
-        lambda m, i, o: last.update(h=o[0] if isinstance(o, tuple) else o))
-    try:
-        out = target.forward(ids)
-    finally:
-        hook.remove()
-    anchors = torch.tensor([ANCHORS])
-    with torch.no_grad():
-        h = draft.forward_train(out.tap_hidden, ids, anchors).flatten(0, 1)  # (A, G, d)
-        prev, _, _ = draft.block_inputs(ids, anchors)
-        prev = prev.flatten(0, 1)
-        pos = anchors[0, :, None] + torch.arange(draft.block_size)  # slot k at p + k predicts x_{p+k+1}
-        final = out.final_hidden[0, pos]
-        teacher = draft.teacher_logits(final) if draft.reduced_vocab else target.logits(final).float()
-        return (draft.logits(h, prev), teacher, draft.confidence_logits(h, prev)), out.tap_hidden, last["h"]
-
-
-def weight_problems(model, export: Path, target, draft) -> list[str]:
-    """Every tensor of the loaded model must come from the export or the verifier, and nothing may be NaN."""
-    from safetensors.torch import load_file
-
-    exported = load_file(str(export / "model.safetensors"))
-    rows = draft.draft_to_target if draft.reduced_vocab else slice(None)
-    verifier = {"embed_tokens.weight": target.embed.weight, "verifier_lm_head.weight": target.lm_head.weight[rows],
-                "lm_head.weight": target.lm_head.weight[rows],
-                "verifier_norm.weight": target.model.get_decoder().norm.weight}
-    state = model.state_dict()
-    p = [f"{k}: in the export, not in the speculators model" for k in exported if k not in state]
-    for k, v in state.items():
-        if v.is_floating_point() and v.isnan().any():
-            p.append(f"{k}: NaN (never loaded)")
-        elif k in exported:
-            if not torch.equal(v, exported[k].to(v.dtype)):
-                p.append(f"{k}: differs from the export")
-        elif k in verifier:
-            if not torch.equal(v, verifier[k].to(v.dtype)):
-                p.append(f"{k}: differs from the verifier's")
-        else:
-            p.append(f"{k}: neither in the export nor the verifier (left at its initialisation)")
-    return p
-
-
-def max_diff(a, b) -> float | None:
-    if a is None and b is None:
-        return None
-    if a is None or b is None or a.shape != b.shape:
-        return float("inf")
-    return float((a.float() - b.float()).abs().max())
-
-
 def check_draft(name, fields, target, spec, work, verifier, seed) -> dict:
+    """One draft: export it, load it with speculators, compare (dspark_model.verify does the comparing)."""
     draft, export = make_export(name, fields, target, spec, work, verifier, seed)
-    model, info = load_reference(export)
-    row = {"missing_keys": sorted(info.get("missing_keys", [])),
-           "unexpected_keys": sorted(info.get("unexpected_keys", [])),
-           "mismatched_keys": sorted(str(k) for k in info.get("mismatched_keys", [])),
-           "weight_problems": weight_problems(model, export, target, draft), "diff": {}}
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(2):  # two random sequences
-        ids = torch.randint(0, 256, (1, SEQ_LEN), generator=gen)
-        ours, taps, last_hidden = our_outputs(draft, target, ids)
-        # speculators' input: the verifier's hidden_states at ITS aux ids (hidden_states indices, our id + 1)
-        with torch.no_grad():
-            hs = target.model(ids, output_hidden_states=True).hidden_states
-        aux = torch.cat([hs[i] for i in model.target_layer_ids], dim=-1)
-        theirs = reference_outputs(model, aux, ids, last_hidden)
-        for key, a, b in zip(("aux_hidden", "logits", "teacher_logits", "confidence"), (taps, *ours),
-                             (aux, *theirs)):
-            d = max_diff(a, b)
-            if d is not None:
-                row["diff"][key] = max(d, row["diff"].get(key, 0.0))
-    if draft.reduced_vocab:
-        d2t = draft.draft_to_target - torch.arange(draft.out_vocab_size)
-        t2d = torch.zeros(target.vocab_size, dtype=torch.bool)
-        t2d[draft.draft_to_target] = True
-        row["diff"]["d2t"] = max_diff(model.d2t, d2t)
-        row["diff"]["t2d"] = float((model.t2d != t2d).sum())  # number of disagreeing entries
-        row["diff"]["lm_head"] = max_diff(model.lm_head.weight, target.lm_head.weight[draft.draft_to_target])
+    sequences = [torch.randint(0, 256, (1, SEQ_LEN), generator=gen) for _ in range(2)]  # two random sequences
+    row = check_speculators_export(export, draft, target, sequences, ANCHORS)
+    del row["scale"], row["notes"]  # notes name the temporary verifier folder
     row["ok"] = (not (row["missing_keys"] or row["unexpected_keys"] or row["mismatched_keys"]
                       or row["weight_problems"]) and all(d <= TOL for d in row["diff"].values()))
     return row

@@ -282,6 +282,14 @@ def _serving_section(ctx: CardContext) -> str:
     if not deepspec_can_evaluate(mtype):
         out.append(f"Note: DeepSpec's evaluator only dispatches on `Qwen3DSparkModel` and `Gemma4DSparkModel`; "
                    f"it cannot evaluate this `{mtype}` draft.")
+    if "serving" in ctx.files:
+        out += ["", "### Adaptive verification",
+                "`serving/` holds the calibration and cost files converted from `calibration.json`: "
+                "`sglang_sts.json` (`--speculative-dspark-confidence-sts-path`) and `sglang_sps.json` "
+                "(`--speculative-dspark-sps-table-path`, with `SGLANG_RAGGED_VERIFY_MODE=compact`), TensorRT-LLM's "
+                "`trtllm_sts.json` and `trtllm_cost_table.json`; `serving/manifest.json` lists the engine versions "
+                "they follow. vLLM's `enable_adaptive_verification` reads no file (it profiles and calibrates "
+                "online). The cost tables were profiled by this toolkit's eval, not on your serving hardware."]
     out += ["", "### This toolkit", "```python", "from dspark_model import TargetSpec, load_target",
             "from dspark_model.export import load_export",
             f"target = load_target(TargetSpec(id=\"{ctx.target_id}\", path=None, tap_layer_ids={taps}))",

@@ -25,6 +25,15 @@ Formats (schemas and checks in ``export_schema.py``):
 Both public formats write the draft's flat RoPE set (rope.py) and are checked against the weight names and
 shapes the reference implementations read (``reference.py``, recorded from their code).
 
+A calibrated draft's deepspec / speculators export also carries ``serving/``: the STS and SPS / cost files
+SGLang and TensorRT-LLM read for adaptive verification, converted from ``calibration.json`` (``serving.py``).
+
+``--verify`` loads the written export with the reference implementation of its format (speculators, or
+DeepSpec's modeling code) and compares block logits and confidences with our draft on random inputs
+(``verify.py``), printing the largest differences. The check runs before the folder is moved into place:
+when the reference is not importable, or a difference exceeds the tolerance, nothing is written and the
+command ends with one ``error:`` line (status 2).
+
 A DFlash draft (no sequential head) is exported with ``markov_rank: 0`` and the readers' default
 ``markov_head_type: "vanilla"`` (inert at rank 0, and accepted by strict validators); no markov weights.
 Every export is validated against its schema and loaded back before it is moved into place; the folder
@@ -73,6 +82,7 @@ from dspark_model.export_schema import (
     validate_export,
 )
 from dspark_model.rope import DRAFT_LAYER_TYPE, export_rope_parameters
+from dspark_model.serving import write_engine_files
 from dspark_model.target import TargetNotFoundError
 from dspark_model.vocab import d2t_t2d
 
@@ -93,6 +103,10 @@ SPECULATORS_CONVENTION = "hidden_states indices: aux id = decoder-layer id + 1 (
 
 class ExportError(ValueError):
     """An export cannot be written as asked; the message names the problem and the fix."""
+
+
+class VerificationError(ExportError):
+    """``--verify``: the reference implementation cannot be used, or it computes something else."""
 
 
 def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -279,10 +293,40 @@ def _verify_round_trip(tmp: Path, target, tensors: dict[str, torch.Tensor]) -> N
         raise ExportError(f"internal error: the export does not load back to the same weights ({bad[:4]})")
 
 
+def _verify_with_reference(tmp: Path, target, fmt: str, tolerance: float, echo) -> None:
+    """``--verify``: the reference implementation reads the written files; raise unless it computes ours."""
+    from dspark_model.verify import ReferenceUnavailable, verify_export
+
+    try:
+        result = verify_export(tmp, target, fmt, tolerance=tolerance)
+    except ReferenceUnavailable as exc:
+        raise VerificationError(f"--verify: {exc}; nothing was written") from None
+    for line in result.lines():
+        echo(line)
+    if not result.ok:
+        raise VerificationError(f"--verify: the {fmt} reference ({result.reference}) does not compute what this "
+                                f"draft computes ({'; '.join(result.load_problems + result.failed)}); nothing "
+                                f"was written")
+
+
+def _check_verify_request(fmt: str, verify: bool) -> None:
+    if not verify:
+        return
+    if fmt == "native":
+        raise ExportError("--verify checks an export against the reference implementation of its format; the "
+                          "native format has none (it is loaded back and compared with the checkpoint anyway)")
+    from dspark_model.verify import reference_unavailable
+
+    why = reference_unavailable(fmt)  # before anything is loaded or written
+    if why:
+        raise VerificationError(f"--verify: {why}; nothing was written")
+
+
 def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "native", dtype=None,
                  include_embeddings: bool | None = None, target=None, overwrite: bool = False,
                  card_sources=None, device: str = "cpu", target_spec: TargetSpec | None = None,
-                 verifier_path: str | None = None) -> Path:
+                 verifier_path: str | None = None, verify: bool = False, verify_tolerance: float | None = None,
+                 echo=None) -> Path:
     """Export the checkpoint in ``ckpt_dir`` to ``out_dir`` in ``format``; returns the folder.
 
     ``dtype``: bf16 / fp16 / fp32 (None keeps the checkpoint's). ``include_embeddings``: None = the format's
@@ -291,6 +335,9 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     (``checkpoint.target_spec_from_checkpoint``: local files only, no remote code).
     ``card_sources``: ``card.CardSources`` (eval report, data manifest, train config; auto-discovered).
     ``verifier_path`` (speculators): where engines load the verifier from (default: ``verifier_source``).
+    ``verify``: check the export with the reference implementation of its format before it is moved into place
+    (``verify.py``; ``verify_tolerance`` defaults to ``verify.TOLERANCE``); its report lines go to ``echo``
+    (default: this module's log at INFO).
     """
     from dspark_model import card as card_mod
     from dspark_model.target import load_target
@@ -304,6 +351,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     if embeddings and format != "deepspec":
         raise ExportError(f"the {format} format never carries the target's embed_tokens/lm_head "
                           f"(the engine shares the target's); drop include_embeddings")
+    _check_verify_request(format, verify)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     _check_out_dir(ckpt_dir, out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -328,8 +376,14 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
         atomic_write_json(tmp / CONFIG_NAME, config)
         if draft.calibration is not None:
             atomic_write_json(tmp / CALIBRATION_NAME, draft.calibration)
+            if format != "native":  # what SGLang / TensorRT-LLM read for adaptive verification
+                write_engine_files(tmp, draft.calibration, draft.block_size, draft.confidence_head is not None)
         validate_export(tmp, target, fmt=format)
         _verify_round_trip(tmp, target, tensors)
+        if verify:
+            from dspark_model.verify import TOLERANCE
+
+            _verify_with_reference(tmp, target, format, verify_tolerance or TOLERANCE, echo or log.info)
         card = card_mod.render_card(card_mod.context_from_export(tmp, sources, target=target))
         atomic_write_text(tmp / README_NAME, card)
         _swap_into_place(tmp, out_dir, overwrite)
@@ -389,6 +443,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repo-id", help="Hub repo id to show in the card's usage snippets")
     p.add_argument("--verifier-path", help="speculators: the verifier engines load (Hub id or path; default: the "
                                            "target's Hub id, or the local folder it was loaded from)")
+    p.add_argument("--verify", action="store_true",
+                   help="load the export with the reference implementation of its format (speculators / "
+                        "DeepSpec's modeling code, when importable) and compare block logits and confidences "
+                        "with this draft before writing it; fails when the reference is not importable")
+    p.add_argument("--verify-tolerance", type=float, default=None,
+                   help="--verify: largest allowed |ours - reference| per unit of max(1, |reference|) "
+                        "(default 1e-4)")
     p.add_argument("--device", default="cpu", help="where to load the target (default cpu)")
     # The checkpoint only names its target; where its weights come from is decided here, never by the checkpoint.
     p.add_argument("--target-path", help="the target's weights: a model folder or a .gguf file (default: the "
@@ -424,7 +485,8 @@ def main(argv=None) -> int:
             train_config=args.train_config or sources.train_config)
         export_draft(args.ckpt, out, args.format, args.dtype, False if args.no_embeddings else None,
                      overwrite=args.overwrite, card_sources=sources, device=args.device,
-                     target_spec=user_target_spec(args), verifier_path=args.verifier_path)
+                     target_spec=user_target_spec(args), verifier_path=args.verifier_path, verify=args.verify,
+                     verify_tolerance=args.verify_tolerance, echo=lambda line: print(line, file=sys.stderr))
     except (ExportError, ExportSchemaError, CheckpointMismatchError, TargetNotFoundError,
             card_mod.CardError) as exc:
         print(f"error: {exc}", file=sys.stderr)

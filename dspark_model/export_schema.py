@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dspark_model.reference import reference_config_problems, reference_weight_problems
+from dspark_model.serving import validate_serving_folder
 
 FORMATS = ("native", "deepspec", "speculators")
 # markov_head_type in the public formats <-> our sequential_head names.
@@ -518,7 +519,8 @@ def validate_export(export_dir: str | Path, target=None, fmt: str | None = None)
                 problems += reference_weight_problems(found, native_config(found, config)["arch"], header, omitted)
         if target is not None:
             problems += validate_against_target(found, config, target)
-        problems += _check_calibration(export_dir, native_config(found, config)["block_size"])
+        block_size = native_config(found, config)["block_size"]
+        problems += _check_calibration(export_dir, block_size) + validate_serving_folder(export_dir, block_size)
     if problems:
         raise ExportSchemaError(f"{export_dir} is not a valid {found} export: " + "; ".join(problems))
     return found

@@ -219,8 +219,9 @@ def test_files_are_safetensors_only_and_written_atomically(tmp_path, targets):
     ckpt = make_ckpt(tmp_path / "ckpt", target, "qwen3", calibrated=True)
     for fmt in ("native", "deepspec", "speculators"):
         out = export_draft(ckpt, tmp_path / "exp" / fmt, fmt, target=target)
+        serving = [] if fmt == "native" else ["serving"]  # engine calibration files (test_serving.py)
         assert sorted(p.name for p in out.iterdir()) == ["README.md", "calibration.json", "config.json",
-                                                         "model.safetensors"]
+                                                         "model.safetensors", *serving]
         assert load_export(out, target).calibration["temperatures"] == [1.0, 1.5, 2.0, 2.5]
         assert "1.500" in (out / "README.md").read_text()
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["deepspec", "native", "speculators"]

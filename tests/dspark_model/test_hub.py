@@ -56,12 +56,16 @@ class FakeHfApi:
         FakeHfApi.calls.append(("upload_folder", kwargs))
         self._maybe_fail("upload_folder")
         folder = Path(kwargs["folder_path"])
-        FakeHfApi.uploaded = {p.name: p.read_bytes() for p in folder.iterdir()}
+        FakeHfApi.uploaded = _files(folder)
 
         class Info:
             commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
 
         return Info()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture()
@@ -80,7 +84,7 @@ def _no_token_anywhere(root: Path, captured) -> None:
 
 
 def test_push_sends_export_and_card_in_one_commit(export_dir, fake_api, capsys):
-    before = {p.name: p.read_bytes() for p in export_dir.iterdir()}
+    before = _files(export_dir)
     plan = hub.push(export_dir, "me/tiny-draft", private=True, revision="v1", message="first draft")
     names = [c[0] for c in fake_api.calls]
     assert names == ["init", "create_repo", "create_branch", "upload_folder"]
@@ -89,13 +93,14 @@ def test_push_sends_export_and_card_in_one_commit(export_dir, fake_api, capsys):
     assert fake_api.calls[2][1]["branch"] == "v1"
     up = fake_api.calls[3][1]
     assert (up["revision"], up["commit_message"], up["repo_id"]) == ("v1", "first draft", "me/tiny-draft")
+    serving = {"serving/manifest.json", "serving/sglang_sts.json", "serving/trtllm_sts.json"}  # sub-folder too
     assert set(fake_api.uploaded) == set(before) == {"README.md", "config.json", "calibration.json",
-                                                     "model.safetensors"}
+                                                     "model.safetensors", *serving}
     assert fake_api.uploaded["model.safetensors"] == before["model.safetensors"]
     card = fake_api.uploaded["README.md"].decode()
     assert "vllm serve me/tiny-draft" in card and "<this-repo-id>" not in card
     assert "base_model: tiny-llama" in card
-    assert {p.name: p.read_bytes() for p in export_dir.iterdir()} == before  # export untouched
+    assert _files(export_dir) == before  # export untouched
     assert not [p for p in export_dir.parent.iterdir() if ".upload-" in p.name]  # staging removed
     assert plan["commit_url"].endswith("/commit/abc")
     _no_token_anywhere(export_dir.parent, capsys.readouterr())
