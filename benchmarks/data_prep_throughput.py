@@ -39,13 +39,14 @@ from dspark_model.target import load_target
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_DEFAULTS = {"path": "generate", "batch_size": 16, "threads": 1, "dtype": "float32"}
-# batch:threads:dtype[:prompts] -- thread counts are compared on a small slice: two threads on a busy, shared
+# batch:threads:dtype[:prompts[:workers]] -- workers: batches decoded at once on threads; thread counts are compared on a small slice: two threads on a busy, shared
 # 2-core machine can be an order of magnitude slower, and would take most of the run's time.
-SWEEP = ["8:1:float32", "16:1:float32", "32:1:float32", "64:1:float32", "64:1:bfloat16",
+SWEEP = ["8:1:float32", "16:1:float32", "32:1:float32", "64:1:float32", "64:1:bfloat16", "32:1:float32::2",
          "16:1:float32:16", "16:2:float32:16"]
 NEW = DataPrepConfig()
 NEW_DEFAULTS = {"path": "loop", "batch_size": NEW.generation.batch_size, "threads": NEW.num_threads or 1,
-                "dtype": "float32", "max_batch_tokens": NEW.generation.max_batch_tokens}
+                "dtype": "float32", "max_batch_tokens": NEW.generation.max_batch_tokens,
+                "workers": NEW.workers}
 
 
 @torch.no_grad()
@@ -89,7 +90,7 @@ def measure(models: dict, tok, prompts, lengths, stop, setting: dict, max_new_to
         start = time.perf_counter()
         tokens = generate_local(prompts, lengths, models[setting["dtype"]], tok, GenerationLog(log_path), done,
                                 stop, batch_size=setting["batch_size"], max_new_tokens=max_new_tokens,
-                                max_batch_tokens=setting.get("max_batch_tokens"))
+                                max_batch_tokens=setting.get("max_batch_tokens"), workers=setting.get("workers", 1))
         seconds = time.perf_counter() - start
     log_path.unlink()
     return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
@@ -134,9 +135,10 @@ def sweep(run, args, num_prompts: int) -> dict:
     """The new decoding loop over batch size x threads x dtype, on a shorter answer length."""
     out, reference = [], {}
     for spec in args.sweep:
-        batch, threads, dtype, *count = spec.split(":")
-        n = int(count[0]) if count else num_prompts
-        setting = {"path": "loop", "batch_size": int(batch), "threads": int(threads), "dtype": dtype}
+        batch, threads, dtype, *rest = spec.split(":")
+        n = int(rest[0]) if rest and rest[0] else num_prompts
+        setting = {"path": "loop", "batch_size": int(batch), "threads": int(threads), "dtype": dtype,
+                   "workers": int(rest[1]) if len(rest) > 1 else 1}
         r = run(setting, args.sweep_new_tokens, n)
         logging.info("sweep %s: %.1f tokens/s", spec, r["tokens_per_s"])
         out.append({**setting, "prompts": n, "tokens_per_s": round(r["tokens_per_s"], 1),
@@ -205,7 +207,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2, help="measurements of before and of after (ABBA)")
     parser.add_argument("--sweep", nargs="*", default=SWEEP,
-                        help="batch:threads:dtype[:prompts] settings of the new loop")
+                        help="batch:threads:dtype[:prompts[:workers]] settings of the new loop")
     parser.add_argument("--sweep-new-tokens", type=int, default=32)
     parser.add_argument("--cache-rows", type=int, default=8)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_prep.json"))

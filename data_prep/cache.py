@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -172,27 +173,52 @@ def _check_space(cache_dir: Path, needed: int) -> None:
 
 
 @torch.no_grad()
-def _shard_tensors(target, rows: Sequence[Sequence[int]], dtype: str, batch_tokens: int, bar) -> dict:
-    """Run the target over ``rows`` (batched, right padded) and encode one shard's tensors."""
-    taps, finals, offsets = [], [], [0]
-    i = 0
+def _row_batches(rows: Sequence[Sequence[int]], batch_tokens: int) -> list[tuple[int, int, int]]:
+    """Consecutive (start, end, width) batches of at most ``batch_tokens`` padded tokens (one row at least)."""
+    batches, i = [], 0
     while i < len(rows):
         j, width = i, 0
         while j < len(rows) and (j == i or max(width, len(rows[j])) * (j - i + 1) <= batch_tokens):
             width = max(width, len(rows[j]))
             j += 1
-        ids = torch.zeros((j - i, width), dtype=torch.long)  # (B, T)
-        mask = torch.zeros_like(ids)  # (B, T)
-        for b, row in enumerate(rows[i:j]):
-            ids[b, : len(row)] = torch.as_tensor(row)
-            mask[b, : len(row)] = 1
-        out = target.forward(ids.to(target.device), attention_mask=mask.to(target.device))
-        for b, row in enumerate(rows[i:j]):
-            taps.append(out.tap_hidden[b, : len(row)].float().cpu())  # (T_b, k*d)
-            finals.append(out.final_hidden[b, : len(row)].float().cpu())  # (T_b, d)
-            offsets.append(offsets[-1] + len(row))
-            bar.update(len(row))
+        batches.append((i, j, width))
         i = j
+    return batches
+
+
+def _forward_batch(target, rows: Sequence[Sequence[int]], width: int, store: torch.dtype):
+    """The target over one right-padded batch -> per row (T_b, k*d) tap and (T_b, d) final states, on the CPU
+    in ``store`` (bfloat16 for a bfloat16 cache, so a shard held in memory is no larger than on disk; else
+    float32, which the scaled and clamped dtypes need before encoding)."""
+    ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
+    mask = torch.zeros_like(ids)  # (B, T)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)] = torch.as_tensor(row)
+        mask[b, : len(row)] = 1
+    out = target.forward(ids.to(target.device), attention_mask=mask.to(target.device))
+    return [(out.tap_hidden[b, : len(row)].to("cpu", store), out.final_hidden[b, : len(row)].to("cpu", store))
+            for b, row in enumerate(rows)]
+
+
+def _shard_tensors(target, rows: Sequence[Sequence[int]], dtype: str, batch_tokens: int, bar,
+                   workers: int = 1) -> dict:
+    """Run the target over ``rows`` (batched, right padded; ``workers`` batches at once on threads, results in
+    row order) and encode one shard's tensors."""
+    store = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # float16 is clamped by encode first
+    taps, finals, offsets = [], [], [0]
+
+    def run(batch: tuple[int, int, int]):
+        i, j, width = batch
+        return _forward_batch(target, rows[i:j], width, store)
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dspark-cache") as pool:
+        for states in pool.map(run, _row_batches(rows, batch_tokens)) if workers > 1 else \
+                map(run, _row_batches(rows, batch_tokens)):
+            for tap, final in states:
+                taps.append(tap)
+                finals.append(final)
+                offsets.append(offsets[-1] + tap.shape[0])
+                bar.update(tap.shape[0])
     k = len(target.tap_layer_ids)
     tensors = encode("tap_hidden", torch.cat(taps), dtype, k)
     tensors.update(encode("final_hidden", torch.cat(finals), dtype, 1))
@@ -202,8 +228,10 @@ def _shard_tensors(target, rows: Sequence[Sequence[int]], dtype: str, batch_toke
 
 def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dtype: str = "bfloat16",
                 target_id: str = "", target_revision: str | None = None, dataset_fingerprint: str = "",
-                shard_tokens: int = 1 << 20, batch_tokens: int = 8192, overwrite: bool = False) -> dict:
-    """Write (or finish) the cache of ``rows`` (token id lists, dataset order); returns the manifest."""
+                shard_tokens: int = 1 << 20, batch_tokens: int = 8192, overwrite: bool = False,
+                workers: int = 1) -> dict:
+    """Write (or finish) the cache of ``rows`` (token id lists, dataset order); returns the manifest.
+    ``workers``: target forwards run at once on threads (the cache is the same for any value)."""
     from safetensors.torch import save_file
 
     if dtype not in STORAGE_DTYPES:
@@ -242,7 +270,7 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
             if finished:
                 continue
             a, b = s["row_start"], s["row_end"]
-            tensors = _shard_tensors(target, rows[a:b], dtype, batch_tokens, bar)
+            tensors = _shard_tensors(target, rows[a:b], dtype, batch_tokens, bar, workers)
             tmp = cache_dir / (s["file"] + ".tmp")
             save_file(tensors, str(tmp), metadata={"rows": f"{a}:{b}", "dataset_fingerprint": dataset_fingerprint,
                                                    "dtype": dtype})

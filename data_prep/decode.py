@@ -95,8 +95,10 @@ def slot_cache(model, batch_size: int, capacity: int) -> DynamicCache | None:
     return cache
 
 
-def pick_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """(b, V) logits -> (b,) next tokens: argmax at temperature 0, else a temperature / top-p sample."""
+def pick_next(logits: torch.Tensor, temperature: float, top_p: float,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """(b, V) logits -> (b,) next tokens: argmax at temperature 0, else a temperature / top-p sample drawn
+    from ``generator`` (torch's global RNG when None)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (b, V)
@@ -105,7 +107,7 @@ def pick_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.T
         before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more likely tokens
         sorted_p = sorted_p.masked_fill(before >= top_p, 0.0)  # the top token always survives
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,10 +165,12 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, capacity: int, device
 
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[list[int]], pad_id: int, stop_ids: set[int], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0) -> list[tuple[list[int], str]]:
+                 temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> list[tuple[list[int], str]]:
     """Decode a batch of prompts -> per row (new tokens incl. the stop token, "stop" | "length").
 
-    Sampling draws from torch's global RNG: seed it (or fork it) around the call for reproducible samples.
+    Sampling draws from ``generator`` (a seeded one gives reproducible samples, also when several batches are
+    decoded at once on threads), or from torch's global RNG when None.
     """
     device = next(model.parameters()).device
     width = max(map(len, prompt_ids))
@@ -176,7 +180,7 @@ def generate_ids(model, prompt_ids: list[list[int]], pad_id: int, stop_ids: set[
     tokens: list[list[int]] = [[] for _ in prompt_ids]
     finish = ["length"] * len(prompt_ids)
     for step in range(max_new_tokens):
-        nxt = pick_next(logits, temperature, top_p)  # (b,)
+        nxt = pick_next(logits, temperature, top_p, generator)  # (b,)
         for slot, token in enumerate(nxt.tolist()):
             row = active[slot]
             if finish[row] == "length":  # a row kept in the batch after its stop token ignores the rest

@@ -105,10 +105,9 @@ def _local_batch(model, tokenizer, batch: list[Prompt], pad_id: int, stop_ids: s
         ids = [generation_prompt_ids(tokenizer, build_messages(batch[j].system, batch[j].turns[: t + 1],
                                                                records[j]["responses"]), kwargs)
                for j in active]
-        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=cuda):  # seeds CPU and CUDA; the caller's RNG is left as it was
-            torch.manual_seed(derive_seed(seed, [batch[j].row_id for j in active], t))
-            outs = generate_ids(model, ids, pad_id, stop_ids, max_new_tokens, temperature, top_p)
+        device = next(model.parameters()).device
+        rng = torch.Generator(device=device).manual_seed(derive_seed(seed, [batch[j].row_id for j in active], t))
+        outs = generate_ids(model, ids, pad_id, stop_ids, max_new_tokens, temperature, top_p, rng)
         for j, (tokens, finish) in zip(active, outs):
             content = tokens[:-1] if finish == "stop" else tokens
             records[j]["responses"].append(tokenizer.decode(content, skip_special_tokens=True))
@@ -120,8 +119,13 @@ def _local_batch(model, tokenizer, batch: list[Prompt], pad_id: int, stop_ids: s
 def generate_local(prompts: list[Prompt], lengths: list[int], model, tokenizer, glog: GenerationLog,
                    done: dict[str, dict], stop_ids: set[int], batch_size: int = 64, max_new_tokens: int = 256,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                   chat_template_kwargs: dict | None = None, max_batch_tokens: int | None = None) -> int:
-    """Fill ``done`` (row_id -> record) for every prompt; returns tokens generated in this call."""
+                   chat_template_kwargs: dict | None = None, max_batch_tokens: int | None = None,
+                   workers: int = 1) -> int:
+    """Fill ``done`` (row_id -> record) for every prompt; returns tokens generated in this call.
+
+    ``workers`` > 1 decodes that many batches at once on threads (one core each when torch runs one thread per
+    op: the matrix work releases the GIL); records are appended as batches finish, and each batch's output is
+    the same as when decoded alone (same composition, its own seeded generator)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     batches = plan_batches(lengths, batch_size, max_new_tokens, max_batch_tokens)
     todo = [b for b in batches if any(prompts[i].row_id not in done for i in b)]
@@ -129,11 +133,15 @@ def generate_local(prompts: list[Prompt], lengths: list[int], model, tokenizer, 
     log.info("local generation: %d prompts to do in %d batches (%d already done)", remaining, len(todo),
              len(prompts) - remaining)
     tokens, start = 0, time.perf_counter()
-    with tqdm(total=remaining, unit="row", desc="generate", dynamic_ncols=True) as bar:
-        for b in todo:
-            batch = [prompts[i] for i in b]
-            records = _local_batch(model, tokenizer, batch, pad_id, stop_ids, chat_template_kwargs or {},
-                                   max_new_tokens, temperature, top_p, seed)
+
+    def run(b: list[int]) -> list[dict]:
+        return _local_batch(model, tokenizer, [prompts[i] for i in b], pad_id, stop_ids, chat_template_kwargs or {},
+                            max_new_tokens, temperature, top_p, seed)
+
+    with tqdm(total=remaining, unit="row", desc="generate", dynamic_ncols=True) as bar, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dspark-decode") as pool:
+        futures = [pool.submit(run, b) for b in todo] if workers > 1 else None
+        for records in (f.result() for f in as_completed(futures)) if futures else map(run, todo):
             new = [r for r in records if r["row_id"] not in done]
             glog.append(new)
             done.update((r["row_id"], r) for r in new)

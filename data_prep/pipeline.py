@@ -102,7 +102,8 @@ def _generate(cfg, prompts, lengths, target, tokenizer, out_dir: Path, kwargs, s
     start = time.perf_counter()
     if g.backend == "local":
         tokens = generate_local(prompts, lengths, target.model, tokenizer, glog, done, stop_ids, g.batch_size,
-                                g.max_new_tokens, g.temperature, g.top_p, cfg.seed, kwargs, g.max_batch_tokens)
+                                g.max_new_tokens, g.temperature, g.top_p, cfg.seed, kwargs, g.max_batch_tokens,
+                                cfg.workers)
     elif g.backend == "openai":
         key = os.environ.get(g.api_key_env) if g.api_key_env else None
         client = ChatClient(g.base_url, g.model or cfg.target.id, g.timeout_s, g.max_retries, g.backoff_s, key,
@@ -209,7 +210,7 @@ def _write_cache(cfg: DataPrepConfig, target, cols, manifest, out_dir: Path) -> 
     c = cfg.cache
     cache_dir = Path(c.dir) if c.dir else out_dir / "cache"
     cm = write_cache(target, cols["input_ids"], cache_dir, c.dtype, cfg.target.id, cfg.target.revision,
-                     manifest["fingerprint"], c.shard_tokens, c.batch_tokens, c.overwrite)
+                     manifest["fingerprint"], c.shard_tokens, c.batch_tokens, c.overwrite, cfg.workers)
     return {"dir": str(cache_dir), "dtype": c.dtype, "bytes_per_token": cm["bytes_per_token"],
             "shards": len(cm["shards"])}
 

@@ -69,6 +69,9 @@ class DataPrepConfig:
     thinking: bool | None = None  # shortcut for chat_template_kwargs.enable_thinking
     device: str = "auto"  # auto = cuda if available, else cpu
     num_threads: int | None = 1  # torch CPU threads; None = torch's default (all cores: for an idle machine)
+    # Local target forwards (generation batches, cache batches) run this many at once on threads: with
+    # num_threads=1, one core each (the matrix work releases the GIL). Outputs do not depend on it.
+    workers: int = 1
     overwrite: bool = False  # discard generations of an earlier run in out_dir
 
 
@@ -83,6 +86,7 @@ def validate(cfg: DataPrepConfig) -> None:
         (0 < g.top_p <= 1, f"generation.top_p must lie in (0, 1], got {g.top_p}"),
         (g.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {g.max_new_tokens}"),
         (g.batch_size >= 1 and g.concurrency >= 1, "generation.batch_size and generation.concurrency must be >= 1"),
+        (cfg.workers >= 1, f"workers must be >= 1, got {cfg.workers}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.errors import BadRowError, SourceError
+from dspark_model.atomic import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +207,6 @@ def _hf_rows(src: PromptSource):
     return ds._fingerprint, ((i, row) for i, row in enumerate(ds))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def source_name(src: PromptSource) -> str:
     if src.name:
         return src.name
@@ -234,7 +227,7 @@ def _read_source(src: PromptSource, strict: bool, max_chars: int | None, skipped
         if not path.is_file():
             raise SourceError(f"prompt file {str(path)!r} (source {name!r}) does not exist; fix the path "
                               f"(relative paths are relative to the working directory)")
-        location, digest, rows, unit = str(path), _sha256_file(path), _file_rows(path), "line"
+        location, digest, rows, unit = str(path), file_sha256(path), _file_rows(path), "line"
     else:
         digest, rows = _hf_rows(src)
         location, unit = f"hf://{src.hf_name}/{src.hf_config or ''}/{src.split}", "row"

@@ -7,6 +7,7 @@ swapped into place the same way, the previous copy removed only after the swap.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -49,3 +50,12 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

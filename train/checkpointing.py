@@ -28,7 +28,6 @@ someone who can write into the output folder itself.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dspark_model.atomic import atomic_write_json, replace_dir
+from dspark_model.atomic import atomic_write_json, file_sha256, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +104,9 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
 
 
 # ---- integrity: sizes and hashes recorded at save, checked before a resume ---------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def record_files(folder: Path) -> dict:
     """{relative path: {bytes, sha256}} for every file under ``folder`` (except files.json itself)."""
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FILES_NAME}
 
 
@@ -142,7 +133,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != want["bytes"]:
             return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
-        if _sha256(p) != want["sha256"]:
+        if file_sha256(p) != want["sha256"]:
             return f"{name} does not match its recorded sha256"
     return None
 

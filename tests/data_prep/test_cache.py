@@ -196,3 +196,15 @@ def test_manifest_mismatch_and_incomplete_cache_are_refused(target, tmp_path):
         TargetCache(tmp_path / "c")
     with pytest.raises(CacheError, match="no target cache"):
         TargetCache(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_worker_threads_write_the_same_cache(target, tmp_path, dtype):
+    """workers > 1 runs the target over several batches at once; the shards are byte-identical."""
+    from safetensors.torch import load_file
+
+    one, two = _write(target, tmp_path / "w1", dtype), _write(target, tmp_path / "w2", dtype, workers=3)
+    assert one["shards"] == two["shards"]
+    for s in one["shards"]:
+        a, b = load_file(tmp_path / "w1" / s["file"]), load_file(tmp_path / "w2" / s["file"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
