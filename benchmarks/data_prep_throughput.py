@@ -50,7 +50,8 @@ NEW_DEFAULTS = {"path": "loop", "batch_size": NEW.generation.batch_size, "thread
 
 
 @torch.no_grad()
-def legacy_generate_ids(model, prompt_ids, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0):
+def legacy_generate_ids(model, prompt_ids, pad_id, stop_ids, max_new_tokens, temperature=0.0, top_p=1.0,
+                        generator=None):
     """The previous local decoding: one left-padded ``model.generate`` per batch (greedy here)."""
     from transformers import GenerationConfig
 

@@ -67,7 +67,7 @@ class Budget:
     eval_prompts_per_source: int = 5
     eval_tokens: int = 96
     seed: int = 0
-    threads: int = 2
+    threads: int = 2  # torch threads of train / eval stages; data_prep runs this many one-thread workers
 
 
 def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
@@ -76,13 +76,13 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
     sources = [f"prompts.sources.{i}.num_samples={b.prompts_per_source}" for i in range(len(TRAIN_SOURCES))]
     cmds = {
         "data": [py, "-m", "data_prep", f"target={b.target}", "prompts=shared-train", *sources,
-                 f"generation.max_new_tokens={b.gen_tokens}", f"num_threads={b.threads}", f"seed={b.seed}",
+                 f"generation.max_new_tokens={b.gen_tokens}", "num_threads=1", f"workers={b.threads}", f"seed={b.seed}",
                  "cache.enabled=true", f"cache.dtype={b.cache_dtype}", f"out_dir={run / 'data'}"],
     }
     vocab = f"draft.draft_vocab_size={b.draft_vocab_size or 'null'}"
     heldout = [f"prompts.sources.{i}.num_samples={b.eval_prompts_per_source}" for i in range(3)]
     cmds["heldout-data"] = [py, "-m", "data_prep", f"target={b.target}", "prompts=shared-eval", *heldout,
-                            f"generation.max_new_tokens={b.eval_tokens}", f"num_threads={b.threads}",
+                            f"generation.max_new_tokens={b.eval_tokens}", "num_threads=1", f"workers={b.threads}",
                             f"seed={b.seed}", f"out_dir={run / 'heldout'}"]
 
     def train(name: str, draft: str, vocab: str, steps: int) -> list[str]:

@@ -71,7 +71,7 @@ class DataPrepConfig:
     num_threads: int | None = 1  # torch CPU threads; None = torch's default (all cores: for an idle machine)
     # Local target forwards (generation batches, cache batches) run this many at once on threads: with
     # num_threads=1, one core each (the matrix work releases the GIL). Outputs do not depend on it.
-    workers: int = 1
+    workers: int = 2
     overwrite: bool = False  # discard generations of an earlier run in out_dir
 
 
