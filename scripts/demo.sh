@@ -4,7 +4,7 @@
 #   offline from that cache (conf/train/demo.yaml) -> eval (tau, speed-up, greedy
 #   identity, calibration + scheduler) -> native export with model card -> Hub upload as a dry run.
 # Every stage resumes: re-running after an interruption continues where it stopped.
-# Sizes can be changed through the environment (defaults fit ~20 minutes on 2 CPU cores).
+# Sizes can be changed through the environment (defaults: ~11 minutes on an idle 2-core CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
