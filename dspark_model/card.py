@@ -425,10 +425,9 @@ def _data_section(manifest: dict | None) -> str:
     for s in m.get("sources") or []:
         if not isinstance(s, dict):
             continue
-        loc = s.get("path") or ":".join(str(x) for x in (s.get("hf_name"), s.get("hf_config"), s.get("split"))
-                                        if x)
+        loc = s.get("location", "")  # the keys data_prep's manifest writes (data_prep/sources.py)
         hashes = [f"{k}={v}" for k, v in s.items() if re.search("hash|sha256|fingerprint", k) and v]
-        rows = s.get("rows", s.get("num_rows", s.get("num_samples", "")))
+        rows = f"{s['rows_used']} of {s['rows_read']}" if "rows_used" in s and "rows_read" in s else ""
         out.append(f"| {s.get('name') or ''} | {loc} | {rows} | {'; '.join(hashes)} |")
     facts = [(k, v) for k, v in m.items() if k != "sources" and not isinstance(v, (dict, list))]
     facts += [(k, json.dumps(v)) for k, v in m.items() if k in ("target", "generation", "counts", "skipped")]

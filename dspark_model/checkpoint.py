@@ -98,8 +98,10 @@ def save_pretrained(draft: DSparkDraft, out_dir: str | Path, target_spec: Target
         atomic_write_json(tmp / CONFIG_NAME, config)
         if draft.calibration is not None:
             atomic_write_json(tmp / CALIBRATION_NAME, draft.calibration)
-        elif (out_dir / CALIBRATION_NAME).exists():  # keep a calibration written earlier beside the weights
-            shutil.copy2(out_dir / CALIBRATION_NAME, tmp / CALIBRATION_NAME)
+        elif (out_dir / CALIBRATION_NAME).exists():
+            # a calibration is fitted to the weights beside it: new weights replace the folder without it
+            log.warning("%s: the calibration.json there was fitted for the weights being replaced; it is removed "
+                        "(run `python -m eval draft=%s` to calibrate the new weights)", out_dir, out_dir)
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():

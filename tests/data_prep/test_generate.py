@@ -108,3 +108,17 @@ def test_worker_threads_give_the_same_dataset(prompt_file, tmp_path, temperature
     two = run(cfg)
     assert one["fingerprint"] == two["fingerprint"]
     assert load_tokenized(tmp_path / "w1")[0].to_dict() == load_tokenized(tmp_path / "w2")[0].to_dict()
+
+
+def test_model_card_data_table_reads_the_manifest_data_prep_writes(prompt_file, tmp_path):
+    """The card's provenance table is filled from a manifest written by the real data_prep (not a hand-made
+    one): every source row names its location, rows used of rows read, and hash."""
+    from dspark_model.card import _data_section
+
+    run(make_cfg(prompt_file, tmp_path / "d"))
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    rows = [line for line in _data_section(manifest).splitlines() if line.startswith("| p |")]
+    (source,) = manifest["sources"]
+    assert rows == [f"| p | {source['location']} | {source['rows_used']} of {source['rows_read']} | "
+                    f"sha256={source['sha256']} |"]
+    assert source["location"] and source["rows_used"] > 0

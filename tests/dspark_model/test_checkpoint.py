@@ -61,12 +61,19 @@ def test_calibration_json_is_loaded_when_present(saved, tiny_target):
     assert load_draft(path, tiny_target).calibration == {"temperatures": [1.0, 2.0]}
 
 
-def test_overwriting_keeps_calibration_and_leaves_no_temp_dirs(saved, tiny_target):
+def test_overwriting_drops_a_stale_calibration_and_leaves_no_temp_dirs(saved, tiny_target):
+    """A calibration belongs to the weights it was fitted for: saving other (uncalibrated) weights into the
+    folder removes it; a draft that carries its calibration writes it again."""
     draft, path = saved
-    (path / "calibration.json").write_text("{}")
+    (path / "calibration.json").write_text(json.dumps({"temperatures": [3.0]}))
     save_pretrained(draft, path)
-    assert (path / "calibration.json").exists()
+    assert not (path / "calibration.json").exists()
+    assert load_draft(path, tiny_target).calibration is None
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
+    draft.calibration = {"temperatures": [1.5]}
+    save_pretrained(draft, path)
+    assert load_draft(path, tiny_target).calibration == {"temperatures": [1.5]}
+    draft.calibration = None
 
 
 @pytest.mark.parametrize("other, message", [

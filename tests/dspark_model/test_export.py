@@ -245,7 +245,7 @@ def test_card_metadata_report_provenance_and_redaction(tmp_path, targets):
               "speedup_vs_generate": 2.5, "greedy_match_rate": 1.0}
     (tmp_path / "report.json").write_text(json.dumps(report))
     (tmp_path / "manifest.json").write_text(json.dumps({
-        "sources": [{"name": "gsm8k", "path": "data/gsm8k.jsonl", "sha256": "abc123"}],
+        "sources": [{"name": "gsm8k", "location": "data/gsm8k.jsonl", "sha256": "abc123", "rows_read": 9, "rows_used": 8}],
         "fingerprint": "f00d", "api_key": "sk-SECRET"}))
     (tmp_path / "train.yaml").write_text("train:\n  lr: 0.0006\n  wandb_api_key: SECRET2\n")
     sources = CardSources(report=str(tmp_path / "report.json"), data_manifest=str(tmp_path / "manifest.json"),
@@ -258,6 +258,7 @@ def test_card_metadata_report_provenance_and_redaction(tmp_path, targets):
     assert "| gsm8k | 3.500 |" in card and "**3.210**" in card and "2.00x" in card  # 30 / 15 vs prompt lookup
     assert "0.900, 0.800, 0.700, 0.600" in card and "temperature = 0.0" in card
     assert "abc123" in card and "f00d" in card and "train.lr: 0.0006" in card
+    assert "| gsm8k | data/gsm8k.jsonl | 8 of 9 |" in card
     assert "SECRET" not in card and "<redacted>" in card
     assert "[1, 2, 3]" in card and "[0, 1, 2]" in card  # both layer-id conventions stated
     assert "vllm serve me/draft" in card
