@@ -231,11 +231,12 @@ def expected_throughput(survival, lengths: Sequence[int], sps: SpsLike) -> tuple
 # ----------------------------------------------------------------------------------------------------
 
 def profile_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], warmup: int = 2,
-                repeats: int = 5, hardware: Mapping | None = None) -> SpsTable:
+                repeats: int = 5, hardware: Mapping | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> SpsTable:
     """Measure steps/s of ``step_fn(B)`` (one target forward over B new tokens) for each batch size.
 
-    ``warmup`` calls per B are not timed; steps/s = 1 / median of ``repeats`` timed calls.
-    ``step_fn`` must block until the work is done (e.g. synchronise CUDA).
+    ``warmup`` calls per B are not timed; steps/s = 1 / median of ``repeats`` timed calls, timed with
+    ``clock`` (seconds). ``step_fn`` must block until the work is done (e.g. synchronise CUDA).
     """
     if repeats < 1:
         raise ValueError("profile_sps: repeats must be >= 1")
@@ -245,9 +246,9 @@ def profile_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], wa
             step_fn(batch)
         durations = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             step_fn(batch)
-            durations.append(time.perf_counter() - start)
+            durations.append(clock() - start)
         points[batch] = 1.0 / max(statistics.median(durations), 1e-9)
     return SpsTable(points, hardware=hardware)
 

@@ -1,6 +1,5 @@
 """Algorithm 1 and its variants, the SPS table, and SPS profiling."""
 
-import time
 
 import numpy as np
 import pytest
@@ -214,14 +213,16 @@ def test_sps_table_uses_the_padding_envelope_of_a_non_monotone_profile():
 
 
 def test_profile_sps_orders_batches_by_step_duration_and_skips_warmup():
-    calls = []
+    """Timed with a simulated clock that each step advances: real sleeps of a few milliseconds reorder under
+    a loaded CPU (this test once failed that way while other jobs shared the machine)."""
+    calls, now = [], [0.0]
 
     def step_fn(batch):
         calls.append(batch)
         first = calls.count(batch) == 1
-        time.sleep(0.05 if first else 0.002 * batch)  # the first (warm-up) call of each size is slow
+        now[0] += 0.05 if first else 0.002 * batch  # the first (warm-up) call of each size is slow
 
-    table = profile_sps(step_fn, [4, 1, 2], warmup=1, repeats=3)
+    table = profile_sps(step_fn, [4, 1, 2], warmup=1, repeats=3, clock=lambda: now[0])
     assert len(calls) == 3 * (1 + 3)
     assert table.batch_tokens.tolist() == [1, 2, 4]
     assert table(1) > table(2) > table(4)
