@@ -75,3 +75,16 @@ def identity_problems(named: dict, target_id: str, revision: str | None, target)
 def identity_record(target_id: str, revision: str | None, target) -> dict:
     """What calibration.json says about the target it was fitted with."""
     return {"id": target_id, "revision": revision, "fingerprint": weights_fingerprint(target)}
+
+
+def refuse_mismatch(what: str, problems: list[str], allow: bool, flag: str, fix: str, error: type[Exception],
+                    logger) -> None:
+    """One rule for "made for another target": nothing to say when ``problems`` is empty; else a warning when
+    the user set ``flag`` (``allow``), or ``error`` naming the problems, the fix and the flag."""
+    if not problems:
+        return
+    message = f"{what} for another target: {'; '.join(problems)}"
+    if allow:
+        logger.warning("%s (continuing: %s=true)", message, flag)
+        return
+    raise error(f"{message}. Fix: {fix}, or set {flag}=true if you know better")

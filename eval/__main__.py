@@ -80,18 +80,13 @@ def check_identity(ckpt: Path, spec, target, allow_mismatch: bool) -> None:
     """Refuse a target other than the one the checkpoint records (id, revision, weights fingerprint): a
     draft runs on any target of the same shapes, and its calibration would be fitted to the wrong one."""
     from dspark_model.checkpoint import CheckpointMismatchError, read_draft_config
-    from dspark_model.identity import identity_problems
+    from dspark_model.identity import identity_problems, refuse_mismatch
 
     named = read_draft_config(ckpt).get("target") or {}
     problems = identity_problems(named if isinstance(named, dict) else {}, spec.id, spec.revision, target)
-    if not problems:
-        return
-    message = f"draft {ckpt} was trained for another target: {'; '.join(problems)}"
-    if allow_mismatch:
-        log.warning("%s (continuing: allow_target_mismatch=true)", message)
-        return
-    raise CheckpointMismatchError(f"{message}. Fix: pass the target it was trained for (target=<name>, "
-                                  f"target.path=...), or allow_target_mismatch=true if you know they are the same")
+    refuse_mismatch(f"draft {ckpt} was trained", problems, allow_mismatch, "allow_target_mismatch",
+                    "pass the target it was trained for (target=<name>, target.path=...)", CheckpointMismatchError,
+                    log)
 
 
 def load_eval_prompts(cfg: EvalConfig) -> list:

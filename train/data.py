@@ -89,6 +89,7 @@ def check_data_target(manifest: dict, path: Path, spec, target, allow_mismatch: 
     """Refuse data that data_prep made for another target: its manifest's target id, revision (when both
     are known) and tokenizer hash must match the target trained against. ``allow_mismatch`` warns instead."""
     from data_prep.chat import tokenizer_sha256
+    from dspark_model.identity import refuse_mismatch
 
     made = manifest.get("target")
     if not isinstance(made, dict):
@@ -101,14 +102,8 @@ def check_data_target(manifest: dict, path: Path, spec, target, allow_mismatch: 
         problems.append(f"revision {made['revision']} there, {spec.revision} here")
     if made.get("tokenizer_sha256") and made["tokenizer_sha256"] != tokenizer_sha256(target.tokenizer):
         problems.append("a different tokenizer (token ids mean other tokens)")
-    if not problems:
-        return
-    message = f"data at {path} was prepared for another target: {'; '.join(problems)}"
-    if allow_mismatch:
-        log.warning("%s (continuing: data.allow_target_mismatch=true)", message)
-        return
-    raise DataError(f"{message}. Fix: prepare data with `python -m data_prep target=<this target>`, or set "
-                    f"data.allow_target_mismatch=true if you know the two targets share their tokens")
+    refuse_mismatch(f"data at {path} was prepared", problems, allow_mismatch, "data.allow_target_mismatch",
+                    "prepare data with `python -m data_prep target=<this target>`", DataError, log)
 
 
 @torch.no_grad()
