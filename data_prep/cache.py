@@ -37,7 +37,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from data_prep.errors import CacheError, CacheMismatchError
 from data_prep.store import atomic_write_json, read_json
+from data_prep.threads import run_on_threads
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,8 @@ def _shard_tensors(target, rows: Sequence[Sequence[int]], dtype: str, batch_toke
         i, j, width = batch
         return _forward_batch(target, rows[i:j], width, store)
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dspark-cache") as pool:
-        for states in pool.map(run, _row_batches(rows, batch_tokens)) if workers > 1 else \
-                map(run, _row_batches(rows, batch_tokens)):
+    with closing(run_on_threads(run, _row_batches(rows, batch_tokens), workers, "dspark-cache", ordered=True)) as out:
+        for states in out:
             for tap, final in states:
                 taps.append(tap)
                 finals.append(final)

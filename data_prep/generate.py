@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import closing
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import torch
@@ -41,6 +41,7 @@ from data_prep.decode import generate_ids
 from data_prep.errors import BadRowError, GenerationError
 from data_prep.sources import Prompt
 from data_prep.store import GenerationLog
+from data_prep.threads import run_on_threads
 from dspark_model.redact import RedactingFilter, redact_text, redact_url, url_secrets
 
 log = logging.getLogger(__name__)
@@ -139,9 +140,8 @@ def generate_local(prompts: list[Prompt], lengths: list[int], model, tokenizer, 
                             max_new_tokens, temperature, top_p, seed)
 
     with tqdm(total=remaining, unit="row", desc="generate", dynamic_ncols=True) as bar, \
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dspark-decode") as pool:
-        futures = [pool.submit(run, b) for b in todo] if workers > 1 else None
-        for records in (f.result() for f in as_completed(futures)) if futures else map(run, todo):
+            closing(run_on_threads(run, todo, workers, "dspark-decode")) as finished:
+        for records in finished:
             new = [r for r in records if r["row_id"] not in done]
             glog.append(new)
             done.update((r["row_id"], r) for r in new)
@@ -265,18 +265,16 @@ def generate_openai(prompts: list[Prompt], client: ChatClient, glog: GenerationL
     log.info("openai generation: %d prompts to do at %s (%d already done)", len(todo), client.url,
              len(prompts) - len(todo))
     tokens, start = 0, time.perf_counter()
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
-    try:
-        with tqdm(total=len(todo), unit="row", desc="generate", dynamic_ncols=True) as bar:
-            futures = [pool.submit(_openai_row, client, p, max_new_tokens, temperature, top_p, seed)
-                       for p in todo]
-            for fut in as_completed(futures):
-                rec = fut.result()
-                glog.append([rec])
-                done[rec["row_id"]] = rec
-                tokens += sum(rec["num_tokens"])
-                bar.update(1)
-                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+
+    def request(p: Prompt) -> dict:
+        return _openai_row(client, p, max_new_tokens, temperature, top_p, seed)
+
+    with tqdm(total=len(todo), unit="row", desc="generate", dynamic_ncols=True) as bar, \
+            closing(run_on_threads(request, todo, concurrency, "dspark-request")) as finished:
+        for rec in finished:
+            glog.append([rec])
+            done[rec["row_id"]] = rec
+            tokens += sum(rec["num_tokens"])
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - start, 1e-9):.1f}")
     return tokens
