@@ -77,18 +77,18 @@ def resolve_resume(root: Path, resume: str) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":
-        path, damaged = None, []
+        path, newest_damage = None, None
         for candidate in reversed(list_checkpoints(root)):
             problem = verify_checkpoint(candidate)
             if problem is None:
                 path = candidate
                 break
-            damaged.append(candidate)
+            newest_damage = newest_damage or f"{candidate.name}: {problem}"
             log.warning("checkpoint %s is damaged (%s); falling back to the one before it (the damaged one "
                         "stays on disk until this run saves that step again)", candidate, problem)
-        if damaged and path is None:
-            raise CheckpointCorruptError(f"every checkpoint in {root} is damaged ({damaged[0].name}: "
-                                         f"{verify_checkpoint(damaged[0])}); start over with train.resume=never")
+        if newest_damage and path is None:
+            raise CheckpointCorruptError(f"every checkpoint in {root} is damaged ({newest_damage}); start over "
+                                         f"with train.resume=never")
     else:
         path = Path(resume)
         if not (path / STATE_NAME).is_file():

@@ -195,12 +195,12 @@ def micro_batches(rows: list[int], lengths: list[int], micro: int, world: int, r
     if world == 1:
         return chunks
     share = -(-len(chunks) // world)  # ceil: a short tail leaves some processes one micro-batch fewer
+    size = [sum(lengths[r] for r in c) for c in chunks]
     tokens, mine = [0] * world, [[] for _ in range(world)]
-    for chunk in sorted(chunks, key=lambda c: (-sum(lengths[r] for r in c), c[0])):
-        open_ranks = [k for k in range(world) if len(mine[k]) < share]
-        k = min(open_ranks, key=lambda j: (tokens[j], j))
-        mine[k].append(chunk)
-        tokens[k] += sum(lengths[r] for r in chunk)
+    for c in sorted(range(len(chunks)), key=lambda c: (-size[c], chunks[c][0])):
+        k = min((j for j in range(world) if len(mine[j]) < share), key=lambda j: (tokens[j], j))
+        mine[k].append(chunks[c])
+        tokens[k] += size[c]
     return mine[rank]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 import time
@@ -111,6 +112,7 @@ def load_data(job: TrainJob, target, path: Path | None) -> TrainData:
     return data
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AMX tiles or AVX512-BF16), where bf16 autocast trains the
     draft ~1.9x faster than fp32 (BENCHMARKS.md); on AVX2-only CPUs bf16 is emulated and several times slower."""

@@ -11,11 +11,11 @@ safetensors checkpoints see the usual interface. Not combined with DeepSpeed ZeR
 from __future__ import annotations
 
 import math
+from collections import ChainMap
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "muon")
 # Matrices that are lookup tables or output heads rather than hidden-to-hidden maps: Muon's orthogonalised
 # update is meant for the latter; token tables and output heads stay on AdamW (as Muon's authors advise), and so
 # do single-row matrices such as the confidence head's projection.
@@ -42,8 +42,12 @@ class MuonAdamW(torch.optim.Optimizer):
         self.muon = torch.optim.Muon(matrices, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         self.adamw = torch.optim.AdamW(adam_groups, lr=lr, betas=tuple(betas), foreach=False)
         super().__init__([{"params": matrices}] + [{"params": g["params"]} for g in adam_groups], {"lr": lr})
+        self._share_children()
+
+    def _share_children(self) -> None:
+        """Expose the two optimizers' own groups and (live) per-parameter state as this one's."""
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = _ChainedState(self.muon.state, self.adamw.state)
+        self.state = ChainMap(self.muon.state, self.adamw.state)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,17 +83,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
         self.muon.load_state_dict(part("muon", 0))
         self.adamw.load_state_dict(part("adamw", offset))
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = _ChainedState(self.muon.state, self.adamw.state)
-
-
-class _ChainedState(dict):
-    """Read view of both optimizers' per-parameter state (what code inspecting ``optimizer.state`` expects)."""
-
-    def __init__(self, *parts: dict):
-        super().__init__()
-        for p in parts:
-            self.update(p)
+        self._share_children()
 
 
 def make_optimizer(draft: nn.Module, cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:

@@ -48,6 +48,7 @@ def test_muon_takes_hidden_matrices_adamw_the_rest():
     before = {n: p.detach().clone() for n, p in draft.named_parameters() if p.requires_grad and p.any()}
     _step(draft, opt)  # (an all-zero bias has a zero gradient here: left out)
     assert all(not torch.equal(before[n], draft.get_parameter(n)) for n in before)
+    assert all(draft.get_parameter(n) in opt.state for n in trainable)  # optimizer.state sees both halves, live
 
 
 def test_muon_state_round_trips_through_checkpoint_files(tmp_path):
