@@ -23,6 +23,9 @@ Stages, each a plain command of the toolkit (printed before it runs) that resume
    one run) and ``train-memory`` (``benchmarks/train_memory.py``: chunked vs naive loss peak memory).
 7. ``cache-dtypes``: bytes per token and reconstruction error of every cache storage dtype on this run's
    rows, and the trained DSpark draft's expected acceptance when its features pass through each dtype.
+   ``scheduler-live``: ``python -m eval ... scheduler_live.enabled=true`` with the DSpark draft: Algorithm 1
+   (the calibration ``eval-dspark-t0`` wrote beside the draft) vs every fixed verification length, measured
+   with 1, 2, 4, 8 and 16 concurrent requests decoded together (``eval/live.py``).
 8. ``collect`` (always): ``benchmarks/results/reference.json``, plots under ``benchmarks/results/reference/``
    and the table between the markers in BENCHMARKS.md (benchmarks/reference_report.py).
 
@@ -118,6 +121,13 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
                             "--out", str(run / "train_memory.json")]
     cmds["cache-dtypes"] = [py, str(ROOT / "benchmarks" / "cache_dtypes.py"), "--data", str(run / "data"),
                             "--draft", str(run / "train-dspark" / "final"), "--out", str(run / "cache_dtypes.json")]
+    # Algorithm 1 live: the DSpark draft with the T=0 calibration eval-dspark-t0 wrote beside it (eval/live.py)
+    cmds["scheduler-live"] = [
+        py, "-m", "eval", f"draft={run / 'train-dspark' / 'final'}", "prompts=shared-eval",
+        f"num_prompts={b.eval_prompts_per_source}", f"max_new_tokens={b.eval_tokens}", "temperature=0",
+        f"seed={b.seed}", f"cpu_threads={b.threads}", f"out_dir={run / 'eval' / 'scheduler-live'}",
+        "baselines.generate=false", "baselines.prompt_lookup=false", "calibration.enabled=false",
+        "scheduler_live.enabled=true"]
     return cmds
 
 
@@ -193,6 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     budget = Budget(**{f: getattr(args, f) for f in asdict(Budget())})
     run = Path(args.run_dir).resolve()
+    cmds = stage_commands(run, budget)
+    if args.dry_run:  # prints only: records no budget, so a real run may still pick other sizes
+        for name, cmd in cmds.items():
+            print(f"{name}: {shlex.join(cmd)}")
+        return
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "state.json")
     recorded = state.data.get("budget")
@@ -208,11 +223,6 @@ def main(argv: list[str] | None = None) -> None:
         rec["discarded_wall_s"] = rec.get("discarded_wall_s", 0.0) + rec["wall_s"]
         rec.update(done=False, attempts=0, wall_s=0.0)
     state.save()
-    cmds = stage_commands(run, budget)
-    if args.dry_run:
-        for name, cmd in cmds.items():
-            print(f"{name}: {shlex.join(cmd)}")
-        return
     if not args.collect_only:
         os.environ.setdefault("OMP_NUM_THREADS", str(budget.threads))
         for name, cmd in cmds.items():

@@ -1,7 +1,7 @@
 """Collect a reference-benchmark run (benchmarks/reference.py) into reference.json, plots and a Markdown table.
 
 Reads only what the stages wrote under the run folder: eval reports (``eval/<draft>-t<T>/report.json``), the
-calibration of the DSpark T=0 run, the training metrics, ``train_memory.json``, ``cache_dtypes.json`` and
+calibration of the DSpark T=0 run, the live scheduler measurement (``eval/scheduler-live/report.json``), the training metrics, ``train_memory.json``, ``cache_dtypes.json`` and
 ``state.json`` (wall times). Missing stages leave their keys null and are named in ``missing``.
 """
 
@@ -21,6 +21,9 @@ TEMPERATURES = (0.0, 1.0)
 TEMPS = tuple(f"{t:g}" for t in TEMPERATURES)  # as in the eval folder names: eval/<draft>-t<T>
 GOALS = {"tau_ratio": 1.20, "speedup_vs_generate": 1.0, "ece_after": 0.015, "auroc": 0.85,
          "scheduler_vs_best_fixed": 1.0, "tau_pooled_t0": 2.0, "acceptance_k1_t0": 0.5}
+LIVE_DIR = "scheduler-live"  # eval/<LIVE_DIR>: the scheduler-live stage's eval folder
+LIVE_KEYS = ("requests", "algorithm1_tokens_per_s", "best_fixed_tokens_per_s", "best_fixed_length",
+             "algorithm1_vs_best_fixed", "greedy_match_rate")
 BEGIN, END = "<!-- reference-benchmark:begin -->", "<!-- reference-benchmark:end -->"
 
 
@@ -59,6 +62,14 @@ def _scheduler_by_load(cal: dict | None) -> list[dict] | None:
     return [{"concurrency": row["concurrency"], "algorithm1": row["throughput"]["algorithm1"],
              "best_fixed": f"fixed_{row['best_fixed_length']}", "best_fixed_throughput": row["best_fixed_throughput"],
              "ratio": row["algorithm1_vs_best_fixed"]} for row in cal["simulation"]["table"]]
+
+
+def _scheduler_live(run: Path) -> dict | None:
+    """The measured Algorithm 1 vs best fixed length record of the scheduler-live stage, or None."""
+    live = (_read(run / "eval" / LIVE_DIR / "report.json") or {}).get("scheduler_live")
+    if not live or "error" in live:
+        return live
+    return {**{k: live.get(k) for k in LIVE_KEYS}, "settings": live.get("settings")}
 
 
 def build(run: Path, state: dict) -> tuple[dict, dict]:
@@ -106,6 +117,7 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         "scheduler_vs_best_fixed": calib.get("T=0", {}).get("scheduler_vs_best_fixed"),
         "calibration_by_temperature": calib,
         "scheduler_by_load": _scheduler_by_load(cal0),
+        "scheduler_live": _scheduler_live(run),
         "sps": (cal0 or {}).get("sps"),
         "train_memory": _read(run / "train_memory.json"),
         "cache_dtypes": _read(run / "cache_dtypes.json"),
@@ -166,6 +178,7 @@ def goals(r: dict) -> dict:
     ratios = [v for ds in r["tau_ratio_dspark_over_dflash"].values() for v in ds.values()]
     speed = [v for v in r["speedup_vs_generate"].get("dspark", {}).values() if v is not None]
     sched = [row["ratio"] for row in r["scheduler_by_load"] or []]
+    live = [v for v in (r.get("scheduler_live") or {}).get("algorithm1_vs_best_fixed") or [] if v is not None]
 
     def rec(value, target, higher=True):
         return {"measured": value, "target": target,
@@ -180,6 +193,8 @@ def goals(r: dict) -> dict:
         "auroc": rec(r["auroc"], GOALS["auroc"]),
         "scheduler_vs_best_fixed_min_over_loads": rec(min(sched) if sched else None,
                                                       GOALS["scheduler_vs_best_fixed"]),
+        "scheduler_live_vs_best_fixed_min_over_requests": rec(min(live) if live else None,
+                                                              GOALS["scheduler_vs_best_fixed"]),
         "tau_pooled_t0_dspark": rec(r["tau"].get("dspark", {}).get("pooled", {}).get("T=0"), GOALS["tau_pooled_t0"]),
         "conditional_acceptance_k1_t0_dspark": rec(
             ((r["conditional_acceptance"].get("dspark", {}).get("T=0") or {}).get("pooled") or [None])[0],
@@ -242,11 +257,13 @@ def plots(result: dict, train: dict, run: Path, fig_dir: Path) -> list[str]:
             ax.set_xlabel("step")
             ax.legend(fontsize=8)
         made.append(_save(plt, fig, fig_dir, "training.png"))
-    for name in ("reliability.png", "load_simulation.png"):  # from the DSpark T=0 calibration
-        src = run / "eval" / "dspark-t0" / "calibration" / name
+    # from the DSpark T=0 calibration, and the live measurement beside the simulated one
+    for src in (run / "eval" / "dspark-t0" / "calibration" / "reliability.png",
+                run / "eval" / "dspark-t0" / "calibration" / "load_simulation.png",
+                run / "eval" / LIVE_DIR / "scheduler_live.png"):
         if src.is_file():
-            shutil.copyfile(src, fig_dir / name)
-            made.append(name)
+            shutil.copyfile(src, fig_dir / src.name)
+            made.append(src.name)
     return made
 
 
@@ -336,6 +353,15 @@ def markdown(r: dict, figs: list[str], fig_rel: str) -> str:
                          f"{_f(row['best_fixed_throughput'], 2)} | {_f(row['ratio'])} |")
         lines += ["", "(simulated tokens/s of the profiled hardware: the measured steps/s of a verification forward "
                   "over B tokens, `sps` in the JSON, applied to the recorded rounds)"]
+    live = r.get("scheduler_live")
+    if live and "error" not in live:
+        lines += ["", "**Algorithm 1 live vs the best fixed verification length** (measured: N requests decoded "
+                  "together on the target, one packed verification forward per round, DSpark T=0; greedy match "
+                  f"{_f(live.get('greedy_match_rate'))}):", "",
+                  "| requests | Algorithm 1 tokens/s | best fixed length | its tokens/s | ratio |",
+                  "| --- | --- | --- | --- | --- |"]
+        for n, a1, best, length, ratio in zip(*(live[k] for k in LIVE_KEYS[:5])):  # in LIVE_KEYS order
+            lines.append(f"| {n} | {_f(a1, 2)} | fixed_{length} | {_f(best, 2)} | {_f(ratio)} |")
     tm = r["train_memory"]
     if tm:
         lines += ["", f"**Training peak memory** (same run, benchmarks/train_memory.py settings): chunked "

@@ -24,9 +24,17 @@ Storage dtypes (bytes per token for k taps of width d):
 The reader always returns float32. The final hidden state is stored after the target's final norm (the
 trainer applies lm_head).
 
+Shards are sized in bytes (``cache.shard_bytes``, 2 GiB by default; ``cache.shard_tokens`` optionally caps
+tokens too), so a shard holds fewer tokens of a wider target. While a shard is written, host memory holds
+it once, in its storage dtype: each batch of target states is encoded on the target's device and copied
+into the shard's preallocated tensors, and the file is streamed from them (no concatenated or serialised
+second copy). float8 is the exception: its per-shard scales need the whole shard first, so the shard waits in
+the target's own dtype (bf16 for a bf16 target: twice its stored size) before the chunked cast.
+
 Writing is resumable shard by shard: a shard is written to a temporary file and renamed into place, so a
-file that exists is complete; a rerun skips those. The estimated size is logged first and the run stops
-if the disk cannot hold it.
+file that exists is complete; a rerun skips those and keeps the shard layout the cache was started with
+(caches written when shards were sized in tokens finish and load unchanged). The estimated size is logged
+first and the run stops if the disk cannot hold it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Sequence
 from contextlib import closing
 from pathlib import Path
@@ -50,6 +59,7 @@ from data_prep.threads import run_on_threads
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "dspark-target-cache/1"
+DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB of payload per shard file
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "int8": torch.int8, "float8": torch.float8_e4m3fn}
 _FP16_MAX = torch.finfo(torch.float16).max
@@ -114,8 +124,8 @@ def encode(name: str, x: torch.Tensor, dtype: str, groups: int) -> dict[str, tor
     if dtype in ("int8", "float8"):
         q, scale = (quantize_int8 if dtype == "int8" else quantize_fp8)(x, groups)
         return {name: q.contiguous(), f"{name}_scale": scale.contiguous()}
-    if dtype == "float16":
-        x = x.clamp(-_FP16_MAX, _FP16_MAX)
+    if dtype == "float16":  # clamp in fp32: a bf16 tensor would round the bound 65504 up to 65536 (-> inf)
+        x = x.float().clamp(-_FP16_MAX, _FP16_MAX)
     return {name: x.to(STORAGE_DTYPES[dtype]).contiguous()}
 
 
@@ -127,11 +137,16 @@ def decode(values: torch.Tensor, scale: torch.Tensor | None, dtype: str = "int8"
     return dequantize_fp8(values, scale) if dtype == "float8" else dequantize_int8(values, scale)
 
 
-def plan_shards(lengths: Sequence[int], shard_tokens: int) -> list[tuple[int, int]]:
-    """Consecutive row ranges of about ``shard_tokens`` tokens each (at least one row per shard)."""
+def plan_shards(lengths: Sequence[int], bytes_per_token: int, shard_bytes: int,
+                shard_tokens: int | None = None) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose payload stays within ``shard_bytes`` (and ``shard_tokens`` tokens when
+    set); a row larger than that alone gets a shard of its own (at least one row per shard)."""
+    cap = max(1, shard_bytes // max(1, bytes_per_token))  # tokens that fit in shard_bytes
+    if shard_tokens:
+        cap = min(cap, shard_tokens)
     shards, start, tokens = [], 0, 0
     for i, n in enumerate(lengths):
-        if tokens and tokens + n > shard_tokens:
+        if tokens and tokens + n > cap:
             shards.append((start, i))
             start, tokens = i, 0
         tokens += n
@@ -173,7 +188,6 @@ def _check_space(cache_dir: Path, needed: int) -> None:
                          f"(float8 or bfloat16), or set cache.dir to another disk")
 
 
-@torch.no_grad()
 def _row_batches(rows: Sequence[Sequence[int]], batch_tokens: int) -> list[tuple[int, int, int]]:
     """Consecutive (start, end, width) batches of at most ``batch_tokens`` padded tokens (one row at least)."""
     batches, i = [], 0
@@ -187,63 +201,128 @@ def _row_batches(rows: Sequence[Sequence[int]], batch_tokens: int) -> list[tuple
     return batches
 
 
-def _forward_batch(target, rows: Sequence[Sequence[int]], width: int, store: torch.dtype):
-    """The target over one right-padded batch -> per row (T_b, k*d) tap and (T_b, d) final states, on the CPU
-    in ``store`` (bfloat16 for a bfloat16 cache, so a shard held in memory is no larger than on disk; else
-    float32, which the scaled and clamped dtypes need before encoding)."""
+@torch.no_grad()
+def _forward_batch(target, rows: Sequence[Sequence[int]], width: int, dtype: str, k: int) -> dict:
+    """The target over one right-padded batch -> its rows' tokens concatenated, (n, k*d) taps and (n, d) final
+    states, encoded for ``dtype`` on the target's device and then copied to the CPU (so only storage-dtype
+    bytes cross to the host). float8 returns the states unencoded, in the target's dtype (see module doc)."""
     ids = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
     mask = torch.zeros_like(ids)  # (B, T)
     for b, row in enumerate(rows):
         ids[b, : len(row)] = torch.as_tensor(row)
         mask[b, : len(row)] = 1
     out = target.forward(ids.to(target.device), attention_mask=mask.to(target.device))
-    return [(out.tap_hidden[b, : len(row)].to("cpu", store), out.final_hidden[b, : len(row)].to("cpu", store))
-            for b, row in enumerate(rows)]
+    taps = torch.cat([out.tap_hidden[b, : len(row)] for b, row in enumerate(rows)])  # (n, k*d)
+    finals = torch.cat([out.final_hidden[b, : len(row)] for b, row in enumerate(rows)])  # (n, d)
+    if dtype == "float8":
+        encoded = {"tap_hidden": taps, "final_hidden": finals}
+    else:
+        encoded = {**encode("tap_hidden", taps, dtype, k), **encode("final_hidden", finals, dtype, 1)}
+    return {name: t.to("cpu") for name, t in encoded.items()}
+
+
+def _empty_shard(n: int, k: int, d: int, dtype: str, staging: torch.dtype) -> dict[str, torch.Tensor]:
+    """The preallocated tensors one shard of ``n`` tokens fills batch by batch (offsets added at the end)."""
+    if dtype == "float8":  # staged unencoded until the shard's scales are known
+        return {"tap_hidden": torch.empty(n, k * d, dtype=staging), "final_hidden": torch.empty(n, d, dtype=staging)}
+    store = STORAGE_DTYPES[dtype]
+    out = {"tap_hidden": torch.empty(n, k * d, dtype=store), "final_hidden": torch.empty(n, d, dtype=store)}
+    if dtype == "int8":
+        out.update(tap_hidden_scale=torch.empty(n, k, dtype=torch.float16),
+                   final_hidden_scale=torch.empty(n, 1, dtype=torch.float16))
+    return out
+
+
+def _fp8_in_chunks(staged: torch.Tensor, groups: int, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_fp8`` of (N, D) ``staged`` with the same per-group scales and values, converted ``chunk``
+    rows at a time so no float32 copy of the whole shard is made."""
+    n, d = staged.shape
+    absmax = torch.zeros(groups)
+    for a in range(0, n, chunk):
+        part = staged[a:a + chunk].float().reshape(-1, groups, d // groups)  # (c, G, D/G)
+        absmax = torch.maximum(absmax, part.abs().amax(dim=(0, 2)))
+    scale = absmax.clamp_min(torch.finfo(torch.float32).tiny)  # (G,) as quantize_fp8
+    q = torch.empty(n, d, dtype=torch.float8_e4m3fn)
+    step = (scale / _FP8_MAX).view(1, groups, 1)  # (1, G, 1)
+    for a in range(0, n, chunk):
+        part = staged[a:a + chunk].float().reshape(-1, groups, d // groups)
+        q[a:a + chunk] = (part / step).clamp(-_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).reshape(-1, d)
+    return q, scale
 
 
 def _shard_tensors(target, rows: Sequence[Sequence[int]], dtype: str, batch_tokens: int, bar,
                    workers: int = 1) -> dict:
     """Run the target over ``rows`` (batched, right padded; ``workers`` batches at once on threads, results in
-    row order) and encode one shard's tensors."""
-    store = torch.bfloat16 if dtype == "bfloat16" else torch.float32  # float16 is clamped by encode first
-    taps, finals, offsets = [], [], [0]
+    row order) and fill one shard's tensors in place."""
+    k, d = len(target.tap_layer_ids), target.hidden_size
+    offsets = [0]
+    for row in rows:
+        offsets.append(offsets[-1] + len(row))
+    tensors = _empty_shard(offsets[-1], k, d, dtype, target.dtype)
 
     def run(batch: tuple[int, int, int]):
         i, j, width = batch
-        return _forward_batch(target, rows[i:j], width, store)
+        return i, _forward_batch(target, rows[i:j], width, dtype, k)
 
     with closing(run_on_threads(run, _row_batches(rows, batch_tokens), workers, "dspark-cache", ordered=True)) as out:
-        for states in out:
-            for tap, final in states:
-                taps.append(tap)
-                finals.append(final)
-                offsets.append(offsets[-1] + tap.shape[0])
-                bar.update(tap.shape[0])
-    k = len(target.tap_layer_ids)
-    tensors = encode("tap_hidden", torch.cat(taps), dtype, k)
-    tensors.update(encode("final_hidden", torch.cat(finals), dtype, 1))
+        for i, encoded in out:
+            a = offsets[i]
+            n = encoded["tap_hidden"].shape[0]
+            for name, t in encoded.items():
+                tensors[name][a:a + n].copy_(t)
+            bar.update(n)
+    if dtype == "float8":
+        for name, groups in (("tap_hidden", k), ("final_hidden", 1)):
+            staged = tensors.pop(name)
+            tensors[name], tensors[f"{name}_scale"] = _fp8_in_chunks(staged, groups)
+            del staged
     tensors["offsets"] = torch.tensor(offsets, dtype=torch.int64)
     return tensors
 
 
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int8: "I8",
+                       torch.float8_e4m3fn: "F8_E4M3", torch.int64: "I64"}
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` as a safetensors file, streaming each tensor's bytes from its own memory
+    (``safetensors.torch.save_file`` first builds a bytes copy of every tensor: a second shard in RAM)."""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to a multiple of 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # little-endian, as the format
+
+
 def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dtype: str = "bfloat16",
                 target_id: str = "", target_revision: str | None = None, dataset_fingerprint: str = "",
-                shard_tokens: int = 1 << 20, batch_tokens: int = 8192, overwrite: bool = False,
-                workers: int = 1) -> dict:
+                shard_bytes: int = DEFAULT_SHARD_BYTES, shard_tokens: int | None = None, batch_tokens: int = 8192,
+                overwrite: bool = False, workers: int = 1) -> dict:
     """Write (or finish) the cache of ``rows`` (token id lists, dataset order); returns the manifest.
-    ``workers``: target forwards run at once on threads (the cache is the same for any value)."""
-    from safetensors.torch import save_file
-
+    Shards hold at most ``shard_bytes`` of payload (and ``shard_tokens`` tokens when set); ``workers``:
+    target forwards run at once on threads (the cache is the same for any value)."""
     if dtype not in STORAGE_DTYPES:
         raise CacheError(f"cache.dtype={dtype!r} is not a storage dtype; choose one of {sorted(STORAGE_DTYPES)}")
     cache_dir = Path(cache_dir)
     if overwrite:
         shutil.rmtree(cache_dir, ignore_errors=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if shard_bytes < 1 or (shard_tokens is not None and shard_tokens < 1):
+        raise CacheError(f"cache.shard_bytes must be >= 1 (got {shard_bytes}) and cache.shard_tokens null or "
+                         f">= 1 (got {shard_tokens})")
     lengths = [len(r) for r in rows]
-    shards = plan_shards(lengths, shard_tokens)
     bpt = bytes_per_token(len(target.tap_layer_ids), target.hidden_size, dtype)
     bps = bytes_per_shard(len(target.tap_layer_ids), dtype)
+    shards = plan_shards(lengths, bpt, shard_bytes, shard_tokens)
     manifest = {
         "format": CACHE_FORMAT, "target": {"id": target_id, "revision": target_revision},
         "tap_layer_ids": list(target.tap_layer_ids), "tap_layer_convention": "decoder_layer",
@@ -256,6 +335,8 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
         "shards": [{"file": _shard_name(s), "row_start": a, "row_end": b, "tokens": sum(lengths[a:b])}
                    for s, (a, b) in enumerate(shards)],
     }
+    manifest["shards"] = _started_layout(cache_dir, manifest)
+    shards = [(s["row_start"], s["row_end"]) for s in manifest["shards"]]
     _check_existing(cache_dir, manifest)
     done = [_shard_done(cache_dir / s["file"], s["row_start"], s["row_end"], dataset_fingerprint)
             for s in manifest["shards"]]
@@ -272,12 +353,28 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
             a, b = s["row_start"], s["row_end"]
             tensors = _shard_tensors(target, rows[a:b], dtype, batch_tokens, bar, workers)
             tmp = cache_dir / (s["file"] + ".tmp")
-            save_file(tensors, str(tmp), metadata={"rows": f"{a}:{b}", "dataset_fingerprint": dataset_fingerprint,
-                                                   "dtype": dtype})
+            save_shard(tensors, tmp, metadata={"rows": f"{a}:{b}", "dataset_fingerprint": dataset_fingerprint,
+                                               "dtype": dtype})
+            del tensors  # the next shard's tensors are allocated only after this one is released
             os.replace(tmp, cache_dir / s["file"])
     manifest["complete"] = True
     atomic_write_json(cache_dir / "manifest.json", manifest)
     return manifest
+
+
+def _started_layout(cache_dir: Path, manifest: dict) -> list[dict]:
+    """The shard list to write: the one an existing cache of the same data, target and dtype was started
+    with (its shard files stay valid whatever the sizing settings are now), else the new plan."""
+    path = cache_dir / "manifest.json"
+    if not path.exists():
+        return manifest["shards"]
+    old = read_json(path)
+    same = all(old.get(key) == manifest.get(key)
+               for key in ("dataset_fingerprint", "dtype", "target", "tap_layer_ids", "hidden_size", "rows"))
+    if not same or not old.get("shards") or old["shards"] == manifest["shards"]:
+        return manifest["shards"]
+    log.info("target cache: keeping the %d-shard layout this cache was started with", len(old["shards"]))
+    return old["shards"]
 
 
 def _check_existing(cache_dir: Path, manifest: dict) -> None:

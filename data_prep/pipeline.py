@@ -210,7 +210,8 @@ def _write_cache(cfg: DataPrepConfig, target, cols, manifest, out_dir: Path) -> 
     c = cfg.cache
     cache_dir = Path(c.dir) if c.dir else out_dir / "cache"
     cm = write_cache(target, cols["input_ids"], cache_dir, c.dtype, cfg.target.id, cfg.target.revision,
-                     manifest["fingerprint"], c.shard_tokens, c.batch_tokens, c.overwrite, cfg.workers)
+                     manifest["fingerprint"], shard_bytes=c.shard_bytes, shard_tokens=c.shard_tokens,
+                     batch_tokens=c.batch_tokens, overwrite=c.overwrite, workers=cfg.workers)
     return {"dir": str(cache_dir), "dtype": c.dtype, "bytes_per_token": cm["bytes_per_token"],
             "shards": len(cm["shards"])}
 

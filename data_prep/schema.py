@@ -45,7 +45,10 @@ class CacheConfig:
     # slightly over 0.5x bf16, kept for existing caches)
     dtype: str = "bfloat16"
     dir: str | None = None  # None = <out_dir>/cache
-    shard_tokens: int = 1 << 20  # tokens per shard file
+    # Payload bytes per shard file; a shard is held once in host memory, in the storage dtype, while written
+    # (float8: in the target's dtype until its per-shard scales are known). data_prep/cache.py.
+    shard_bytes: int = 2 << 30
+    shard_tokens: int | None = None  # optional cap on tokens per shard as well (None = bytes only)
     batch_tokens: int = 8192  # padded tokens per target forward
     overwrite: bool = False
 

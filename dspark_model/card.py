@@ -1,7 +1,10 @@
 """Model card (README.md) for an exported draft: Hub metadata, how to serve it, and what was measured.
 
-The card is rendered from the export folder itself (config.json, calibration.json, the weights header) plus
-optional documents found beside the checkpoint or named on the command line:
+The card is a ``huggingface_hub.ModelCard``: its metadata is a ``ModelCardData`` (base_model = the target,
+library name, license, tags) whose ``model-index`` holds the measured tau per eval set as ``EvalResult``s, so
+the Hub shows them; the Markdown body below it is ours. It is rendered from the export folder itself
+(config.json, calibration.json, the weights header) plus optional documents found beside the checkpoint or
+named on the command line:
 
 * the eval ``report.json`` (tau per dataset, acceptance by position, tokens/s and speed-ups),
 * the resolved training config (yaml or json),
@@ -10,6 +13,8 @@ optional documents found beside the checkpoint or named on the command line:
 Secrets never reach the card: any config key that looks like a token, key, secret or password is redacted,
 and every URL in the card loses its userinfo and secret query parameters (``dspark_model.redact``).
 The license follows the target's (a small map of known families; anything else is ``other`` with a note).
+A calibration.json that does not belong to the weights beside it, or that another version of the toolkit
+wrote, is never published: building the card stops with a ``CardError`` saying to calibrate again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from dspark_model import __version__
+from dspark_model.calibration import REEXPORT_HINT, Calibration, CalibrationError, read_beside
 from dspark_model.export_schema import (
     TOOLKIT_KEY,
     deepspec_architecture,
@@ -61,7 +69,7 @@ class CardContext:
     num_parameters: int
     includes_embeddings: bool
     repo_id: str | None = None
-    calibration: dict | None = None
+    calibration: Calibration | None = None
     report: dict | None = None
     train_config: dict | None = None
     data_manifest: dict | None = None
@@ -204,13 +212,16 @@ def context_from_export(export_dir: str | Path, sources: CardSources | None = No
                 count *= s
             n_params += count
     dtypes = sorted({dt for _, dt in header.values()})
-    calib = export_dir / "calibration.json"
+    try:
+        calibration = read_beside(export_dir, fix=REEXPORT_HINT)
+    except CalibrationError as exc:
+        raise CardError(f"not publishing the calibration: {exc}") from None
     return CardContext(
         fmt=fmt, config=config, native=native, target_id=tid or "unknown", target_revision=rev,
         target_model_type=mtype, target_architectures=list(archs or []), target_num_layers=depth,
         dtype=",".join(_SAFETENSORS_DTYPES.get(d, d) for d in dtypes), num_parameters=n_params,
         includes_embeddings="embed_tokens.weight" in header, repo_id=sources.repo_id,
-        calibration=json.loads(calib.read_text()) if calib.is_file() else None,
+        calibration=calibration,
         report=_read_doc(sources.report, "eval report"),
         train_config=_read_doc(sources.train_config, "training config"),
         data_manifest=_read_doc(sources.data_manifest, "data manifest"),
@@ -227,18 +238,38 @@ def _num(x, digits: int = 3) -> str:
     return str(x)
 
 
-def _yaml_front_matter(ctx: CardContext) -> str:
-    lic, note = license_for(ctx.target_id)
+TAU_METRIC = "acceptance_length"  # model-index metric type of tau
+
+
+def card_data(ctx: CardContext) -> ModelCardData:
+    """The card's Hub metadata; the measured tau per eval set becomes the ``model-index`` results."""
+    lic, _ = license_for(ctx.target_id)
     tags = ["speculative-decoding", "dspark", "draft-model", f"{ctx.fmt}-format"]
     if ctx.native["sequential_head"] == "none":
         tags.append("dflash")
-    lines = ["---", f"base_model: {ctx.target_id}",
-             f"library_name: {'speculators' if ctx.fmt == 'speculators' else 'dspark-toolkit'}",
-             f"license: {lic}"]
-    if lic == "other":
-        lines.append("license_name: same-as-base-model")
-    lines += ["pipeline_tag: text-generation", "tags:"] + [f"- {t}" for t in tags] + ["---"]
-    return "\n".join(lines)
+    results = eval_results(ctx.report)
+    return ModelCardData(
+        base_model=ctx.target_id, library_name="speculators" if ctx.fmt == "speculators" else "dspark-toolkit",
+        license=lic, license_name="same-as-base-model" if lic == "other" else None,
+        pipeline_tag="text-generation", tags=tags, eval_results=results or None,
+        model_name=(ctx.repo_id or REPO_PLACEHOLDER) if results else None)  # hub.py fills in the placeholder
+
+
+def eval_results(report: dict | None) -> list[EvalResult]:
+    """tau (tokens emitted per target verification forward) of each eval set in an eval ``report.json``."""
+    if not report:
+        return []
+    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
+    args = {k: settings[k] for k in ("temperature", "gamma", "max_new_tokens") if settings.get(k) is not None}
+    results = []
+    for name, value in (report.get("tau_by_dataset") or {}).items():
+        tau = value.get("tau") if isinstance(value, dict) else value
+        if isinstance(tau, (int, float)) and not isinstance(tau, bool):
+            results.append(EvalResult(
+                task_type="text-generation", task_name="Speculative decoding", dataset_type=str(name),
+                dataset_name=str(name), metric_type=TAU_METRIC, metric_name="tau (acceptance length)",
+                metric_value=float(tau), metric_args=args or None))
+    return results
 
 
 def _layer_section(ctx: CardContext) -> str:
@@ -363,25 +394,23 @@ def _report_section(report: dict | None) -> str:
     return "\n".join(out)
 
 
-def _calibration_section(calib: dict | None, ctx: CardContext) -> str:
+def _calibration_section(calib: Calibration | None, ctx: CardContext) -> str:
     if ctx.native["confidence_head"] is False:
         return "## Confidence calibration\nThis draft has no confidence head."
-    if not calib:
+    if calib is None:
         return "## Confidence calibration\nNot calibrated (no calibration.json)."
-    temps = calib.get("temperatures")
     out = ["## Confidence calibration",
-           "Sequential Temperature Scaling of the confidence head (calibration.json holds the temperatures).",
-           f"- positions: {_num(calib.get('gamma'))}; temperatures: "
-           + (", ".join(_num(t, 3) for t in temps) if isinstance(temps, list) else "n/a"),
-           f"- ECE of prefix survival (held out): {_num(calib.get('ece_before'))} before -> "
-           f"{_num(calib.get('ece_after'))} after; AUROC {_num(calib.get('auroc'))}; "
-           f"Brier {_num(calib.get('brier'))}"]
-    thr = calib.get("threshold")
+           "Sequential Temperature Scaling of the confidence head (calibration.json holds the temperatures and "
+           "the sha256 of the weights file they belong to).",
+           f"- positions: {_num(calib.gamma)}; temperatures: " + ", ".join(_num(t, 3) for t in calib.temperatures),
+           f"- ECE of prefix survival (held out): {_num(calib.ece_before)} before -> "
+           f"{_num(calib.ece_after)} after; AUROC {_num(calib.auroc)}; Brier {_num(calib.brier)}"]
+    thr = calib.threshold
     if isinstance(thr, dict) and "recommended" in thr:
         out.append(f"- recommended static threshold: {_num(thr['recommended'])} ({thr.get('rule', '')})")
-    if isinstance(calib.get("scheduler_vs_best_fixed"), (int, float)):
+    if isinstance(calib.scheduler_vs_best_fixed, (int, float)):
         out.append(f"- verification-budget scheduler vs best fixed gamma (simulated throughput): "
-                   f"{_num(calib['scheduler_vs_best_fixed'])}")
+                   f"{_num(calib.scheduler_vs_best_fixed)}")
     return "\n".join(out)
 
 
@@ -435,7 +464,17 @@ def _data_section(manifest: dict | None) -> str:
     return "\n".join(out)
 
 
+def model_card(ctx: CardContext) -> ModelCard:
+    """The card: ``card_data`` as its YAML metadata, then the Markdown body (``card_body``)."""
+    return ModelCard(f"---\n{card_data(ctx).to_yaml()}\n---\n\n{card_body(ctx)}")
+
+
 def render_card(ctx: CardContext) -> str:
+    """README.md text; any URL that reached it loses its secrets (``redact.redact_text``)."""
+    return redact_text(str(model_card(ctx)))
+
+
+def card_body(ctx: CardContext) -> str:
     lic, note = license_for(ctx.target_id)
     head = ctx.native["sequential_head"]
     kind = "DFlash (no sequential head)" if head == "none" else f"DSpark ({head} sequential head)"
@@ -447,7 +486,7 @@ def render_card(ctx: CardContext) -> str:
     footer = (f"## Toolkit\nExported by dspark-toolkit {ctx.toolkit_version} ({ctx.fmt} format).\n\n"
               f"## License\n`{lic}`, following the target's license."
               + (f" Note: {note}." if note else ""))
-    parts = [_yaml_front_matter(ctx), intro, _files_section(ctx), _layer_section(ctx), _serving_section(ctx),
-             _report_section(ctx.report), _calibration_section(ctx.calibration, ctx), _training_section(ctx),
-             _data_section(ctx.data_manifest), footer]
-    return redact_text("\n\n".join(parts) + "\n")  # any URL that reached the text still loses its secrets
+    parts = [intro, _files_section(ctx), _layer_section(ctx), _serving_section(ctx), _report_section(ctx.report),
+             _calibration_section(ctx.calibration, ctx), _training_section(ctx), _data_section(ctx.data_manifest),
+             footer]
+    return "\n\n".join(parts) + "\n"

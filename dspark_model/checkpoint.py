@@ -1,5 +1,9 @@
 """Native draft checkpoints: ``model.safetensors`` + ``config.json`` (+ ``calibration.json`` when calibrated).
 
+A ``calibration.json`` belongs to the weights it was fitted on (``dspark_model/calibration.py`` records their
+sha256): loading drops one fitted on other weights with a warning, and saving writes the draft's calibration
+only beside the very weights it was fitted on.
+
 Only the draft's own weights are stored by default: the embedding and LM head belong to the target and are
 shared at load time. ``config.json`` says which target the draft was trained for (id, revision, depth,
 width, vocabulary), which layers it taps and in which convention, and everything needed to rebuild the
@@ -27,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
 from dspark_model.atomic import atomic_write_json, replace_dir
+from dspark_model.calibration import CALIBRATION_NAME, WEIGHTS_NAME, CalibrationError, load_beside
 from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft
 from dspark_model.heads import LegacyHeadError
@@ -35,7 +40,7 @@ from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME = "config.json", "model.safetensors", "calibration.json"
+CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
 # TargetSpec fields a checkpoint may state about its target: its name and how it was tapped and prompted.
 # The loading decisions (path, allow_download, trust_remote_code) are never written nor read.
@@ -92,21 +97,33 @@ def save_pretrained(draft: DSparkDraft, out_dir: str | Path, target_spec: Target
     try:
         state = {k: (v.detach().to(dtype or v.dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
                  for k, v in draft.state_dict().items()}  # the int64 vocabulary map keeps its dtype
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "model_type": "dspark"})
+        # one metadata entry: safetensors writes several in no fixed order, and the same weights must give the
+        # same bytes (a calibration is bound to the file's sha256); config.json says what the model is
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config = draft_config_dict(draft, target_spec, getattr(draft, "target", None), dtype)
         config.update(extra or {})
         atomic_write_json(tmp / CONFIG_NAME, config)
-        if draft.calibration is not None:
-            atomic_write_json(tmp / CALIBRATION_NAME, draft.calibration)
-        elif (out_dir / CALIBRATION_NAME).exists():
-            # a calibration is fitted to the weights beside it: new weights replace the folder without it
-            log.warning("%s: the calibration.json there was fitted for the weights being replaced; it is removed "
-                        "(run `python -m eval draft=%s` to calibrate the new weights)", out_dir, out_dir)
+        _write_calibration(draft, tmp, out_dir)
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _write_calibration(draft: DSparkDraft, tmp: Path, out_dir: Path) -> None:
+    """The draft's calibration goes beside the new weights only when they are the bytes it was fitted on (a
+    draft loaded and saved again unchanged); a calibration already in ``out_dir`` leaves with the old weights."""
+    calibration = draft.calibration
+    reason = calibration.stale_reason(tmp / WEIGHTS_NAME) if calibration is not None else None
+    if calibration is not None and reason is None:
+        calibration.write(tmp / CALIBRATION_NAME)
+    elif calibration is not None:
+        log.warning("%s: the draft's calibration is not saved with these weights: %s; run `python -m eval "
+                    "draft=%s` to calibrate them", out_dir, reason, out_dir)
+    elif (out_dir / CALIBRATION_NAME).exists():
+        log.warning("%s: the calibration.json there was fitted for the weights being replaced; it is removed "
+                    "(run `python -m eval draft=%s` to calibrate the new weights)", out_dir, out_dir)
 
 
 def read_draft_config(ckpt_dir: str | Path) -> dict:
@@ -227,9 +244,10 @@ def load_draft(ckpt_dir: str | Path, target=None, device=None) -> DSparkDraft:
     if missing or unexpected:
         raise CheckpointMismatchError(f"{weights}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
     draft.to(dtype=next(v.dtype for v in state.values() if v.is_floating_point()))  # the draft_to_target map is int64
-    calib = Path(ckpt_dir) / CALIBRATION_NAME
-    if calib.is_file():
-        draft.calibration = json.loads(calib.read_text())
+    try:
+        draft.calibration = load_beside(ckpt_dir)  # None (with a warning) when fitted on other weights
+    except CalibrationError as exc:  # unreadable, or written by another version of the toolkit
+        raise CheckpointMismatchError(str(exc)) from None
     if target is not None:
         draft.to(device=device or target.device).attach_target(target)
     elif device is not None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_model.block_attention import attend, block_mask
 from dspark_model.config import DraftConfig
 from dspark_model.heads import HEAD_KINDS, ConfidenceHead, SequentialHead
 from dspark_model.rope import DraftRotary, draft_rope_parameters, target_rope_parameters
@@ -63,14 +64,15 @@ class DraftAttention(nn.Module):
         return apply_rope(k, cos, sin), v
 
     def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
-        """h (B, Q, d) block states; ctx_k/v (B, n_kv, C, hd); mask (B, 1, Q, C + Q) bool or None."""
+        """h (B, Q, d) block states; ctx_k/v (B, n_kv, C, hd); mask: None, a (B, 1, Q, C + Q) bool tensor
+        (SDPA) or a flex_attention BlockMask over (Q, C + Q) (see block_attention.py)."""
         B, Q, _ = h.shape
         q = self.q_norm(self.q_proj(h).view(B, Q, self.n_heads, self.head_dim)).transpose(1, 2)
         q = apply_rope(q, cos, sin)  # (B, H, Q, hd)
         kb, vb = self.project_kv(h, cos, sin)
         k = torch.cat([ctx_k.to(kb.dtype), kb], dim=2)  # (B, n_kv, C + Q, hd)
         v = torch.cat([ctx_v.to(vb.dtype), vb], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = attend(q, k, v, mask, gqa=self.n_kv != self.n_heads)  # (B, H, Q, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, Q, -1))
 
 
@@ -173,7 +175,7 @@ class DSparkDraft(nn.Module):
         self.confidence_head = ConfidenceHead(hidden_size, rank) if confidence_head else None
         self.rotary = DraftRotary(self.arch["rope_config"]["rope_parameters"], head_dim,
                                   rope_config.get("max_position_embeddings", 4096))
-        self.calibration: dict | None = None  # filled by checkpoint loading when calibration.json exists
+        self.calibration = None  # a dspark_model.calibration.Calibration, set by checkpoint loading
         self._init_weights(initializer_range)
 
     def _init_weights(self, std: float) -> None:
@@ -302,10 +304,12 @@ class DSparkDraft(nn.Module):
         labels = input_ids[b, (pos + 1).clamp(max=T - 1)]
         return prev, labels, in_range
 
-    def forward_train(self, tap_hidden: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor):
+    def forward_train(self, tap_hidden: torch.Tensor, input_ids: torch.Tensor, anchors: torch.Tensor,
+                      attention: str = "sdpa"):
         """Many blocks per sequence in one pass.
 
         tap_hidden (B, T, n_taps*d), input_ids (B, T), anchors (B, A) positions p with 1 <= p < T.
+        attention: the kernel, "sdpa" (dense mask) or "flex" (flex_attention BlockMask), same rule.
         Returns final-normed block states (B, A, G, d). Logits are left to ``logits`` per chunk.
         """
         B, T = input_ids.shape
@@ -316,12 +320,8 @@ class DSparkDraft(nn.Module):
         block_ids = torch.full((B, A, G), self.mask_token_id, dtype=input_ids.dtype, device=input_ids.device)
         block_ids[:, :, 0] = input_ids.gather(1, anchors)
         ctx_pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        # mask (B, 1, A*G, T + A*G): context strictly before the anchor; bidirectional within a block.
-        anchor_of_q = anchors.repeat_interleave(G, dim=1)  # (B, A*G)
-        ctx_ok = ctx_pos[:, None, :] < anchor_of_q[:, :, None]  # (B, A*G, T)
-        blk = torch.arange(A, device=anchors.device).repeat_interleave(G)
-        blk_ok = (blk[:, None] == blk[None, :]).expand(B, -1, -1)  # (B, A*G, A*G)
-        mask = torch.cat([ctx_ok, blk_ok], dim=-1).unsqueeze(1)
+        # over (A*G queries, T + A*G keys): context strictly before the anchor; bidirectional within a block
+        mask = block_mask(attention, anchors, T, G)
         feats = self.context_features(tap_hidden)
         h = self._run_layers(self._embed(block_ids.reshape(B, A * G)), block_pos, feats, ctx_pos, mask, None)
         return h.view(B, A, G, -1)

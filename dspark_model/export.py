@@ -20,13 +20,18 @@ Formats (schemas and checks in ``export_schema.py``):
                   vLLM shares the verifier's, except that a reduced draft vocabulary (K tokens) carries its
                   K-row ``lm_head.weight`` and the ``d2t`` (int64 offsets, target id = i + d2t[i]) / ``t2d``
                   (bool over the target vocabulary) tables; deepspec refuses such a draft (SGLang runs the full
-                  head).
+                  head). vLLM's loader (Qwen3DSparkModel) builds only the vanilla Markov head: a gated or rnn
+                  head exports and loads in speculators, and the export warns that vLLM refuses it
+                  (``benchmarks/check_vllm.py`` applies vLLM's loading rules, ``vllm_layout.json``).
 
 Both public formats write the draft's flat RoPE set (rope.py) and are checked against the weight names and
 shapes the reference implementations read (``reference.py``, recorded from their code).
 
 A calibrated draft's deepspec / speculators export also carries ``serving/``: the STS and SPS / cost files
 SGLang and TensorRT-LLM read for adaptive verification, converted from ``calibration.json`` (``serving.py``).
+A checkpoint whose ``calibration.json`` was fitted on other weights, or written by another version of the
+toolkit, is not exported (one ``error:`` line: calibrate again with eval); the copy in the export is bound
+to the exported weights file (``calibration.py``).
 
 ``--verify`` loads the written export with the reference implementation of its format (speculators, or
 DeepSpec's modeling code) and compares block logits and confidences with our draft on random inputs
@@ -44,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -57,6 +61,7 @@ from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
 from dspark_model.atomic import atomic_write_json, atomic_write_text, replace_dir
+from dspark_model.calibration import CalibrationError, load_beside, read_beside, recalibrate_hint
 from dspark_model.checkpoint import (
     CALIBRATION_NAME,
     CONFIG_NAME,
@@ -263,6 +268,10 @@ def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embed
         config = deepspec_config(draft, target, dtype, embeddings, training_num_anchors(ckpt_config))
     else:
         config = speculators_config(draft, target, dtype, verifier_path)
+        if config["markov_rank"] and config["markov_head_type"] != "vanilla":
+            log.warning("a %s Markov head exports for speculators, but vLLM's DSpark loader (Qwen3DSparkModel) "
+                        "builds only the vanilla head and refuses its weights; serve it with speculators or "
+                        "train sequential_head=markov for vLLM", config["markov_head_type"])
     return config, tensors
 
 
@@ -357,6 +366,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
     ckpt_config = read_draft_config(ckpt_dir)
+    _check_calibration(ckpt_dir)
     if target is None:
         try:
             target = load_target(target_spec_from_checkpoint(ckpt_dir, target_spec), device)
@@ -374,10 +384,11 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "dspark_export": format})
         atomic_write_json(tmp / CONFIG_NAME, config)
-        if draft.calibration is not None:
-            atomic_write_json(tmp / CALIBRATION_NAME, draft.calibration)
+        if draft.calibration is not None:  # checked against the checkpoint's weights: bind it to their export
+            calibration = draft.calibration.bound_to(tmp / WEIGHTS_NAME)
+            calibration.write(tmp / CALIBRATION_NAME)
             if format != "native":  # what SGLang / TensorRT-LLM read for adaptive verification
-                write_engine_files(tmp, draft.calibration, draft.block_size, draft.confidence_head is not None)
+                write_engine_files(tmp, calibration, draft.block_size, draft.confidence_head is not None)
         validate_export(tmp, target, fmt=format)
         _verify_round_trip(tmp, target, tensors)
         if verify:
@@ -392,6 +403,14 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s export (%s, %d tensors) to %s", format, _dtype_name(torch_dtype), len(tensors), out_dir)
     return out_dir
+
+
+def _check_calibration(ckpt_dir: Path) -> None:
+    """Refuse to publish a calibration that does not belong to the checkpoint's weights."""
+    try:
+        read_beside(ckpt_dir, fix=f"{recalibrate_hint(ckpt_dir)}, then export again")
+    except CalibrationError as exc:
+        raise ExportError(f"not exporting {ckpt_dir}: {exc}") from None
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
@@ -421,9 +440,10 @@ def load_export(export_dir: str | Path, target, device=None) -> DSparkDraft:
     _check_target_weights(extra, target, export_dir)
     draft.load_state_dict(state, strict=True)
     draft.to(dtype=next(v.dtype for v in state.values() if v.is_floating_point()))
-    calib = export_dir / CALIBRATION_NAME
-    if calib.is_file():
-        draft.calibration = json.loads(calib.read_text())
+    try:
+        draft.calibration = load_beside(export_dir)  # None (with a warning) when fitted on other weights
+    except CalibrationError as exc:
+        raise ExportError(str(exc)) from None
     draft.to(device=device or target.device).attach_target(target)
     return draft.eval()
 

@@ -23,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dspark_model.calibration import CALIBRATION_NAME, Calibration, CalibrationError
 from dspark_model.reference import reference_config_problems, reference_weight_problems
 from dspark_model.serving import validate_serving_folder
 
@@ -527,15 +528,16 @@ def validate_export(export_dir: str | Path, target=None, fmt: str | None = None)
 
 
 def _check_calibration(export_dir: Path, block_size: int) -> list[str]:
-    path = export_dir / "calibration.json"
+    """The calibration record must parse in this toolkit's schema (calibration.py) and fit the block size;
+    whether it belongs to the weights is the loader's and the card's check."""
+    path = export_dir / CALIBRATION_NAME
     if not path.is_file():
         return []
     try:
-        calib = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        return [f"calibration.json is not valid JSON ({exc})"]
-    temps = calib.get("temperatures") if isinstance(calib, dict) else None
-    if temps is not None and (not isinstance(temps, list) or len(temps) > block_size):
+        calib = Calibration.read(path)
+    except CalibrationError as exc:
+        return [str(exc)]
+    if len(calib.temperatures) > block_size:
         return [f"calibration.json: temperatures must be a list of at most block_size={block_size} values"]
     return []
 

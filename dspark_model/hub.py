@@ -3,7 +3,8 @@
     python -m dspark_model.hub push runs/export/<name> --repo-id <user>/<name> [--private] [--revision BRANCH]
                                    [--message "..."] [--dry-run]
 
-What happens: the export is validated against its schema; the repo is created if absent (``--private`` applies
+What happens: the export is validated against its schema (and a calibration.json must belong to the weights
+beside it: ``calibration.py``); the repo is created if absent (``--private`` applies
 to a NEW repo, an existing one keeps its visibility); a branch is created for ``--revision`` when needed; the
 folder (weights, config.json, calibration.json, README.md card with the repo id filled in) goes up with
 ``upload_folder``, which uploads every file first and then makes a single commit, so an interrupted push
@@ -27,6 +28,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
 from dspark_model import __version__
+from dspark_model.calibration import REEXPORT_HINT, CalibrationError, read_beside
 from dspark_model.card import REPO_PLACEHOLDER, CardError, context_from_export, render_card
 from dspark_model.export_schema import ExportSchemaError, validate_export
 
@@ -125,6 +127,10 @@ def push(export_dir: str | Path, repo_id: str, private: bool = False, revision: 
     if "/" not in repo_id or repo_id.count("/") != 1:
         raise HubError(f"--repo-id {repo_id!r} must look like <user or org>/<name>")
     fmt = validate_export(export_dir)
+    try:  # a calibration.json goes up only beside the weights it was fitted on
+        read_beside(export_dir, fix=REEXPORT_HINT)
+    except CalibrationError as exc:
+        raise HubError(f"not publishing {export_dir}: {exc}. Nothing was sent.") from None
     files = upload_files(export_dir)
     card = card_text(export_dir, repo_id)
     message = message or f"Upload DSpark draft ({fmt} format) with dspark-toolkit {__version__}"

@@ -1,7 +1,7 @@
 """The calibration and cost files serving engines read for DSpark adaptive verification, made from ours.
 
-``eval`` writes ``calibration.json`` beside a draft (``eval/calibration_report.py``): the Sequential
-Temperature Scaling temperatures (one per draft position) and the SPS table it profiled (target forward
+``eval`` writes ``calibration.json`` beside a draft (the ``Calibration`` record of ``calibration.py``): the
+Sequential Temperature Scaling temperatures (one per draft position) and the SPS table it profiled (target forward
 steps per second vs batch tokens B, the non-increasing envelope in ``sps.steps_per_s``). A deepspec or
 speculators export of a calibrated draft gets, in ``serving/``:
 
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dspark_model import __version__
 from dspark_model.atomic import atomic_write_json
+from dspark_model.calibration import Calibration
 
 SCHEMAS_PATH = Path(__file__).with_name("engine_schemas.json")
 SERVING_DIR = "serving"
@@ -115,13 +116,13 @@ def _finite_list(values) -> list[float] | None:
     return [float(v) for v in values]
 
 
-def _sts_files(calib: dict, gamma: int) -> dict[str, dict]:
-    temps = [float(t) for t in calib["temperatures"]]
-    split = calib.get("split") or {}
+def _sts_files(calib: Calibration, gamma: int) -> dict[str, dict]:
+    temps = [float(t) for t in calib.temperatures]
+    split = calib.split or {}
     sglang = {"temperatures": temps,
               "dataset": f"dspark toolkit eval rounds, {split.get('n_calib_prompts', '?')} calibration prompts",
               "num_samples": int(split.get("n_calib_rounds", 0))}
-    metrics = calib.get("metrics") or {}
+    metrics = calib.metrics or {}
     before = _finite_list(((metrics.get("before") or {}).get("per_position") or {}).get("ece"))
     after = _finite_list(((metrics.get("after") or {}).get("per_position") or {}).get("ece"))
     if before and after and len(before) == len(after) == gamma:  # held-out prefix-survival ECE per position
@@ -138,19 +139,19 @@ def _sps_files(sps: dict) -> dict[str, dict]:
                                        "fixed_overhead_ms": 0.0}}
 
 
-def engine_files(calibration: dict, gamma: int, confidence_head: bool) -> tuple[dict[str, dict], dict[str, str]]:
+def engine_files(calibration: Calibration, gamma: int, confidence_head: bool) -> tuple[dict[str, dict], dict[str, str]]:
     """({file name: content}, {file or group: why it was not written}) for a draft of block_size ``gamma``."""
     if not confidence_head:
         why = "the draft has no confidence head: engines schedule verification from its confidences"
         return {}, {"all": why}
     files, skipped = {}, {}
-    temps = calibration.get("temperatures")
+    temps = calibration.temperatures
     if _finite_list(temps) and len(temps) == gamma and all(t > 0 for t in temps):
         files.update(_sts_files(calibration, gamma))
     else:
         skipped["sts"] = (f"calibration.json has {len(temps) if isinstance(temps, list) else 'no'} temperatures; "
                           f"the engines need one positive temperature per draft position ({gamma})")
-    sps = calibration.get("sps") or {}
+    sps = calibration.sps or {}
     batch, steps = sps.get("batch_tokens"), _finite_list(sps.get("steps_per_s"))
     if isinstance(batch, list) and batch and steps and len(steps) == len(batch):
         files.update(_sps_files(sps))
@@ -159,21 +160,22 @@ def engine_files(calibration: dict, gamma: int, confidence_head: bool) -> tuple[
     return files, skipped
 
 
-def _manifest(files: dict, skipped: dict, calibration: dict, gamma: int) -> dict:
+def _manifest(files: dict, skipped: dict, calibration: Calibration, gamma: int) -> dict:
     recorded = schemas()
     return {"toolkit_version": __version__, "block_size": gamma,
             "written": {name: {"engine": recorded["files"][name]["engine"],
                                "option": recorded["files"][name]["option"],
                                "schema_source": recorded["files"][name]["source"]} for name in files},
             "not_written": skipped, "reads_no_file": recorded["reads_no_file"],
-            "from_calibration": {"version": calibration.get("version"), "gamma": calibration.get("gamma"),
-                                 "sps_hardware": (calibration.get("sps") or {}).get("hardware"),
-                                 "target": calibration.get("target")},
+            "from_calibration": {"schema_version": calibration.schema_version, "gamma": calibration.gamma,
+                                 "weights_sha256": calibration.weights_sha256,
+                                 "sps_hardware": (calibration.sps or {}).get("hardware"),
+                                 "target": calibration.target},
             "note": "the SPS / cost table is the one eval profiled (this toolkit's transformers forward on the eval "
                     "machine); profile on the serving hardware with the engine's own profiler for production"}
 
 
-def write_engine_files(export_dir: str | Path, calibration: dict, gamma: int, confidence_head: bool) -> list[str]:
+def write_engine_files(export_dir: str | Path, calibration: Calibration, gamma: int, confidence_head: bool) -> list[str]:
     """Write ``serving/`` (engine files + manifest) into ``export_dir``; returns the engine file names written.
     Every file is checked against its recorded schema first (ValueError on a problem)."""
     files, skipped = engine_files(calibration, gamma, confidence_head)

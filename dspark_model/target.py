@@ -119,9 +119,24 @@ def load_tokenizer(spec: TargetSpec):
     return apply_chat_template_setting(tok, spec.chat_template)
 
 
+def placement_kwargs(device: str | torch.device) -> dict:
+    """``from_pretrained`` arguments that put the weights straight onto ``device``.
+
+    An accelerator device gets ``device_map={"": <device with its index>}``: weights are materialised there
+    shard by shard instead of in host memory first (8 ranks x a 15 GB target would otherwise pass through the
+    node's RAM at once). The CPU keeps transformers' plain load (no device_map), as before."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return {}
+    if dev.index is None and dev.type == "cuda":  # "cuda" alone: this process's current GPU
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return {"device_map": {"": str(dev)}}
+
+
 def load_target(spec: TargetSpec, device: str | torch.device = "cpu") -> Target:
     """Load a frozen target (eval mode, no grad) with its tokenizer and derived tap layers."""
     tokenizer = load_tokenizer(spec)
+    placed = False  # True once from_pretrained put the weights on ``device`` itself
     if spec.random is not None:
         from dspark_model.tiny import build_tiny_model
 
@@ -132,11 +147,15 @@ def load_target(spec: TargetSpec, device: str | torch.device = "cpu") -> Target:
         folder, gguf = resolve_weights(spec)
         dtype = _DTYPES.get(spec.dtype, "auto")
         kwargs = {"gguf_file": gguf} if gguf else {"revision": spec.revision}
+        placement = placement_kwargs(device)
+        kwargs.update(placement)
+        placed = bool(placement)
         log.info("loading target %s from %s%s", spec.id, folder, f" ({gguf})" if gguf else "")
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=spec.trust_remote_code, **kwargs
         )
-    model.to(device)
+    if not placed:
+        model.to(device)
     local = None
     if spec.random is None and spec.path:
         local = os.path.join(folder, gguf) if gguf else folder

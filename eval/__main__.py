@@ -106,6 +106,8 @@ def load_eval_prompts(cfg: EvalConfig) -> list:
 
 
 def run(cfg: EvalConfig) -> str:
+    from dspark_model.atomic import file_sha256
+    from dspark_model.calibration import WEIGHTS_NAME
     from eval.baselines import RunSettings, compare_on_prompts
     from eval.metrics import acceptance_summary, throughput_summary
     from eval.report import build_report, calibrate, run_settings_record, write_outputs
@@ -116,10 +118,17 @@ def run(cfg: EvalConfig) -> str:
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     target, draft, spec, ckpt = load_models(cfg, device)
+    weights_sha256 = file_sha256(Path(ckpt) / WEIGHTS_NAME) if ckpt else None  # what a calibration is fitted on
     gamma = cfg.gamma if cfg.gamma is not None else draft.block_size
     if not 1 <= gamma <= draft.block_size:
         raise EvalConfigError(f"gamma={gamma} must lie in 1..{draft.block_size} (the draft's trained block "
                               f"size); set gamma<={draft.block_size}")
+    if cfg.scheduler_live.enabled:  # refuse before the eval when the live stage could not run after it
+        from eval.live import live_problem
+
+        problem = live_problem(draft, cfg.calibration.enabled)
+        if problem:
+            raise EvalConfigError(f"scheduler_live.enabled=true: {problem}")
     prompts = load_eval_prompts(cfg)
     name = cfg.name or (f"{Path(ckpt).parent.name}-{Path(ckpt).name}" if ckpt else f"random-{spec.id}")
     out_dir = cfg.out_dir or str(Path("runs") / "eval" / name.replace("/", "_"))  # under the working directory
@@ -136,7 +145,12 @@ def run(cfg: EvalConfig) -> str:
     report = build_report(acceptance_summary(records, gamma), throughput_summary(rows),
                           run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt))
     if cfg.calibration.enabled and draft.confidence_head is not None:
-        report.update(calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed, spec))
+        report.update(calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed, spec, weights_sha256))
+    if cfg.scheduler_live.enabled:
+        from eval.live import run_live_stage
+
+        report["scheduler_live"] = run_live_stage(target, draft, prompts, cfg.scheduler_live, settings, out_dir,
+                                                  report.get("calibration_dir"))
     write_outputs(out_dir, report, records if cfg.save_rounds else None, rows, outputs)
     log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report["tau"] or 0,
              {k: round(v, 1) for k, v in report["tokens_per_s"].items() if v}, report["greedy_match_rate"],

@@ -4,8 +4,8 @@
 splits the records by prompt, fits Sequential Temperature Scaling on one part and scores it on the held-out
 part, then writes into ``out_dir``:
 
-- ``calibration.json``: temperatures and everything needed to judge and reuse them (layout in
-  ``run_calibration``), written atomically;
+- ``calibration.json``: temperatures and everything needed to judge and reuse them, the ``Calibration``
+  record of ``dspark_model/calibration.py`` (its readers import the same record), written atomically;
 - ``reliability.png``: reliability diagram of the pooled prefix survival, before vs after STS;
 - ``ece_per_position.png``: prefix-survival ECE per draft position, before vs after;
 - ``threshold_sweep.png``: static-threshold verification, tokens verified / accepted and waste;
@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dspark_model.atomic import atomic_write_json
+from dspark_model.calibration import CALIBRATION_NAME, Calibration
 from eval.calibration import (
     DEFAULT_MAX_WASTED_FRACTION,
     apply_sts,
@@ -37,7 +37,6 @@ from eval.calibration import (
 from eval.scheduler import SpsTable
 from eval.simulate import DEFAULT_CONCURRENCY, plot_simulation, simulate_load
 
-CALIBRATION_VERSION = 1
 FIGURES = {"reliability": "reliability.png", "ece_per_position": "ece_per_position.png",
            "threshold_sweep": "threshold_sweep.png", "load_simulation": "load_simulation.png"}
 
@@ -171,18 +170,20 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
                     hardware: Mapping | None = None,
                     max_wasted_fraction: float = DEFAULT_MAX_WASTED_FRACTION,
                     concurrency: Sequence[int] = DEFAULT_CONCURRENCY, n_steps: int | None = None,
-                    target: Mapping | None = None) -> dict:
+                    target: Mapping | None = None, weights_sha256: str | None = None) -> Calibration:
     """Calibrate, score, sweep, simulate and write ``calibration.json`` + PNGs into ``out_dir``.
 
-    calibration.json (and the returned dict) holds: version, gamma, temperatures, n_bins, split,
-    metrics {before, after, reliability_before, reliability_after}, threshold {recommended, rule, ...},
-    threshold_sweep, sps {batch_tokens, steps_per_s (non-increasing envelope), measured_steps_per_s, hardware},
-    scheduler {policy, early_stop, ...},
+    calibration.json (and the returned ``Calibration``) holds: schema_version, weights_sha256, gamma,
+    temperatures, n_bins, split, metrics {before, after, reliability_before, reliability_after}, threshold
+    {recommended, rule, ...}, threshold_sweep, sps {batch_tokens, steps_per_s (non-increasing envelope),
+    measured_steps_per_s, hardware}, scheduler {policy, early_stop, ...},
     simulation {table, scheduler_vs_best_fixed, ...}, figures, and the report keys ece_before, ece_after
     (pooled prefix-survival ECE on the held-out part), auroc, brier (after STS, pooled) and
     scheduler_vs_best_fixed. ``hardware`` defaults to the hardware recorded in the SPS table. ``target``: the
     target the records were measured on (id, revision, fingerprint; ``dspark_model/identity.py``), stored
     as ``target`` so that a calibration beside a draft's weights says which target it was fitted with.
+    ``weights_sha256``: the sha256 of the draft's ``model.safetensors`` the records were measured with (None
+    for a draft that was never saved); readers trust the calibration only beside those weights.
     """
     gamma = _validate(records)
     sps = sps_table if isinstance(sps_table, SpsTable) else SpsTable.from_dict(sps_table)
@@ -195,8 +196,8 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
     os.makedirs(out_dir, exist_ok=True)
     figures = _write_figures(out_dir, scored, sweep, recommended["threshold"], simulation)
     before, after = scored["before"], scored["after"]
-    result = to_jsonable({
-        "version": CALIBRATION_VERSION, "gamma": gamma, "temperatures": scored["temperatures"],
+    result = Calibration(**to_jsonable({
+        "weights_sha256": weights_sha256, "gamma": gamma, "temperatures": scored["temperatures"],
         "n_bins": n_bins, "split": _split_summary(calib, test, calib_fraction, seed),
         "metrics": {"before": before, "after": after, "reliability_before": scored["bins_before"],
                     "reliability_after": scored["bins_after"]},
@@ -211,6 +212,6 @@ def run_calibration(records: Sequence[Mapping], sps_table: SpsTable | Mapping, o
         "ece_before": before["pooled"]["ece"], "ece_after": after["pooled"]["ece"],
         "auroc": after["pooled"]["auroc"], "brier": after["pooled"]["brier"],
         "scheduler_vs_best_fixed": simulation["scheduler_vs_best_fixed"], "target": target,
-    })
-    atomic_write_json(os.path.join(out_dir, "calibration.json"), result, allow_nan=False)  # NaN already null
+    }))
+    result.write(os.path.join(out_dir, CALIBRATION_NAME))  # strict JSON: to_jsonable made NaN null
     return result

@@ -10,6 +10,7 @@ Layout of an output folder (default ``runs/eval/<name>``)::
     acceptance_by_position.png    conditional acceptance and prefix survival, one line per dataset
     accepted_length_histogram.png
     calibration/              calibration.json + figures (drafts with a confidence head)
+    scheduler_live.png        Algorithm 1 vs fixed lengths, measured live (``scheduler_live.enabled=true``)
 
 All files are written atomically (temporary file in the same folder, then ``os.replace``).
 """
@@ -23,6 +24,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 
 from dspark_model.atomic import atomic_write_text
+from dspark_model.calibration import CALIBRATION_NAME
 from eval.metrics import DEFINITIONS
 
 PLOTS = {"acceptance": "acceptance_by_position.png", "histogram": "accepted_length_histogram.png"}
@@ -181,7 +183,18 @@ def render_markdown(report: Mapping) -> str:
                                                   "scheduler_vs_best_fixed")]])
     elif report.get("calibration_error"):
         lines += ["## Calibration", "", f"Skipped: {report['calibration_error']}", ""]
+    live = report.get("scheduler_live")
+    if live and "error" not in live:
+        lines += ["## Algorithm 1 live (concurrent requests, one packed verification forward per round)", ""]
+        lines += _table(["requests", "Algorithm 1 tokens/s", "best fixed length", "its tokens/s", "ratio"],
+                        zip(live["requests"], live["algorithm1_tokens_per_s"], live["best_fixed_length"],
+                            live["best_fixed_tokens_per_s"], live["algorithm1_vs_best_fixed"]))
+        lines += [f"- greedy match rate (every request of every run vs plain greedy): "
+                  f"{_fmt(live.get('greedy_match_rate'))}", ""]
+    elif live:
+        lines += ["## Algorithm 1 live", "", f"Skipped: {live['error']}", ""]
     figures = list(PLOTS.values()) + list(report.get("calibration_figures", []))
+    figures += [live["figure"]] if live and live.get("figure") else []
     lines += ["Figures: " + ", ".join(f"`{f}`" for f in figures), ""]
     return "\n".join(lines)
 
@@ -240,12 +253,14 @@ def run_settings_record(cfg, spec, target, draft, settings, prompts: Sequence, c
 
 
 def calibrate(records: Sequence[Mapping], target, out_dir: str, checkpoint: str | None, cal_cfg,
-              seed: int = 0, spec=None) -> dict:
+              seed: int = 0, spec=None, weights_sha256: str | None = None) -> dict:
     """Profile SPS on this machine and run the calibration stage (eval/calibration_report.py).
 
     Writes ``<out_dir>/calibration/`` and, when ``cal_cfg.write_to_checkpoint`` and a checkpoint folder is
-    known, copies ``calibration.json`` beside the checkpoint; it records the target it was fitted with
-    (``spec``'s id and revision, the weights fingerprint). Returns the report keys to merge (ece_before,
+    known, the same ``calibration.json`` beside the checkpoint; it records the target it was fitted with
+    (``spec``'s id and revision, the weights fingerprint) and ``weights_sha256``, the sha256 of the draft
+    weights the records were measured with (taken when the draft was loaded: should the checkpoint's weights
+    be replaced meanwhile, readers see that the calibration is not theirs). Returns the report keys to merge (ece_before,
     ece_after, auroc, brier, scheduler_vs_best_fixed), or {"calibration_error": reason} when it cannot run,
     so the rest of the eval never depends on it.
     """
@@ -266,17 +281,16 @@ def calibrate(records: Sequence[Mapping], target, out_dir: str, checkpoint: str 
         fitted_with = identity_record(spec.id if spec else target.name_or_path,
                                       spec.revision if spec else target.revision, target)
         result = run_calibration(usable, sps, cal_dir, n_bins=cal_cfg.n_bins,
-                                 calib_fraction=cal_cfg.calib_fraction, seed=seed, target=fitted_with)
+                                 calib_fraction=cal_cfg.calib_fraction, seed=seed, target=fitted_with,
+                                 weights_sha256=weights_sha256)
     except Exception as exc:  # calibration is an add-on: report why it was skipped, keep the eval
         log.warning("calibration skipped: %s: %s", type(exc).__name__, exc)
         return {"calibration_error": f"{type(exc).__name__}: {exc}"}
-    keys = {k: result.get(k) for k in ("ece_before", "ece_after", "auroc", "brier", "scheduler_vs_best_fixed")}
+    keys = {k: getattr(result, k) for k in ("ece_before", "ece_after", "auroc", "brier", "scheduler_vs_best_fixed")}
     keys["calibration_dir"] = cal_dir
-    keys["calibration_figures"] = [f"calibration/{name}" for name in (result.get("figures") or {}).values()]
+    keys["calibration_figures"] = [f"calibration/{name}" for name in (result.figures or {}).values()]
     if cal_cfg.write_to_checkpoint and checkpoint:
-        dest = os.path.join(checkpoint, "calibration.json")
-        with open(os.path.join(cal_dir, "calibration.json")) as src:
-            text = src.read()
-        _atomic_write(dest, lambda h: h.write(text))
+        dest = os.path.join(checkpoint, CALIBRATION_NAME)
+        result.write(dest)
         keys["calibration_written_to"] = dest
     return keys

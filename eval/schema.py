@@ -44,6 +44,21 @@ class CalibrationConfig:
 
 
 @dataclass
+class SchedulerLiveConfig:
+    """Algorithm 1 run live (eval/live.py): N concurrent requests decoded together, one packed target forward
+    per round, Algorithm 1 vs every fixed verification length 1..gamma. Off by default: it decodes
+    len(requests) x (gamma + 1) batches. Needs a confidence head and a calibration (this eval's, or the
+    calibration.json beside the checkpoint)."""
+
+    enabled: bool = False
+    requests: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # concurrent requests N
+    num_prompts: int | None = None  # distinct prompts, round-robin over datasets; None = max(requests)
+    max_new_tokens: int | None = None  # per request; None = the eval's max_new_tokens
+    repeats: int = 1  # timed runs per (N, policy); the median tokens/s is reported
+    check_greedy: bool = True  # at T = 0, every request's output must equal plain greedy generate
+
+
+@dataclass
 class EvalConfig:
     # `draft=<checkpoint dir>` on the command line (Hydra reserves the name `draft` for the architecture
     # group, so the entry point renames it to this field). "random" builds an untrained draft from
@@ -67,6 +82,7 @@ class EvalConfig:
     progress: bool = True
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    scheduler_live: SchedulerLiveConfig = field(default_factory=SchedulerLiveConfig)
     # The target must be the one the checkpoint records (id, revision, weights fingerprint); true: warn only.
     allow_target_mismatch: bool = False
 
@@ -81,6 +97,17 @@ def validate(cfg: EvalConfig) -> None:
         (cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1"),
         (cfg.num_prompts is None or cfg.num_prompts >= 1, f"num_prompts={cfg.num_prompts} must be >= 1 or null"),
     ]
+    live = cfg.scheduler_live
+    if live.enabled:
+        checks += [
+            (bool(live.requests) and min(live.requests) >= 1,
+             f"scheduler_live.requests={live.requests} must be a non-empty list of counts >= 1"),
+            (live.num_prompts is None or live.num_prompts >= 1,
+             f"scheduler_live.num_prompts={live.num_prompts} must be >= 1 or null"),
+            (live.max_new_tokens is None or live.max_new_tokens >= 1,
+             f"scheduler_live.max_new_tokens={live.max_new_tokens} must be >= 1 or null"),
+            (live.repeats >= 1, f"scheduler_live.repeats={live.repeats} must be >= 1"),
+        ]
     for ok, message in checks:
         if not ok:
             raise EvalConfigError(message)

@@ -110,8 +110,11 @@ def simulate_records(records: Sequence[Mapping], temperatures: Sequence[float], 
     return simulate_load(prefix_survival(apply_sts(conf, temperatures)), accepted, sps, **kwargs)
 
 
-def plot_simulation(table: Sequence[Mapping], path: str) -> str:
-    """Throughput vs concurrency (left) and throughput relative to the best fixed length (right), PNG."""
+def plot_simulation(table: Sequence[Mapping], path: str, kind: str = "simulated") -> str:
+    """Throughput vs concurrency (left) and throughput relative to the best fixed length (right), PNG.
+
+    ``kind`` names where the numbers come from in the axis label (``eval/live.py`` plots measured ones).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,12 +133,14 @@ def plot_simulation(table: Sequence[Mapping], path: str) -> str:
         right.plot(conc, [row["throughput"][name] / row["best_fixed_throughput"] for row in table],
                    marker="o", label=name)
     right.axhline(1.0, color="k", ls="--", lw=0.8)
-    left.set(xscale="log", yscale="log", xlabel="concurrent requests R", ylabel="tokens / s (simulated)",
-             title="throughput (grey: fixed lengths 0..gamma)")
+    lengths = [name.split("_")[1] for name in fixed_names]
+    left.set(xscale="log", yscale="log", xlabel="concurrent requests R", ylabel=f"tokens / s ({kind})",
+             title=f"throughput (grey: fixed lengths {lengths[0]}..{lengths[-1]})" if lengths else "throughput")
     right.set(xscale="log", xlabel="concurrent requests R", ylabel="throughput / best fixed length",
               title="relative to best fixed length")
     for axis in (left, right):
         axis.set_xticks(conc, [str(c) for c in conc])
+        axis.tick_params(axis="x", which="minor", labelbottom=False)  # only the R ticks are labelled
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -73,7 +73,34 @@ def list_checkpoints(root: Path) -> list[Path]:
 def resolve_resume(root: Path, resume: str) -> Path | None:
     """``auto``: the newest intact checkpoint (damaged newer ones are skipped with a warning) or None;
     ``never``: None; else the given folder (must exist and be intact). The checkpoint is checked to come
-    from this run folder (``check_run``) before it is returned."""
+    from this run folder (``check_run``) before it is returned.
+
+    Collective when a process group with several ranks is up: only rank 0 reads and hashes the checkpoint
+    files (a ZeRO checkpoint of a 7B draft is gigabytes; eight ranks hashing it on one shared filesystem is
+    eight times the reads) and every rank gets its decision, an error included."""
+    return _decided_on_rank0(lambda: _resolve_resume(root, resume))
+
+
+def _decided_on_rank0(decide: Callable[[], object]):
+    """``decide()`` run on rank 0 only, its result (or the exception it raised) broadcast to every rank, so
+    all ranks continue alike or fail alike with the same message. A single process just calls it."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return decide()
+    outcome = [None]
+    if dist.get_rank() == 0:
+        try:
+            outcome[0] = ("ok", decide())
+        except Exception as exc:  # every rank raises it below, rank 0 included
+            outcome[0] = ("error", exc)
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _resolve_resume(root: Path, resume: str) -> Path | None:
     if resume == "never":
         return None
     if resume == "auto":

@@ -55,9 +55,32 @@ def pick_device(name: str) -> str:
     return name
 
 
-def deepspeed_config(user: dict, stage: str, micro: int, accum: int, world: int, grad_clip: float) -> dict:
-    """The user's DeepSpeed config with the batch / clipping / stage fields filled from the train config."""
+def torch_autocast_section(user: dict | None, bf16_autocast: bool) -> dict:
+    """DeepSpeed's ``torch_autocast`` block, decided by train.precision.
+
+    DeepSpeed (0.19) runs the engine's forward under its own autocast context: with no enabled
+    ``torch_autocast`` block it switches an outer ``torch.autocast`` off, so the draft would run in fp32.
+    ``lower_precision_safe_modules`` names the module classes whose parameters DeepSpeed communicates in the
+    autocast dtype (ZeRO gradient reduction / ZeRO-3 gathers); it defaults to none here, so gradients are
+    reduced in fp32 as under DDP. A user may list classes there; ``enabled`` / ``dtype`` follow train.precision.
+    """
+    user = dict(user or {})
+    for key in ("enabled", "dtype"):
+        if key in user:
+            raise TrainConfigError(f"deepspeed.config.torch_autocast.{key} is set from train.precision; remove it "
+                                   "and choose train.precision=bf16 (or fp32) instead")
+    if not bf16_autocast:
+        return {"enabled": False}
+    return {"enabled": True, "dtype": "bfloat16",
+            "lower_precision_safe_modules": list(user.get("lower_precision_safe_modules", []))}
+
+
+def deepspeed_config(user: dict, stage: str, micro: int, accum: int, world: int, grad_clip: float,
+                     bf16_autocast: bool = False) -> dict:
+    """The user's DeepSpeed config with the batch / clipping / stage fields filled from the train config, and
+    the ``torch_autocast`` block from train.precision (``bf16_autocast``: the loop's autocast is bf16)."""
     cfg = copy.deepcopy(user)
+    cfg["torch_autocast"] = torch_autocast_section(cfg.get("torch_autocast"), bf16_autocast)
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = accum
     cfg["train_batch_size"] = micro * accum * world
@@ -113,8 +136,9 @@ class Runtime:
 
 
 def setup(stage: str, ds_user_config: dict, micro: int, global_batch: int, grad_clip: float,
-          device: str) -> tuple[Runtime, int]:
-    """Create the accelerator; returns (runtime, gradient accumulation steps)."""
+          device: str, bf16_autocast: bool = False) -> tuple[Runtime, int]:
+    """Create the accelerator; returns (runtime, gradient accumulation steps). ``bf16_autocast``: the loop
+    trains under bf16 autocast, which DeepSpeed must be told about (see ``torch_autocast_section``)."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -134,8 +158,8 @@ def setup(stage: str, ds_user_config: dict, micro: int, global_batch: int, grad_
         ensure_launch_env()
         world = int(os.environ["WORLD_SIZE"])
         # zero3_init_flag=False: transformers must not build the frozen target sharded under ZeRO-3.
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(ds_user_config, stage, micro, accum, world,
-                                                               grad_clip), zero3_init_flag=False)
+        ds = deepspeed_config(ds_user_config, stage, micro, accum, world, grad_clip, bf16_autocast)
+        plugin = DeepSpeedPlugin(hf_ds_config=ds, zero3_init_flag=False)
         acc = Accelerator(deepspeed_plugin=plugin, gradient_accumulation_steps=accum, kwargs_handlers=kwargs)
     if acc.num_processes != world:
         log.warning("accelerate sees %d process(es) but WORLD_SIZE=%d", acc.num_processes, world)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from data_prep.store import default_data_dir
 from dspark_model.atomic import atomic_write_text
+from dspark_model.block_attention import flex_available
 from dspark_model.draft import build_draft_for, count_parameters
 from dspark_model.output_lock import output_lock
 from dspark_model.target import load_target, resolve_weights
@@ -47,7 +48,7 @@ from train.loss import LossWeights, draft_loss
 from train.metrics_log import MetricsLogger, NullLogger
 from train.optim import make_optimizer
 from train.prefetch import Prefetcher
-from train.schema import TrainJob, validate
+from train.schema import TrainConfigError, TrainJob, validate
 from train.teacher import TeacherMemo
 
 log = logging.getLogger(__name__)
@@ -64,15 +65,16 @@ def noisy_taps(tap_hidden: torch.Tensor, std: float, num_taps: int) -> torch.Ten
 class DraftObjective(nn.Module):
     """The draft and its loss as one module: (target states, ids, anchors, mask) -> (loss, metrics)."""
 
-    def __init__(self, draft, weights: LossWeights, chunk_size: int, recompute: bool, feature_noise: float = 0.0):
+    def __init__(self, draft, weights: LossWeights, chunk_size: int, recompute: bool, feature_noise: float = 0.0,
+                 attention: str = "sdpa"):
         super().__init__()
         self.draft, self.weights, self.chunk_size, self.recompute = draft, weights, chunk_size, recompute
-        self.feature_noise = feature_noise
+        self.feature_noise, self.attention = feature_noise, attention
 
     def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask, teacher_lse=None, teacher_argmax=None):
         if self.training and self.feature_noise > 0:
             tap_hidden = noisy_taps(tap_hidden, self.feature_noise, len(self.draft.tap_layer_ids))
-        h = self.draft.forward_train(tap_hidden, input_ids, anchors)  # (B, A, G, d)
+        h = self.draft.forward_train(tap_hidden, input_ids, anchors, self.attention)  # (B, A, G, d)
         return draft_loss(self.draft, self.draft.target, h, final_hidden, input_ids, anchors, mask,
                           self.weights, self.chunk_size, self.recompute, teacher_lse, teacher_argmax)
 
@@ -128,6 +130,20 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     if precision == "native":
         return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def attention_kernel(device: torch.device, choice: str) -> str:
+    """train.attention -> the draft's training attention kernel. auto: flex_attention where it can train
+    (CUDA with Triton), else SDPA with a dense mask; sdpa / flex: forced (flex fails here if it cannot run)."""
+    if choice == "sdpa":
+        return "sdpa"
+    why_not = flex_available(device)
+    if choice == "flex" and why_not:
+        raise TrainConfigError(f"train.attention=flex cannot train on {device}: {why_not}; "
+                               "use train.attention=auto or sdpa")
+    if why_not and device.type == "cuda":
+        log.warning("train.attention=auto: dense SDPA instead of flex_attention (%s)", why_not)
+    return "sdpa" if why_not else "flex"
 
 
 def _autocast(device: torch.device, precision: str):
@@ -290,15 +306,19 @@ def train(job: TrainJob, output_dir: str | Path | None = None, resolved: dict | 
 def _train(job: TrainJob, out: Path, resolved: dict | None) -> dict:
     t = job.train
     resolved = resolved if resolved is not None else dataclasses.asdict(job)
+    device = torch.device(distributed.pick_device(t.device))
     rt, accum = distributed.setup(str(job.deepspeed.stage), job.deepspeed.config, t.micro_batch_size,
-                                  t.global_batch_size, t.grad_clip, t.device)
+                                  t.global_batch_size, t.grad_clip, device.type,
+                                  bf16_autocast=uses_bf16(device, t.precision))
     if not rt.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    kernel = attention_kernel(rt.device, t.attention)  # a bad choice fails before the target loads
+    log.info("draft training attention: %s", kernel)
     target, draft, data = _build(job, rt)
     sampler = StepSampler(len(data), t.global_batch_size, t.seed)
     optimizer, scheduler = make_optimizer(draft, t)
     weights = LossWeights(t.alpha_ce, t.alpha_tv, t.alpha_conf, t.position_decay)
-    objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks, t.feature_noise)
+    objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks, t.feature_noise, kernel)
     root = out / "checkpoints"
     checkpointing.start_run(root, rank=rt.rank, barrier=rt.barrier)  # run.json: resume only from our checkpoints
     model, optimizer, engine, start = _prepare_and_resume(rt, objective, optimizer, scheduler, root, t.resume,

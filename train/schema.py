@@ -65,6 +65,9 @@ class OptimConfig:
     feature_noise: float = 0.0
     # auto (bf16 on GPU, fp32 on CPU) | native (bf16 also on CPUs with AMX / AVX512-BF16) | fp32 | bf16 (autocast)
     precision: str = "auto"
+    # Draft training attention: auto (flex_attention with a block mask on CUDA, dense-mask SDPA elsewhere) |
+    # sdpa | flex. Both apply the same mask; flex skips masked-out tiles and never materialises the mask.
+    attention: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     log_every: int = 1  # steps between metric records
@@ -122,6 +125,8 @@ def validate(job: TrainJob) -> None:
          f"deepspeed.stage must be none, 2 or 3, got {job.deepspeed.stage!r}"),
         (t.precision in ("auto", "native", "fp32", "bf16"),
          f"train.precision must be auto|native|fp32|bf16, got {t.precision!r}"),
+        (t.attention in ("auto", "sdpa", "flex"),
+         f"train.attention must be auto|sdpa|flex, got {t.attention!r}"),
         (t.schedule in ("cosine", "constant"), f"train.schedule must be cosine|constant, got {t.schedule!r}"),
         (t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw|muon, got {t.optimizer!r}"),
         (t.optimizer == "adamw" or str(job.deepspeed.stage) == "none",

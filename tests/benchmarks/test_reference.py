@@ -63,13 +63,16 @@ def test_stage_resumes_after_failure_and_is_skipped_once_done(tmp_path, capsys):
 
 
 def test_other_sizes_on_a_started_run_are_refused_and_redo_starts_a_stage_afresh(tmp_path):
-    main(["--run-dir", str(tmp_path), "--dry-run", "--train-steps", "5"])
+    main(["--run-dir", str(tmp_path), "--dry-run", "--train-steps", "4"])  # only prints: records nothing
+    assert not (tmp_path / "state.json").exists()
+    quiet = ["--run-dir", str(tmp_path), "--only", "--out", str(tmp_path / "r.json"), "--benchmarks-md", ""]
+    main([*quiet, "--train-steps", "5"])  # runs no stage, but starts the run with these sizes
     with pytest.raises(SystemExit, match="Pass the same sizes"):
-        main(["--run-dir", str(tmp_path), "--dry-run", "--train-steps", "6"])
+        main([*quiet, "--train-steps", "6"])
     state = json.loads((tmp_path / "state.json").read_text())
     state["stages"]["data"] = {"done": True, "attempts": 2, "wall_s": 30.0}
     (tmp_path / "state.json").write_text(json.dumps(state))
-    main(["--run-dir", str(tmp_path), "--dry-run", "--train-steps", "5", "--redo", "data"])
+    main([*quiet, "--train-steps", "5", "--redo", "data"])
     rec = json.loads((tmp_path / "state.json").read_text())["stages"]["data"]
     assert rec == {"done": False, "attempts": 0, "wall_s": 0.0, "discarded_wall_s": 30.0}
 
@@ -193,3 +196,27 @@ def test_two_partial_runners_keep_each_others_stage_records(tmp_path):
     b.save("train-dflash")
     stages = json.loads((tmp_path / "state.json").read_text())["stages"]
     assert stages["train-dspark"]["wall_s"] == 5.0 and stages["train-dflash"]["wall_s"] == 7.0
+
+
+def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path):
+    cmds = stage_commands(tmp_path, Budget())
+    assert list(cmds)[-1] == "scheduler-live"
+    live = cmds["scheduler-live"]
+    assert live[1:3] == ["-m", "eval"] and "scheduler_live.enabled=true" in live
+    assert _arg(live, "draft") == str(tmp_path / "train-dspark" / "final")
+    assert _arg(live, "calibration.enabled") == "false"  # Algorithm 1 uses the calibration beside the draft
+    run = tmp_path / "run"
+    _write_run(run)
+    record = {"requests": [1, 4], "algorithm1_tokens_per_s": [10.0, 30.0], "best_fixed_tokens_per_s": [9.0, 31.0],
+              "best_fixed_length": [3, 2], "algorithm1_vs_best_fixed": [10 / 9, 30 / 31], "greedy_match_rate": 1.0,
+              "fixed_tokens_per_s": {"1": [5.0, 20.0]}, "settings": {"gamma": 4}}
+    (run / "eval" / "scheduler-live").mkdir()
+    (run / "eval" / "scheduler-live" / "report.json").write_text(json.dumps({"scheduler_live": record}))
+    (run / "eval" / "scheduler-live" / "scheduler_live.png").write_bytes(b"png")
+    md = tmp_path / "B.md"
+    r = collect(run, {"stages": {}}, tmp_path / "results" / "reference.json", md)
+    assert r["scheduler_live"]["best_fixed_length"] == [3, 2] and "fixed_tokens_per_s" not in r["scheduler_live"]
+    goal = r["goals"]["scheduler_live_vs_best_fixed_min_over_requests"]
+    assert goal["measured"] == pytest.approx(30 / 31) and goal["met"] is False
+    assert (tmp_path / "results" / "reference" / "scheduler_live.png").is_file()
+    assert "| 4 | 30.00 | fixed_2 | 31.00 | 0.968 |" in md.read_text()

@@ -208,3 +208,67 @@ def test_worker_threads_write_the_same_cache(target, tmp_path, dtype):
     for s in one["shards"]:
         a, b = load_file(tmp_path / "w1" / s["file"]), load_file(tmp_path / "w2" / s["file"])
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_shards_are_sized_in_bytes_and_read_back_identically(target, tmp_path, dtype):
+    """A shard's payload stays within cache.shard_bytes (a row larger than that alone gets its own shard), and
+    how rows are sharded never changes them (batch_tokens=1: one row per forward, so batching is the same)."""
+    bpt = bytes_per_token(len(target.tap_layer_ids), target.hidden_size, dtype)
+    kw = dict(target_id="tiny-random-llama", dataset_fingerprint="fp", batch_tokens=1)
+    split = write_cache(target, ROWS, tmp_path / "split", dtype, shard_bytes=25 * bpt, **kw)
+    whole = write_cache(target, ROWS, tmp_path / "whole", dtype, shard_bytes=1 << 40, **kw)
+    assert len(whole["shards"]) == 1 and len(split["shards"]) > 2
+    for s in split["shards"]:
+        assert s["tokens"] * bpt <= 25 * bpt or s["row_end"] - s["row_start"] == 1
+    a, b = TargetCache(tmp_path / "split"), TargetCache(tmp_path / "whole")
+    for i in range(len(ROWS)):
+        for name in ("tap_hidden", "final_hidden"):
+            x, y = a.row(i, upcast=False)[name], b.row(i, upcast=False)[name]
+            assert x.dtype == y.dtype and torch.equal(x, y), (i, name)
+
+
+def test_shard_size_counts_the_width_of_each_token(target, tmp_path):
+    """The same byte budget holds half the tokens in float32 as in bfloat16 (tokens alone ignore width)."""
+    budget = 40 * bytes_per_token(len(target.tap_layer_ids), target.hidden_size, "bfloat16")
+    kw = dict(target_id="tiny-random-llama", dataset_fingerprint="fp", shard_bytes=budget)
+    wide = write_cache(target, ROWS, tmp_path / "f32", "float32", **kw)
+    narrow = write_cache(target, ROWS, tmp_path / "bf16", "bfloat16", **kw)
+    assert all(s["tokens"] <= 20 or s["row_end"] - s["row_start"] == 1 for s in wide["shards"])
+    assert all(s["tokens"] <= 40 or s["row_end"] - s["row_start"] == 1 for s in narrow["shards"])
+    assert len(wide["shards"]) > len(narrow["shards"])
+
+
+def test_each_batch_is_encoded_in_the_storage_dtype(target):
+    """What reaches host memory per batch is already the storage dtype (no float32 shard is built)."""
+    rows = ROWS[:3]
+    width, k = max(map(len, rows)), len(target.tap_layer_ids)
+    bf16 = cache_mod._forward_batch(target, rows, width, "bfloat16", k)
+    assert bf16["tap_hidden"].dtype == torch.bfloat16 and bf16["tap_hidden"].shape[0] == sum(map(len, rows))
+    int8 = cache_mod._forward_batch(target, rows, width, "int8", k)
+    assert int8["tap_hidden"].dtype == torch.int8 and int8["tap_hidden_scale"].shape == (sum(map(len, rows)), k)
+
+
+def test_a_cache_started_with_another_shard_layout_finishes_and_loads(target, tmp_path):
+    """A cache written when shards were sized in tokens (an old manifest) is finished with its own layout
+    under the byte-sized default, rewriting only the missing shard, and reads back unchanged."""
+    path = tmp_path / "c"
+    old = _write(target, path, "bfloat16")  # shard_tokens=25: four shards
+    before = [TargetCache(path).row(i, upcast=False)["tap_hidden"] for i in range(len(ROWS))]
+    os.remove(path / old["shards"][1]["file"])
+    again = write_cache(target, ROWS, path, "bfloat16", target_id="tiny-random-llama", dataset_fingerprint="fp")
+    assert again["shards"] == old["shards"]
+    cache = TargetCache(path)
+    assert all(torch.equal(cache.row(i, upcast=False)["tap_hidden"], before[i]) for i in range(len(ROWS)))
+
+
+def test_bad_shard_size_is_one_clear_error(target, tmp_path):
+    with pytest.raises(CacheError, match="cache.shard_bytes must be >= 1"):
+        write_cache(target, ROWS, tmp_path / "c", "bfloat16", shard_bytes=0)
+
+
+def test_float16_clamp_of_a_bf16_batch_never_overflows():
+    """Batches arrive in the target's dtype (bf16 on a GPU); a bf16 65536 must become fp16's max, not inf."""
+    x = torch.tensor([[65536.0, -65536.0, 1.0, 2.0]], dtype=torch.bfloat16)
+    out = cache_mod.encode("v", x, "float16", 1)["v"]
+    assert torch.isfinite(out).all() and out[0, 0].item() == 65504.0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -16,6 +14,7 @@ from dspark_model.checkpoint import (
 )
 from dspark_model.draft import build_draft_for
 from dspark_model.target import Target, load_target
+from tests.calibrated import calibrate_checkpoint
 from tests.conftest import tiny_draft_config, tiny_spec
 
 
@@ -55,25 +54,29 @@ def test_config_records_target_taps_and_convention(saved):
     assert spec.random["family"] == "llama" and spec.tap_layer_ids == [0, 1, 2]
 
 
-def test_calibration_json_is_loaded_when_present(saved, tiny_target):
+def test_calibration_json_is_loaded_when_it_belongs_to_the_weights(saved, tiny_target, tmp_path_factory):
     _, path = saved
-    (path / "calibration.json").write_text(json.dumps({"temperatures": [1.0, 2.0]}))
-    assert load_draft(path, tiny_target).calibration == {"temperatures": [1.0, 2.0]}
+    record = calibrate_checkpoint(path, tmp_path_factory.mktemp("calibration"))
+    assert load_draft(path, tiny_target).calibration == record
 
 
-def test_overwriting_drops_a_stale_calibration_and_leaves_no_temp_dirs(saved, tiny_target):
-    """A calibration belongs to the weights it was fitted for: saving other (uncalibrated) weights into the
-    folder removes it; a draft that carries its calibration writes it again."""
+def test_overwriting_drops_a_stale_calibration_and_leaves_no_temp_dirs(saved, tiny_target, tmp_path_factory):
+    """A calibration belongs to the weights it was fitted on: the same weights saved again keep it; other
+    weights saved into the folder remove it, even when the draft being saved still carries it."""
     draft, path = saved
-    (path / "calibration.json").write_text(json.dumps({"temperatures": [3.0]}))
-    save_pretrained(draft, path)
+    calibrate_checkpoint(path, tmp_path_factory.mktemp("calibration"))
+    loaded = load_draft(path, tiny_target)
+    save_pretrained(loaded, path)  # the very same bytes
+    assert load_draft(path, tiny_target).calibration == loaded.calibration is not None
+    with torch.no_grad():
+        next(loaded.parameters()).add_(0.01)  # trained further
+    save_pretrained(loaded, path)
     assert not (path / "calibration.json").exists()
     assert load_draft(path, tiny_target).calibration is None
+    calibrate_checkpoint(path, tmp_path_factory.mktemp("calibration"))
+    save_pretrained(draft, path)  # an uncalibrated draft replaces calibrated weights
+    assert not (path / "calibration.json").exists()
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
-    draft.calibration = {"temperatures": [1.5]}
-    save_pretrained(draft, path)
-    assert load_draft(path, tiny_target).calibration == {"temperatures": [1.5]}
-    draft.calibration = None
 
 
 @pytest.mark.parametrize("other, message", [

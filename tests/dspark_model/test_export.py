@@ -15,6 +15,7 @@ from dspark_model.draft import build_draft_for
 from dspark_model.export import ExportError, export_draft, load_export
 from dspark_model.export_schema import ExportSchemaError, validate_export
 from dspark_model.target import load_target
+from tests.calibrated import calibrate_checkpoint
 from tests.conftest import tiny_draft_config, tiny_spec
 
 
@@ -25,17 +26,18 @@ def targets(tiny_target):
 
 
 def make_ckpt(path: Path, target, family: str, head: str = "markov", seed: int = 0, calibrated: bool = False):
-    """A draft with random (not default-initialised) weights, saved natively."""
+    """A draft with random (not default-initialised) weights, saved natively (``calibrated``: with eval's
+    calibration of those weights beside them, in ``<path>-calibration``)."""
     torch.manual_seed(seed)
     cfg = tiny_draft_config(sequential_head=head, confidence_head=head != "none")
     draft = build_draft_for(target, cfg).eval()
     with torch.no_grad():
         for p in draft.parameters():
             p.normal_(0.0, 0.3)
+    ckpt = save_pretrained(draft, path, target_spec=tiny_spec(family))
     if calibrated:
-        draft.calibration = {"gamma": 4, "temperatures": [1.0, 1.5, 2.0, 2.5], "ece_before": 0.2,
-                             "ece_after": 0.05, "auroc": 0.8, "brier": 0.1}
-    return save_pretrained(draft, path, target_spec=tiny_spec(family))
+        calibrate_checkpoint(ckpt, path.with_name(f"{path.name}-calibration"))
+    return ckpt
 
 
 def outputs(draft, target):
@@ -217,13 +219,14 @@ def test_schema_catches_wrong_shapes_missing_weights_and_pickles(tmp_path, targe
 def test_files_are_safetensors_only_and_written_atomically(tmp_path, targets):
     target = targets["qwen3"]
     ckpt = make_ckpt(tmp_path / "ckpt", target, "qwen3", calibrated=True)
+    temps = json.loads((ckpt / "calibration.json").read_text())["temperatures"]
     for fmt in ("native", "deepspec", "speculators"):
         out = export_draft(ckpt, tmp_path / "exp" / fmt, fmt, target=target)
         serving = [] if fmt == "native" else ["serving"]  # engine calibration files (test_serving.py)
         assert sorted(p.name for p in out.iterdir()) == ["README.md", "calibration.json", "config.json",
                                                          "model.safetensors", *serving]
-        assert load_export(out, target).calibration["temperatures"] == [1.0, 1.5, 2.0, 2.5]
-        assert "1.500" in (out / "README.md").read_text()
+        assert load_export(out, target).calibration.temperatures == temps
+        assert ", ".join(f"{t:.3f}" for t in temps) in (out / "README.md").read_text()
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["deepspec", "native", "speculators"]
     before = (tmp_path / "exp" / "native" / "config.json").read_text()
     with pytest.raises(ExportError, match="--overwrite"):

@@ -14,6 +14,7 @@ from dspark_model import hub
 from dspark_model.checkpoint import save_pretrained
 from dspark_model.draft import build_draft_for
 from dspark_model.export import export_draft
+from tests.calibrated import calibrate_checkpoint
 from tests.conftest import tiny_draft_config, tiny_spec
 
 SENTINEL = "hf_SENTINELtoken0123456789"
@@ -24,8 +25,8 @@ def export_dir(tmp_path_factory, tiny_target):
     root = tmp_path_factory.mktemp("hub")
     torch.manual_seed(0)
     draft = build_draft_for(tiny_target, tiny_draft_config())
-    draft.calibration = {"gamma": 4, "temperatures": [1.0, 1.1, 1.2, 1.3]}
     ckpt = save_pretrained(draft, root / "ckpt", target_spec=tiny_spec("llama"))
+    calibrate_checkpoint(ckpt, root / "calibration")
     return export_draft(ckpt, root / "export", "speculators", target=tiny_target)
 
 
@@ -93,7 +94,8 @@ def test_push_sends_export_and_card_in_one_commit(export_dir, fake_api, capsys):
     assert fake_api.calls[2][1]["branch"] == "v1"
     up = fake_api.calls[3][1]
     assert (up["revision"], up["commit_message"], up["repo_id"]) == ("v1", "first draft", "me/tiny-draft")
-    serving = {"serving/manifest.json", "serving/sglang_sts.json", "serving/trtllm_sts.json"}  # sub-folder too
+    serving = {f"serving/{name}" for name in ("manifest.json", "sglang_sts.json", "trtllm_sts.json",
+                                              "sglang_sps.json", "trtllm_cost_table.json")}  # sub-folder too
     assert set(fake_api.uploaded) == set(before) == {"README.md", "config.json", "calibration.json",
                                                      "model.safetensors", *serving}
     assert fake_api.uploaded["model.safetensors"] == before["model.safetensors"]

@@ -3,6 +3,8 @@ from SGLang's and TensorRT-LLM's source (dspark_model/engine_schemas.json), writ
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -22,9 +24,7 @@ from dspark_model.serving import (
     validate_engine_file,
     write_engine_files,
 )
-from eval.calibration_report import run_calibration
-from eval.scheduler import SpsTable
-from eval.simulate import synthetic_round_records
+from tests.calibrated import fitted_calibration
 from tests.conftest import tiny_draft_config, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,11 +34,9 @@ ENGINE_FILES = ["sglang_sps.json", "sglang_sts.json", "trtllm_cost_table.json", 
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory):
-    """What eval writes beside a draft, made by eval's own calibration stage (not a hand-written dict)."""
-    records = synthetic_round_records(n_prompts=12, rounds_per_prompt=12, gamma=GAMMA, seed=2)
-    sps = SpsTable({1: 40.0, 4: 44.0, 16: 30.0, 64: 12.0})  # not monotone: the envelope lifts B=1 to 44
-    return run_calibration(records, sps.to_dict(), str(tmp_path_factory.mktemp("calib")), n_bins=10,
-                           concurrency=(1, 4), n_steps=8)
+    """What eval writes beside a draft, made by eval's own calibration stage (not a hand-written dict); its SPS
+    table is not monotone: the envelope lifts B=1 to 44."""
+    return fitted_calibration(tmp_path_factory.mktemp("calib"), GAMMA)
 
 
 def test_files_carry_our_temperatures_and_sps_table_in_each_engines_schema(calibration):
@@ -46,11 +44,11 @@ def test_files_carry_our_temperatures_and_sps_table_in_each_engines_schema(calib
     assert sorted(files) == ENGINE_FILES and skipped == {}
     for name, content in files.items():
         assert validate_engine_file(name, content, GAMMA) == [], name
-    temps = calibration["temperatures"]
+    temps = calibration.temperatures
     assert files["sglang_sts.json"]["temperatures"] == temps == files["trtllm_sts.json"]["sts_temperatures"]
     assert files["trtllm_sts.json"]["max_draft_len"] == GAMMA
-    assert files["sglang_sts.json"]["num_samples"] == calibration["split"]["n_calib_rounds"]
-    assert files["sglang_sts.json"]["ece_after"] == calibration["metrics"]["after"]["per_position"]["ece"]
+    assert files["sglang_sts.json"]["num_samples"] == calibration.split["n_calib_rounds"]
+    assert files["sglang_sts.json"]["ece_after"] == calibration.metrics["after"]["per_position"]["ece"]
     sglang, trt = files["sglang_sps.json"], files["trtllm_cost_table.json"]
     assert sglang["sample_batch_tokens"] == trt["token_counts"] == [1, 4, 16, 64]
     assert sglang["sample_steps_per_sec"] == [44.0, 44.0, 30.0, 12.0]  # the envelope Algorithm 1 is costed with
@@ -62,12 +60,12 @@ def test_files_carry_our_temperatures_and_sps_table_in_each_engines_schema(calib
 def test_nothing_is_converted_that_an_engine_would_refuse(calibration):
     files, skipped = engine_files(calibration, GAMMA + 1, confidence_head=True)  # one temperature short
     assert sorted(files) == ["sglang_sps.json", "trtllm_cost_table.json"] and "5" in skipped["sts"]
-    files, skipped = engine_files(dict(calibration, sps=None), GAMMA, confidence_head=True)
+    files, skipped = engine_files(dataclasses.replace(calibration, sps=None), GAMMA, confidence_head=True)
     assert sorted(files) == ["sglang_sts.json", "trtllm_sts.json"] and "SPS" in skipped["sps"]
     files, skipped = engine_files(calibration, GAMMA, confidence_head=False)
     assert files == {} and "confidence head" in skipped["all"]
-    nan_ece = json.loads(json.dumps(calibration))
-    nan_ece["metrics"]["before"]["per_position"]["ece"][1] = None  # eval writes NaN as null
+    nan_ece = copy.deepcopy(calibration)
+    nan_ece.metrics["before"]["per_position"]["ece"][1] = None  # eval writes NaN as null
     sts = engine_files(nan_ece, GAMMA, confidence_head=True)[0]["sglang_sts.json"]
     assert "ece_before" not in sts and "ece_after" not in sts  # msgspec would reject a null in list[float]
 
@@ -115,10 +113,13 @@ def test_readme_shows_the_engine_options():
 
 
 def _ckpt(path: Path, target, calibration, head: str = "markov"):
+    """A saved draft with eval's ``calibration`` record beside it, bound to the saved weights."""
     torch.manual_seed(0)
     draft = build_draft_for(target, tiny_draft_config(sequential_head=head, confidence_head=head != "none"))
-    draft.calibration = calibration
-    return save_pretrained(draft, path, target_spec=tiny_spec("llama"))
+    ckpt = save_pretrained(draft, path, target_spec=tiny_spec("llama"))
+    if calibration is not None:
+        calibration.bound_to(ckpt / "model.safetensors").write(ckpt / "calibration.json")
+    return ckpt
 
 
 def test_public_exports_of_a_calibrated_draft_carry_the_engine_files(tmp_path, tiny_target, calibration):

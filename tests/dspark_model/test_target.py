@@ -115,3 +115,58 @@ def test_smollm2_gguf_default_target_loads_with_tap_features():
     out = target.forward(ids)
     assert out.tap_hidden.shape == (1, ids.shape[1], 5 * 576)
     assert target.tokenizer.decode(target.logits(out.final_hidden[:, -1]).argmax(-1)).strip() == "Paris"
+
+
+def test_accelerator_targets_load_straight_onto_their_device(tmp_path, monkeypatch):
+    """On a GPU rank the weights are materialised on that rank's device by ``from_pretrained`` (device_map),
+    never first in host memory; the CPU load passes no device_map. Checked on CPU by recording the kwargs."""
+    import transformers
+
+    from dspark_model.target import placement_kwargs
+
+    assert placement_kwargs("cpu") == {} and placement_kwargs(torch.device("cpu")) == {}
+    assert placement_kwargs("cuda:3") == {"device_map": {"": "cuda:3"}}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    assert placement_kwargs("cuda") == {"device_map": {"": "cuda:5"}}  # the rank's current GPU
+
+    src = load_target(tiny_spec("qwen2", layers=3))
+    src.model.save_pretrained(tmp_path / "m")
+    src.tokenizer.save_pretrained(tmp_path / "m")
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def recording(folder, **kwargs):
+        seen.append(kwargs)
+        return real(folder, **{k: v for k, v in kwargs.items() if k != "device_map"})  # no GPU here
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
+    load_target(TargetSpec(id="local-qwen2", path=str(tmp_path / "m")), device="cuda:1")
+    load_target(TargetSpec(id="local-qwen2", path=str(tmp_path / "m")), device="cpu")
+    assert seen[0]["device_map"] == {"": "cuda:1"}
+    assert "device_map" not in seen[1]
+
+
+def test_device_map_load_matches_the_plain_load(tmp_path):
+    """The device_map path of from_pretrained (what a GPU rank takes) gives the plain load's weights."""
+    from transformers import AutoModelForCausalLM
+
+    src = load_target(tiny_spec("llama", layers=3))
+    src.model.save_pretrained(tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    mapped = AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map={"": "cpu"})
+    a, b = plain.state_dict(), mapped.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads_through_device_map():
+    """GGUF weights (dequantised by transformers) go through the same device_map path a GPU rank uses."""
+    from transformers import AutoModelForCausalLM
+
+    from dspark_model.target import resolve_weights
+
+    folder, gguf = resolve_weights(TargetSpec())
+    plain = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    mapped = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, device_map={"": "cpu"})
+    a, b = plain.state_dict(), mapped.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -62,15 +62,15 @@ def test_run_calibration_writes_json_and_figures(tmp_path):
     out = run_calibration(records, FALLING_SPS.to_dict(), str(tmp_path), n_bins=10,
                           hardware={"note": "unit test"}, concurrency=(1, 4, 16), n_steps=24)
     for key in REPORT_KEYS:
-        assert math.isfinite(out[key]), key
-    assert out["ece_after"] < out["ece_before"]
+        assert math.isfinite(getattr(out, key)), key
+    assert out.ece_after < out.ece_before
     path = tmp_path / "calibration.json"
 
     def reject(constant):
         raise AssertionError(f"non-strict JSON constant {constant}")
 
     saved = json.loads(path.read_text(), parse_constant=reject)
-    assert saved == out
+    assert saved == out.to_dict()
     assert len(saved["temperatures"]) == saved["gamma"] == 4
     assert saved["scheduler"] == {"policy": "algorithm1", "early_stop": True, "practical_stale_steps": 2}
     assert SpsTable.from_dict(saved["sps"])(8) == pytest.approx(97.0)

@@ -244,6 +244,11 @@ def _chi2_on_speculative_tokens(target, draft, prompt, marginals) -> dict[int, t
         out = speculative_generate(target, draft, prompt, 3, 1.0, 2, torch.Generator().manual_seed(seed))
         for i in counts:
             counts[i][out.tokens[i]] += 1
+    return chi2_by_position(counts, marginals)
+
+
+def chi2_by_position(counts: dict, marginals: dict) -> dict[int, tuple[float, float]]:
+    """{position: (chi-square statistic of its N_SAMPLES token counts, critical value)}."""
     result = {}
     for i in counts:
         stat, df = chi2_statistic(counts[i], marginals[i], N_SAMPLES)

@@ -1,0 +1,370 @@
+"""Static check: does vLLM's DSpark loader accept our speculators-format exports, name by name?
+
+    nice -n 10 .venv/bin/python benchmarks/check_vllm.py                 # tiny exports of every head type
+    .venv/bin/python benchmarks/check_vllm.py --export runs/export/vllm  # one export you made
+
+vLLM is not a dependency and needs a GPU, so nothing here imports it. What its loader does with a
+speculators export was read from its source (the files and commits in ``dspark_model/vllm_layout.json``) and
+written down there as rules; this script applies them to an export's ``config.json`` and its safetensors
+header, the way vLLM would:
+
+* config: the speculators config becomes vLLM's draft config (``transformer_layer_config`` plus the DSpark
+  keys vLLM copies, architecture ``Qwen3DSparkModel``); the keys it needs must be there, with values its
+  Qwen3 DSpark backbone can run (SiLU MLP, one flat RoPE set, no sliding-window layer, the vanilla Markov
+  head, the anchor-first block: ``sample_from_anchor`` true, ``speculative_tokens`` = ``block_size``);
+* weights: every tensor name goes through vLLM's renames (``model.`` prefix except ``lm_head``, ``d2t`` ->
+  ``draft_id_to_target_id``, ``t2d`` and ``mask_embedding`` skipped, q/k/v into ``qkv_proj`` and gate/up into
+  ``gate_up_proj`` shards) and must land on a parameter vLLM builds, with its shape and an integer dtype for
+  the d2t table; every parameter vLLM would otherwise leave unloaded (or take from the target when it may)
+  must be in the file.
+
+Without ``--export`` it exports tiny random drafts (Markov / gated / rnn heads, a 40-token draft vocabulary,
+no confidence head, DFlash) on tiny Qwen3 and Llama targets and prints what maps and what does not; the gated
+and rnn heads are expected to fail (vLLM builds only the vanilla Markov head). Exit status 1 when a result
+differs from that expectation (or, with ``--export``, when the export has a problem). Nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dspark_model.reference import formula_value  # noqa: E402
+
+RULES_PATH = ROOT / "dspark_model" / "vllm_layout.json"
+FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
+INT_DTYPES = {"I64"}
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def rules() -> dict:
+    return json.loads(RULES_PATH.read_text())
+
+
+def vllm_name(rules_: dict) -> str:
+    """'vLLM qwen3_dspark.py @ 0302ff4': the loader the rules were read from."""
+    path = "vllm/model_executor/models/qwen3_dspark.py"
+    return f"vLLM {Path(path).name} @ {rules_['files'][path][:7]}"
+
+
+@dataclass
+class VllmCheck:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    mapping: dict[str, str] = field(default_factory=dict)  # file name -> vLLM parameter (shard) or '(skipped)'
+    config: dict = field(default_factory=dict)  # the draft config vLLM would build
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _get(doc: dict, dotted: str):
+    """'a.b[0].c' -> doc['a']['b'][0]['c'], or None."""
+    cur = doc
+    for part in dotted.split("."):
+        m = re.fullmatch(r"(\w+)\[(\d+)\]", part)
+        key, idx = (m.group(1), int(m.group(2))) if m else (part, None)
+        if not isinstance(cur, dict) or key not in cur:
+            return None
+        cur = cur[key]
+        if idx is not None:
+            if not isinstance(cur, list) or len(cur) <= idx:
+                return None
+            cur = cur[idx]
+    return cur
+
+
+def vllm_draft_config(cfg: dict, rules_: dict) -> tuple[dict, list[str]]:
+    """The draft config vLLM builds from a speculators config, and what it cannot build it from."""
+    spec, problems = rules_["config"], []
+    if cfg.get("speculators_model_type") != spec["speculators_model_type"]:
+        problems.append(f"config.json: speculators_model_type is {cfg.get('speculators_model_type')!r}; vLLM loads "
+                        f"a DSpark draft from {spec['speculators_model_type']!r}")
+    missing = [k for k in spec["required"] if _get(cfg, k) is None]
+    if missing:
+        problems.append(f"config.json: vLLM needs {missing}")
+    layer = cfg.get("transformer_layer_config")
+    view = dict(layer) if isinstance(layer, dict) else {}
+    view["architectures"] = [spec["architecture_set_by_vllm"]]
+    for key in spec["copied"]:
+        if cfg.get(key) is not None:
+            view[key] = cfg[key]
+    aux = cfg.get("aux_hidden_state_layer_ids") or []
+    view["eagle_aux_hidden_state_layer_ids"] = list(aux)
+    view["target_layer_ids"] = [i - 1 for i in aux]
+    view["num_speculative_tokens"] = _get(cfg, "speculators_config.proposal_methods[0].speculative_tokens")
+    for key, value in spec["defaults"].items():
+        if key not in view and not isinstance(value, str):
+            view[key] = value
+    if view.get("draft_vocab_size") is None:
+        view["draft_vocab_size"] = view.get("vocab_size")
+    view["dspark_bonus_anchor"] = not view["sample_from_anchor"]
+    return view, problems
+
+
+def _config_problems(view: dict, rules_: dict) -> list[str]:
+    """Values vLLM's Qwen3 DSpark backbone cannot run as our draft computes."""
+    spec, p = rules_["config"], []
+    absent = [k for k in spec["layer_keys"] if k not in view and k not in ("head_dim", "layer_types", "rope_parameters")]
+    if absent:
+        p.append(f"transformer_layer_config: vLLM builds the draft layers from {absent}, absent")
+    act = view.get("hidden_act")
+    if act is not None and act not in spec["hidden_act"]:
+        p.append(f"transformer_layer_config: hidden_act {act!r}; vLLM's draft MLP runs only {spec['hidden_act']}")
+    rope = view.get("rope_parameters")
+    if rope is None and "rope_theta" not in view:
+        p.append(f"transformer_layer_config: no rope_parameters; vLLM would use rope_theta "
+                 f"{spec['defaults']['rope_theta']}")
+    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        p.append("transformer_layer_config: rope_parameters is keyed by layer type; vLLM's Qwen3 draft layers "
+                 "take one flat RoPE set")
+    sliding = [i for i, t in enumerate(view.get("layer_types") or []) if t == spec["sliding_layer_type"]]
+    if sliding:
+        p.append(f"transformer_layer_config: layers {sliding} are '{spec['sliding_layer_type']}'; vLLM runs them "
+                 f"causal with a sliding window, our draft attends to the whole block")
+    rank = int(view.get("markov_rank") or 0)
+    head = view.get("markov_head_type", "vanilla")
+    if rank > 0 and head not in spec["markov_head_types"]:
+        p.append(f"config.json: markov_head_type {head!r}; vLLM builds only the {spec['markov_head_types']} Markov "
+                 f"head (its weights would not load, and the bias would be computed differently)")
+    if view.get("sample_from_anchor") is not True:
+        p.append("config.json: sample_from_anchor is not true; vLLM would run the 1+N block (anchor as a bonus "
+                 "token) while our draft predicts from the anchor slot: every draft shifted by one")
+    n, block = view.get("num_speculative_tokens"), view.get("block_size")
+    if n is not None and block is not None and n != block:
+        p.append(f"config.json: speculative_tokens {n} != block_size {block}; with sample_from_anchor the block "
+                 f"drafts block_size tokens")
+    aux = view.get("eagle_aux_hidden_state_layer_ids") or []
+    if not aux or any(not isinstance(i, int) or i < 1 for i in aux):
+        p.append(f"config.json: aux_hidden_state_layer_ids {aux}: vLLM taps the input of decoder layer i (>= 1)")
+    V, K, mask = view.get("vocab_size"), view.get("draft_vocab_size"), view.get("mask_token_id")
+    if isinstance(V, int) and isinstance(K, int) and K > V:
+        p.append(f"config.json: draft_vocab_size {K} exceeds vocab_size {V}")
+    if isinstance(V, int) and isinstance(mask, int) and not 0 <= mask < V:
+        p.append(f"config.json: mask_token_id {mask} is outside the vocabulary of {V}")
+    return p
+
+
+def _sizes(view: dict) -> dict[str, int]:
+    d, H = int(view["hidden_size"]), int(view["num_attention_heads"])
+    V = int(view["vocab_size"])
+    r = int(view.get("markov_rank") or 0)
+    return {"d": d, "V": V, "K": int(view.get("draft_vocab_size") or V), "r": r,
+            "I": int(view["intermediate_size"]), "H": H, "KV": int(view.get("num_key_value_heads") or H),
+            "hd": int(view.get("head_dim") or d // H), "taps": len(view["eagle_aux_hidden_state_layer_ids"]),
+            "T": int(view.get("target_hidden_size") or d), "L": int(view["num_hidden_layers"]),
+            "c": r if view.get("confidence_head_with_markov") else 0}
+
+
+def map_name(name: str, rules_: dict) -> tuple[str | None, str | None]:
+    """(vLLM parameter, shard) a file tensor lands on; (None, None) when vLLM skips it."""
+    w = rules_["weights"]
+    if any(s in name for s in w["skipped"]):
+        return None, None
+    for old, new in w["renamed"].items():
+        if old in name:
+            return name.replace(old, new), None
+    out = name if any(s in name for s in w["unprefixed"]) else w["prefix"] + name
+    for old, (new, shard) in w["stacked"].items():
+        if old in out:
+            return out.replace(old, new), shard
+    return out, None
+
+
+def _template(param: str) -> tuple[str, int | None]:
+    m = LAYER.match(param)
+    if not m:
+        return param, None
+    return LAYER.sub("model.layers.{i}.", param), int(m.group(1))
+
+
+def _built(template: str, sizes: dict, view: dict, target_vocab: int) -> bool:
+    """Whether vLLM builds this parameter for this config."""
+    if template.startswith("model.confidence_head."):
+        return bool(view.get("enable_confidence_head"))
+    if template == "draft_id_to_target_id":
+        return sizes["K"] < target_vocab
+    return True
+
+
+def _needed(sizes: dict, view: dict, target_vocab: int, params: dict) -> dict[str, str]:
+    """vLLM parameter (or shard key 'param#shard') -> why it must come from the file."""
+    need = {}
+    for template, _ in params.items():
+        names = [template.format(i=i) for i in range(sizes["L"])] if "{i}" in template else [template]
+        for p in names:
+            if template == "model.embed_tokens.weight":
+                if sizes["V"] > target_vocab:
+                    need[p] = "vocab_size exceeds the target's, so the target's embedding cannot be shared"
+            elif template == "lm_head.weight":
+                if sizes["K"] < target_vocab:
+                    need[p] = "a reduced draft vocabulary cannot share the target's LM head"
+            elif template == "draft_id_to_target_id":
+                if sizes["K"] < target_vocab:
+                    need[p] = "draft ids of a reduced vocabulary are mapped through d2t"
+            elif template.startswith("model.markov_head."):
+                if sizes["r"] > 0:
+                    need[p] = "the Markov head"
+            elif template.startswith("model.confidence_head."):
+                if view.get("enable_confidence_head"):
+                    need[p] = "enable_confidence_head (left out silently otherwise: no adaptive verification)"
+            elif template.endswith("qkv_proj.weight"):
+                need.update({f"{p}#{s}": "the attention projections" for s in ("q", "k", "v")})
+            elif template.endswith("gate_up_proj.weight"):
+                need.update({f"{p}#{s}": "the MLP projections" for s in ("0", "1")})
+            else:
+                need[p] = "the backbone"
+    return need
+
+
+def check_layout(cfg: dict, header: dict, rules_: dict | None = None, target_vocab_size: int | None = None) -> VllmCheck:
+    """Apply vLLM's loading rules to a speculators config and a safetensors header (name -> (shape, dtype))."""
+    rules_ = rules_ or rules()
+    res = VllmCheck()
+    view, res.problems = vllm_draft_config(cfg, rules_)
+    res.config = view
+    res.problems += _config_problems(view, rules_)
+    try:
+        sizes = _sizes(view)
+    except (KeyError, TypeError, ValueError):
+        res.problems.append("transformer_layer_config: the draft sizes cannot be read; weights not checked")
+        return res
+    target_vocab = int(target_vocab_size or sizes["V"])
+    w, who = rules_["weights"], vllm_name(rules_)
+    params = w["params"]
+    loaded: set[str] = set()
+    for name, (shape, dtype) in sorted(header.items()):
+        param, shard = map_name(name, rules_)
+        if param is None:
+            res.mapping[name] = "(skipped)"
+            continue
+        res.mapping[name] = param + (f" [shard {shard}]" if shard else "")
+        template, layer = _template(param)
+        if template not in params or (layer is not None and layer >= sizes["L"]):
+            res.problems.append(f"weights: {name} -> {param}: {who} has no such parameter ({w['unknown_name']})")
+            continue
+        if not _built(template, sizes, view, target_vocab):
+            res.problems.append(f"weights: {name} -> {param}: {who} does not build it for this config "
+                                f"({rules_['weights']['when'].get(template, '')}) and stops on the name")
+            continue
+        want = tuple(formula_value(f, sizes) for f in (w["shards"][shard] if shard else params[template]))
+        if tuple(shape) != want:
+            res.problems.append(f"weights: {name} -> {res.mapping[name]}: shape {tuple(shape)}, {who} expects {want}")
+        if template in w["integer"] and dtype not in INT_DTYPES:
+            res.problems.append(f"weights: {name} is {dtype}; {who} loads it into an int64 parameter")
+        if template not in w["integer"] and dtype not in FLOAT_DTYPES:
+            res.problems.append(f"weights: {name} is {dtype}; {who} expects a floating-point tensor")
+        loaded.add(f"{param}#{shard}" if shard else param)
+    need = _needed(sizes, view, target_vocab, params)
+    missing = sorted(set(need) - loaded)
+    if missing:
+        shown = [m.replace("#", " [shard ") + "]" if "#" in m else m for m in missing[:6]]
+        res.problems.append(f"weights: {who} would leave {shown} unloaded ({need[missing[0]]})")
+    if "model.embed_tokens.weight" not in loaded:
+        res.notes.append("embed_tokens: shared from the target")
+    if sizes["K"] == target_vocab and "lm_head.weight" not in loaded:
+        res.notes.append("lm_head: shared from the target")
+    if sizes["r"] == 0:
+        res.notes.append("markov_rank 0: vLLM builds a zero-width Markov head (its bias is zero)")
+    if view.get("enable_confidence_head"):
+        res.notes.append(f"confidence head: {1} x {sizes['d'] + sizes['c']}, float32 in vLLM")
+    res.notes.append("sample_from_anchor: honoured by vLLM builds with PR #48639; builds with PR #47093 but "
+                     "without #48639 run every speculators DSpark draft as a 1+N block")
+    return res
+
+
+def check_export(export_dir: str | Path, target_vocab_size: int | None = None) -> VllmCheck:
+    from dspark_model.export_schema import read_weights_header
+
+    export_dir = Path(export_dir)
+    cfg = json.loads((export_dir / "config.json").read_text())
+    return check_layout(cfg, read_weights_header(export_dir / "model.safetensors"), target_vocab_size=target_vocab_size)
+
+
+# ---- tiny exports -------------------------------------------------------------------------------------------
+CASES = {  # name -> (target family, DraftConfig fields, expected to load in vLLM)
+    "qwen3-markov": ("qwen3", dict(sequential_head="markov", confidence_head=True), True),
+    "qwen3-markov-reduced-40": ("qwen3", dict(sequential_head="markov", confidence_head=True,
+                                              draft_vocab_size=40), True),
+    "qwen3-markov-no-confidence": ("qwen3", dict(sequential_head="markov", confidence_head=False), True),
+    "qwen3-dflash": ("qwen3", dict(sequential_head="none", confidence_head=False), True),
+    "llama-markov": ("llama", dict(sequential_head="markov", confidence_head=True), True),
+    "qwen3-gated": ("qwen3", dict(sequential_head="gated", confidence_head=True), False),
+    "qwen3-rnn": ("qwen3", dict(sequential_head="rnn", confidence_head=True), False),
+}
+
+
+def export_case(name: str, work: Path, targets: dict) -> tuple[Path, int]:
+    """A tiny random draft of one case, exported for speculators; (export folder, target vocabulary)."""
+    import torch
+
+    from dspark_model.checkpoint import save_pretrained
+    from dspark_model.config import DraftConfig, TargetSpec
+    from dspark_model.draft import build_draft_for
+    from dspark_model.export import export_draft
+    from dspark_model.target import load_target
+
+    family, fields, _ = CASES[name]
+    spec = TargetSpec(id=f"tiny-{family}", random={"family": family, "num_hidden_layers": 4, "seed": 0})
+    if family not in targets:
+        targets[family] = load_target(spec)
+    target = targets[family]
+    torch.manual_seed(0)
+    draft = build_draft_for(target, DraftConfig(num_layers=2, block_size=4, markov_rank=16, **fields)).eval()
+    if draft.reduced_vocab:
+        draft.set_draft_vocab(torch.arange(0, 200, 5))
+    ckpt = save_pretrained(draft, work / f"{name}-ckpt", target_spec=spec)
+    return export_draft(ckpt, work / name, "speculators", target=target), target.vocab_size
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--export", help="a speculators export folder to check (default: tiny exports of every head)")
+    p.add_argument("--target-vocab-size", type=int, help="the target's vocabulary (default: the export's vocab_size)")
+    p.add_argument("--show-mapping", action="store_true", help="print every tensor's vLLM parameter")
+    args = p.parse_args(argv)
+    r = rules()
+    print(f"rules: {vllm_name(r)} (dspark_model/vllm_layout.json)")
+    if args.export:
+        res = check_export(args.export, args.target_vocab_size)
+        _print(args.export, res, args.show_mapping)
+        return 0 if res.ok else 1
+    import torch
+
+    torch.set_num_threads(1)
+    ok, targets = True, {}
+    with tempfile.TemporaryDirectory(prefix="vllm-check-") as tmp:
+        for name, (_, _, expected) in CASES.items():
+            out, vocab = export_case(name, Path(tmp), targets)
+            res = check_export(out, vocab)
+            verdict = "loads" if res.ok else "refused"
+            as_expected = res.ok == expected
+            ok &= as_expected
+            print(f"{name:<28} {verdict:<8} {'(as expected)' if as_expected else '(UNEXPECTED)'}")
+            _print(None, res, args.show_mapping, indent="    ")
+    return 0 if ok else 1
+
+
+def _print(title, res: VllmCheck, mapping: bool, indent: str = "") -> None:
+    if title:
+        print(f"{title}: {'loads' if res.ok else 'refused'}")
+    for line in res.problems:
+        print(f"{indent}problem: {line}")
+    for line in res.notes:
+        print(f"{indent}note: {line}")
+    if mapping:
+        for k, v in res.mapping.items():
+            print(f"{indent}{k} -> {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,506 @@
+"""Algorithm 1, live: N concurrent requests decoded together by lossless speculative decoding.
+
+``eval/simulate.py`` judges the verification scheduler by replaying recorded rounds; this module runs it. Each
+round every active request drafts a block, a policy picks its verification length l_r (Algorithm 1 on the
+request's calibrated prefix survival and the profiled SPS table, or a fixed length L), and the target
+verifies all requests in ONE forward. Each request's block is then judged by ``verify_block``, the
+single-request lossless rule, so every request's output is exactly what it would be alone (greedy: token
+for token; T > 0: in distribution). Requests that finish (EOS or their ``max_new_tokens``) leave the batch.
+
+Layout of the verification forward: packed, one row. The round's blocks ``[anchor_r, d_r1 .. d_rl]`` are
+concatenated into one row of B = sum_r (1 + l_r) tokens, each at its own request's position (``position_ids``),
+on top of one KV cache that holds every active request's accepted context side by side. Every cache column
+records its request and position; a 4-D additive mask lets a query see only columns of its own request at
+positions <= its own (causal within the new block too). Why not a (N, max_r(1 + l_r)) padded batch: it costs
+N * max_r(1 + l_r) tokens whatever the lengths, so the ragged lengths Algorithm 1 picks would be charged as
+if every request verified its longest block, while its cost model SPS(B), B = sum_r(1 + l_r), is that of a
+packed (varlen) forward, which is what serving engines run. The price of packing with a dense mask: attention
+scores span every request's keys (masked out), and each round's cache cleanup copies the cache once (the
+same order of cost as ``DynamicCache`` appending). Cleanup: after verification the rejected columns of the
+round and every column of a finished request are dropped, so the cache holds exactly the accepted context of
+the active requests (the packed form of ``crop_cache``). A plain ``DynamicCache`` is used: a sliding-window
+layer would trim across requests, so targets with sliding-window attention are refused when a request could
+outgrow the window (below it, full attention is the same computation).
+
+The draft keeps one context cache per request and proposes per request: ``DSparkDraft.propose`` takes one
+context length for its whole batch and no attention mask, so requests of different lengths cannot share a
+call. That costs N draft forwards per round, the same for every policy. The draft always proposes its full
+block (gamma tokens), which Algorithm 1 needs to see all confidences; a fixed length L verifies the first L.
+
+Sampling is fp32 with one ``torch.Generator`` per request, used in the same order as ``speculative_generate``
+(first token, then per round: propose, verify), so with a fixed length gamma a request draws exactly what it
+would draw alone. Algorithm 1 stays lossless batched: whether x_{r,j} is verified depends on survivals ranked
+above it (other requests' and r's positions 1..j), never on x_{r,j} itself (``schedule_algorithm1``).
+
+``measure_scheduler_live`` times Algorithm 1 against every fixed length 1..gamma for N = 1, 2, 4, 8, 16
+concurrent requests (the eval option ``scheduler_live.enabled=true``, ``run_live_stage``).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from eval.calibration import apply_sts, prefix_survival
+from eval.scheduler import SpsLike, SpsTable, schedule_algorithm1
+from eval.speculative import SpecOutput, sample_token, target_distribution, verify_block
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUESTS = (1, 2, 4, 8, 16)
+PLOT_NAME = "scheduler_live.png"
+# policy(confidences (R, gamma) float array or None, gamma) -> verification lengths (R,) in 0..gamma
+Policy = Callable[[np.ndarray | None, int], np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Verification-length policies
+# ----------------------------------------------------------------------------------------------------
+
+def fixed_policy(length: int) -> Policy:
+    """Every request verifies min(length, gamma) draft tokens (0 = plain decoding)."""
+    if length < 0:
+        raise ValueError(f"fixed verification length must be >= 0, got {length}")
+
+    def choose(confidences, gamma: int) -> np.ndarray:
+        rows = 1 if confidences is None else confidences.shape[0]
+        return np.full(rows, min(length, gamma), dtype=np.int64)
+
+    choose.fixed_length = length
+    return choose
+
+
+def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike) -> Policy:
+    """Algorithm 1 on the STS-calibrated prefix survival of each request's confidences."""
+    temps = np.asarray(temperatures, dtype=np.float64)
+
+    def choose(confidences, gamma: int) -> np.ndarray:
+        if confidences is None:
+            raise ValueError("Algorithm 1 needs the draft's confidence head (this draft has none)")
+        if gamma > temps.size:
+            raise ValueError(f"the calibration has {temps.size} temperatures, fewer than gamma={gamma}")
+        survival = prefix_survival(apply_sts(confidences, temps[:gamma]))  # (R, gamma)
+        return schedule_algorithm1(survival, sps)
+
+    return choose
+
+
+# ----------------------------------------------------------------------------------------------------
+# The packed KV cache of all active requests
+# ----------------------------------------------------------------------------------------------------
+
+class PackedContext:
+    """The target's KV cache of every active request in one row; each column's request and position."""
+
+    def __init__(self, device: torch.device):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()  # plain full-attention layers (see the module docstring)
+        self.owner = torch.empty(0, dtype=torch.long, device=device)  # (L,) request index of each column
+        self.position = torch.empty(0, dtype=torch.long, device=device)  # (L,) its position in that request
+
+    @property
+    def length(self) -> int:
+        return int(self.owner.numel())
+
+    def mask(self, owner: torch.Tensor, position: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(1, 1, Q, L + Q) additive mask for Q new tokens: own request, position <= the query's."""
+        keys_owner = torch.cat([self.owner, owner])  # (L + Q,)
+        keys_pos = torch.cat([self.position, position])
+        allowed = (owner[:, None] == keys_owner[None, :]) & (keys_pos[None, :] <= position[:, None])  # (Q, L+Q)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=owner.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def forward(self, target, ids: torch.Tensor, owner: torch.Tensor, position: torch.Tensor):
+        """One target forward over the packed tokens ``ids`` (Q,); their columns join the cache."""
+        out = target.forward(ids[None], attention_mask=self.mask(owner, position, target.dtype),
+                             past_key_values=self.cache, position_ids=position[None], use_cache=True)
+        self.owner = torch.cat([self.owner, owner])
+        self.position = torch.cat([self.position, position])
+        return out
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Drop the columns where ``keep`` (L,) is False, in every layer."""
+        if bool(keep.all()):
+            return
+        index = keep.nonzero().squeeze(1)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        self.owner, self.position = self.owner[index], self.position[index]
+
+
+def check_window(config, longest: int) -> None:
+    """Refuse a target whose sliding-window layers a request of ``longest`` positions could outgrow."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
+    if sliding and longest > int(window):
+        raise ValueError(f"batched decoding masks full attention over a packed cache; this target has "
+                         f"sliding-window layers (window {window}) and a request may reach {longest} positions: "
+                         f"lower max_new_tokens or the prompt length below the window")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batched speculative decoding
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    index: int
+    max_new_tokens: int
+    generator: torch.Generator | None
+    context: object  # the draft's context cache of this request
+    anchor: int
+    position: int  # position of the anchor (not yet in either cache)
+    out: SpecOutput = field(default_factory=lambda: SpecOutput(tokens=[]))
+    done: bool = False
+
+
+@dataclass
+class BatchOutput:
+    """One batched generation: per-request outputs (input order) and the batch's accounting."""
+
+    outputs: list[SpecOutput]
+    rounds: int = 0  # verification forwards (the prefill is one more target forward)
+    batch_tokens: list[int] = field(default_factory=list)  # B = sum_r (1 + l_r) of each round
+    verified: list[list[int]] = field(default_factory=list)  # the chosen l_r of each round's active requests
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # every round: drafting, scheduling, verification, cache cleanup
+    draft_s: float = 0.0  # the draft's part of decode_s
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens emitted by the rounds (each request's first token comes from the prefill)."""
+        return sum(max(len(o.tokens) - 1, 0) for o in self.outputs)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prefill(target, draft, packed: PackedContext, prompts, max_new, temperature, generators) -> list[_Request]:
+    """All prompts in one packed forward; each request's draft context and first token."""
+    device = target.device
+    lengths = [len(p) for p in prompts]
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # (sum T,)
+    owner = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+                                    torch.tensor(lengths, device=device))
+    position = torch.cat([torch.arange(n, device=device) for n in lengths])
+    out = packed.forward(target, ids, owner, position)
+    ends = np.cumsum(lengths)
+    last = torch.as_tensor(ends - 1, device=device)
+    probs = target_distribution(target.logits(out.final_hidden[0, last]), temperature)  # (N, V)
+    requests = []
+    for i, (start, end) in enumerate(zip(ends - np.array(lengths), ends)):
+        context = draft.new_cache()
+        draft.extend_context(context, out.tap_hidden[:, int(start):int(end)])
+        first = int(probs[i].argmax()) if temperature <= 0 else sample_token(probs[i], generators[i])
+        request = _Request(i, max_new[i], generators[i], context, first, lengths[i])
+        request.out.tokens.append(first)
+        request.out.target_forwards = 1
+        requests.append(request)
+    return requests
+
+
+def _finish(request: _Request, eos: set) -> None:
+    """Truncate to max_new_tokens (as ``generate`` does) and settle whether an EOS ended the output."""
+    out = request.out
+    out.tokens = out.tokens[:request.max_new_tokens]
+    out.stopped_by_eos = bool(out.tokens) and out.tokens[-1] in eos
+    request.done = True
+
+
+def _verify_round(target, draft, packed, active, proposals, lengths, temperature, eos, columns_before):
+    """Run the packed verification forward and settle every active request; returns (keep mask, B)."""
+    device = target.device
+    ids, owner, position = [], [], []
+    for request, proposal, length in zip(active, proposals, lengths):
+        ids += [request.anchor] + proposal.tokens[0, :length].tolist()
+        owner += [request.index] * (length + 1)
+        position += range(request.position, request.position + length + 1)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    out = packed.forward(target, as_long(ids), as_long(owner), as_long(position))
+    p_all = target_distribution(target.logits(out.final_hidden[0]), temperature)  # (B, V) fp32
+    keep = torch.ones(packed.length, dtype=torch.bool, device=device)
+    offset = 0
+    for request, proposal, length in zip(active, proposals, lengths):
+        verdict = verify_block(p_all[offset:offset + length + 1], proposal.tokens[0, :length].tolist(),
+                               proposal.probs[0, :length].float(), temperature, request.generator, eos)
+        n = verdict.accepted
+        new = proposal.tokens[0, :n].tolist() + ([verdict.next_token] if verdict.next_token is not None else [])
+        out_r = request.out
+        out_r.tokens.extend(new)
+        out_r.target_forwards += 1
+        out_r.rounds.append({"round": len(out_r.rounds), "gamma": int(proposal.tokens.shape[1]),
+                             "verified": length, "accepted": n, "emitted": len(new)})
+        if verdict.eos or verdict.next_token in eos or len(out_r.tokens) >= request.max_new_tokens:
+            _finish(request, eos)
+        else:  # keep the anchor and the n accepted tokens; the rejected tail leaves the cache
+            start = columns_before + offset
+            keep[start + n + 1:start + length + 1] = False
+            draft.extend_context(request.context, out.tap_hidden[:, offset:offset + n + 1])
+            request.position += n + 1
+            request.anchor = verdict.next_token
+        offset += length + 1
+    return keep, len(ids)
+
+
+@torch.no_grad()
+def batched_speculative_generate(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens,
+                                 policy: Policy, temperature: float = 0.0, gamma: int | None = None,
+                                 generators: Sequence[torch.Generator | None] | None = None,
+                                 eos_token_ids: Sequence[int] = ()) -> BatchOutput:
+    """Decode every prompt (lists of ids) concurrently; ``max_new_tokens``: one int or one per prompt.
+
+    Each round the draft proposes gamma tokens per active request, ``policy`` picks the verification lengths,
+    one packed target forward verifies them all (module docstring), and ``verify_block`` settles each request.
+    ``generators``: one per request (None: torch's default generator). Outputs are in input order.
+    """
+    gamma = gamma or draft.block_size
+    if gamma > draft.block_size:
+        raise ValueError(f"gamma={gamma} exceeds the draft's trained block size {draft.block_size}")
+    prompts = [list(p) for p in prompts]
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("batched_speculative_generate needs at least one prompt, none of them empty")
+    max_new = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [int(max_new_tokens)] * len(prompts)
+    if len(max_new) != len(prompts) or min(max_new) < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, one value or one per prompt, got {max_new_tokens}")
+    check_window(target.config, max(len(p) + m for p, m in zip(prompts, max_new)) + gamma)
+    generators = list(generators) if generators is not None else [None] * len(prompts)
+    eos = {int(e) for e in eos_token_ids}
+    device = target.device
+    _sync(device)
+    start = time.perf_counter()
+    packed = PackedContext(device)
+    requests = _prefill(target, draft, packed, prompts, max_new, temperature, generators)
+    result = BatchOutput([r.out for r in requests])
+    for request in requests:
+        if request.anchor in eos or request.max_new_tokens <= 1:
+            _finish(request, eos)
+    _sync(device)
+    result.prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    while True:
+        done = torch.tensor([r.done for r in requests], device=device)
+        packed.keep(~done[packed.owner])  # finished requests leave the cache
+        active = [r for r in requests if not r.done]
+        if not active:
+            break
+        draft_start = time.perf_counter()
+        proposals = [draft.propose(r.context, torch.tensor([r.anchor], device=device), temperature,
+                                   r.generator, gamma) for r in active]
+        confidences = None
+        if all(p.confidences is not None for p in proposals):
+            confidences = torch.cat([p.confidences for p in proposals]).double().cpu().numpy()  # (R, gamma)
+        _sync(device)
+        result.draft_s += time.perf_counter() - draft_start
+        lengths = [int(n) for n in policy(confidences, gamma)]
+        keep, batch = _verify_round(target, draft, packed, active, proposals, lengths, temperature, eos,
+                                    packed.length)
+        packed.keep(keep)
+        result.rounds += 1
+        result.batch_tokens.append(batch)
+        result.verified.append(lengths)
+    _sync(device)
+    result.decode_s = time.perf_counter() - start
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurement: Algorithm 1 vs every fixed length, N concurrent requests
+# ----------------------------------------------------------------------------------------------------
+
+def _policies(temperatures, sps, gamma: int) -> dict[str, Policy]:
+    return {"algorithm1": algorithm1_policy(temperatures, sps),
+            **{f"fixed_{length}": fixed_policy(length) for length in range(1, gamma + 1)}}
+
+
+def _run_stats(out: BatchOutput) -> dict:
+    request_rounds = sum(len(v) for v in out.verified)
+    return {"tokens": out.decode_tokens, "decode_s": out.decode_s, "draft_s": out.draft_s,
+            "prefill_s": out.prefill_s, "rounds": out.rounds,
+            "mean_verified": sum(map(sum, out.verified)) / request_rounds if request_rounds else None,
+            "tokens_per_request_round": out.decode_tokens / request_rounds if request_rounds else None,
+            "mean_batch_tokens": statistics.fmean(out.batch_tokens) if out.batch_tokens else None}
+
+
+def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temperatures: Sequence[float],
+                           sps: SpsLike, requests: Sequence[int] = DEFAULT_REQUESTS, gamma: int | None = None,
+                           max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                           eos_token_ids: Sequence[int] = (), repeats: int = 1,
+                           reference: Callable[[list[int]], list[int]] | None = None,
+                           warmup: bool = True) -> dict:
+    """Tokens/s of Algorithm 1 and of every fixed length 1..gamma with N concurrent requests, N in ``requests``.
+
+    Request i decodes ``prompts[i % len(prompts)]`` with its own generator (seeded from ``seed`` and i, the
+    same for every policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefill,
+    the same for every policy, is excluded and reported apart), median over ``repeats`` runs. At T = 0,
+    ``reference(prompt ids)`` (plain greedy decoding) gives the tokens every request must match.
+    Returns the ``scheduler_live`` record: requests, algorithm1_tokens_per_s, best_fixed_tokens_per_s,
+    best_fixed_length, algorithm1_vs_best_fixed, fixed_tokens_per_s {L: [...]}, per-policy details, settings.
+    """
+    gamma = gamma or draft.block_size
+    prompts = [list(p) for p in prompts]
+    if not prompts or repeats < 1 or not requests or min(requests) < 1:
+        raise ValueError("measure_scheduler_live needs prompts, repeats >= 1 and request counts >= 1")
+    policies = _policies(temperatures, sps, gamma)
+    eos = list(eos_token_ids)
+    if warmup:
+        batched_speculative_generate(target, draft, prompts[:2], min(8, max_new_tokens), policies["algorithm1"],
+                                     temperature, gamma, None, eos)
+    expected: dict[tuple, list[int]] = {}
+    checked = matched = 0
+    rows = []
+    for n_requests in requests:
+        batch = [prompts[i % len(prompts)] for i in range(n_requests)]
+        runs: dict[str, list[dict]] = {name: [] for name in policies}
+        for _ in range(repeats):
+            for name, policy in policies.items():
+                generators = [torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + i)
+                              for i in range(n_requests)]
+                out = batched_speculative_generate(target, draft, batch, max_new_tokens, policy, temperature,
+                                                   gamma, generators, eos)
+                runs[name].append(_run_stats(out))
+                if reference is not None and temperature <= 0:
+                    for prompt, output in zip(batch, out.outputs):
+                        key = tuple(prompt)
+                        if key not in expected:
+                            expected[key] = list(reference(prompt))
+                        checked += 1
+                        matched += output.tokens == expected[key]
+        rows.append(_row(n_requests, runs))
+        log.info("scheduler_live N=%d: algorithm1 %.1f tok/s, best fixed L=%d %.1f tok/s", n_requests,
+                 rows[-1]["tokens_per_s"]["algorithm1"], rows[-1]["best_fixed_length"],
+                 rows[-1]["best_fixed_tokens_per_s"])
+    return _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, sps,
+                    matched / checked if checked else None)
+
+
+def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
+    """One request count: median tokens/s of each policy, the best fixed length, per-policy details."""
+    tps = {name: statistics.median(r["tokens"] / max(r["decode_s"], 1e-9) for r in rs) for name, rs in runs.items()}
+    fixed = {int(name.split("_")[1]): v for name, v in tps.items() if name.startswith("fixed_")}
+    best = max(fixed, key=lambda length: (fixed[length], -length))
+    details = {name: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None
+                      for key in rs[0]} for name, rs in runs.items()}
+    return {"requests": n_requests, "tokens_per_s": tps, "best_fixed_length": best,
+            "best_fixed_tokens_per_s": fixed[best], "details": details}
+
+
+def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, temperatures, sps, match) -> dict:
+    algorithm1 = [row["tokens_per_s"]["algorithm1"] for row in rows]
+    best = [row["best_fixed_tokens_per_s"] for row in rows]
+    return {
+        "requests": [row["requests"] for row in rows],
+        "algorithm1_tokens_per_s": algorithm1,
+        "best_fixed_tokens_per_s": best,
+        "best_fixed_length": [row["best_fixed_length"] for row in rows],
+        "algorithm1_vs_best_fixed": [a / b if b else None for a, b in zip(algorithm1, best)],
+        "fixed_tokens_per_s": {str(length): [row["tokens_per_s"][f"fixed_{length}"] for row in rows]
+                               for length in range(1, gamma + 1)},
+        "details": [{"requests": row["requests"], **row["details"]} for row in rows],
+        "greedy_match_rate": match,
+        "settings": {"gamma": gamma, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                     "repeats": repeats, "distinct_prompts": n_prompts, "layout": "packed (one row, 4-D mask)",
+                     "draft": "one propose() per request", "timed": "rounds only (prefill excluded)",
+                     "sts_temperatures": [float(t) for t in temperatures],
+                     "sps": sps.to_dict() if isinstance(sps, SpsTable) else None},
+    }
+
+
+def plot_live(live: Mapping, path: str) -> str:
+    """Measured tokens/s vs requests beside the simulated figure: ``plot_simulation`` on the live rows."""
+    from eval.simulate import plot_simulation
+
+    table = [{"concurrency": n, "best_fixed_throughput": best,
+              "throughput": {"algorithm1": a1, **{f"fixed_{k}": v[i] for k, v in live["fixed_tokens_per_s"].items()}}}
+             for i, (n, a1, best) in enumerate(zip(live["requests"], live["algorithm1_tokens_per_s"],
+                                                    live["best_fixed_tokens_per_s"]))]
+    return plot_simulation(table, path, kind="measured, live")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The eval stage (``scheduler_live.enabled=true``)
+# ----------------------------------------------------------------------------------------------------
+
+def interleave_by_source(prompts: Sequence, limit: int) -> list:
+    """Up to ``limit`` prompts taken round-robin over their datasets, so a small N mixes the datasets."""
+    groups: dict[str, list] = {}
+    for prompt in prompts:
+        groups.setdefault(str(prompt.source), []).append(prompt)
+    picked = []
+    while len(picked) < limit and any(groups.values()):
+        for items in groups.values():
+            if items and len(picked) < limit:
+                picked.append(items.pop(0))
+    return picked
+
+
+def live_problem(draft, calibration_enabled: bool) -> str | None:
+    """Why the live stage cannot run with this draft (checked before the eval), or None."""
+    if draft.confidence_head is None:
+        return "the draft has no confidence head, so Algorithm 1 has no confidences to schedule on"
+    if not calibration_enabled and getattr(draft, "calibration", None) is None:
+        return ("Algorithm 1 needs STS temperatures and an SPS table: keep calibration.enabled=true or evaluate "
+                "a checkpoint with a calibration.json beside its weights")
+    return None
+
+
+def live_calibration(draft, calibration_dir: str | None):
+    """(temperatures, SpsTable) for Algorithm 1: this eval's calibration, else the one beside the checkpoint."""
+    from pathlib import Path
+
+    from dspark_model.calibration import CALIBRATION_NAME, Calibration
+
+    record = None
+    if calibration_dir and (Path(calibration_dir) / CALIBRATION_NAME).is_file():
+        record = Calibration.read(Path(calibration_dir) / CALIBRATION_NAME)
+    record = record or getattr(draft, "calibration", None)
+    if record is None or not record.sps:
+        return None
+    return list(record.temperatures), SpsTable.from_dict(record.sps)
+
+
+def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir: str,
+                   calibration_dir: str | None) -> dict:
+    """Measure Algorithm 1 live on the eval's prompts (first user turn of each); writes ``scheduler_live.png``.
+
+    Returns the ``scheduler_live`` report record, or {"error": why} when it cannot run (no confidence head,
+    no calibration), so the rest of the eval is kept.
+    """
+    import os
+
+    from eval.baselines import hf_generate
+    from eval.speculative import chat_prompt_ids
+
+    problem = live_problem(draft, calibration_enabled=True)
+    calibration = None if problem else live_calibration(draft, calibration_dir)
+    if calibration is None:
+        problem = problem or "no calibration (STS temperatures + SPS table): this eval's calibration was skipped"
+        log.warning("scheduler_live skipped: %s", problem)
+        return {"error": problem}
+    n_prompts = live_cfg.num_prompts or max(live_cfg.requests)
+    chosen = interleave_by_source(prompts, n_prompts)
+    prompt_ids = [chat_prompt_ids(target.tokenizer, ([{"role": "system", "content": p.system}] if p.system else [])
+                                  + [{"role": "user", "content": p.turns[0]}], settings.chat_template_kwargs)
+                  for p in chosen]
+    max_new = live_cfg.max_new_tokens or settings.max_new_tokens
+
+    def reference(ids):
+        return hf_generate(target, ids, max_new, 0.0, settings.eos_token_ids)
+
+    live = measure_scheduler_live(target, draft, prompt_ids, calibration[0], calibration[1], live_cfg.requests,
+                                  settings.gamma, max_new, settings.temperature, settings.seed,
+                                  settings.eos_token_ids, live_cfg.repeats,
+                                  reference if live_cfg.check_greedy else None, settings.warmup)
+    os.makedirs(out_dir, exist_ok=True)
+    live["figure"] = os.path.basename(plot_live(live, os.path.join(out_dir, PLOT_NAME)))
+    return live
