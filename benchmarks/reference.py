@@ -24,7 +24,7 @@ Stages, each a plain command of the toolkit (printed before it runs) that resume
 7. ``cache-dtypes``: bytes per token and reconstruction error of every cache storage dtype on this run's
    rows, and the trained DSpark draft's expected acceptance when its features pass through each dtype.
    ``scheduler-live``: ``python -m eval ... scheduler_live.enabled=true`` with the DSpark draft: Algorithm 1
-   (the calibration ``eval-dspark-t0`` wrote beside the draft) vs every fixed verification length, measured
+   (calibrated by that eval's own T=0 pass) vs every fixed verification length, measured
    with 1, 2, 4, 8 and 16 concurrent requests decoded together (``eval/live.py``).
 8. ``collect`` (always): ``benchmarks/results/reference.json``, plots under ``benchmarks/results/reference/``
    and the table between the markers in BENCHMARKS.md (benchmarks/reference_report.py).
@@ -121,12 +121,13 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
                             "--out", str(run / "train_memory.json")]
     cmds["cache-dtypes"] = [py, str(ROOT / "benchmarks" / "cache_dtypes.py"), "--data", str(run / "data"),
                             "--draft", str(run / "train-dspark" / "final"), "--out", str(run / "cache_dtypes.json")]
-    # Algorithm 1 live: the DSpark draft with the T=0 calibration eval-dspark-t0 wrote beside it (eval/live.py)
+    # Algorithm 1 live (eval/live.py): the DSpark draft, calibrated by this eval's own T=0 single-request pass
+    # (the same prompts and temperature as eval-dspark-t0), which leaves the checkpoint's calibration.json alone
     cmds["scheduler-live"] = [
         py, "-m", "eval", f"draft={run / 'train-dspark' / 'final'}", "prompts=shared-eval",
         f"num_prompts={b.eval_prompts_per_source}", f"max_new_tokens={b.eval_tokens}", "temperature=0",
         f"seed={b.seed}", f"cpu_threads={b.threads}", f"out_dir={run / 'eval' / 'scheduler-live'}",
-        "baselines.generate=false", "baselines.prompt_lookup=false", "calibration.enabled=false",
+        "baselines.generate=false", "baselines.prompt_lookup=false", "calibration.write_to_checkpoint=false",
         "scheduler_live.enabled=true"]
     return cmds
 

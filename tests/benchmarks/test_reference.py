@@ -204,7 +204,7 @@ def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path):
     live = cmds["scheduler-live"]
     assert live[1:3] == ["-m", "eval"] and "scheduler_live.enabled=true" in live
     assert _arg(live, "draft") == str(tmp_path / "train-dspark" / "final")
-    assert _arg(live, "calibration.enabled") == "false"  # Algorithm 1 uses the calibration beside the draft
+    assert _arg(live, "calibration.write_to_checkpoint") == "false"  # calibrates itself, leaves the draft's file
     run = tmp_path / "run"
     _write_run(run)
     record = {"requests": [1, 4], "algorithm1_tokens_per_s": [10.0, 30.0], "best_fixed_tokens_per_s": [9.0, 31.0],
