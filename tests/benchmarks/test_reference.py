@@ -27,7 +27,7 @@ def test_both_drafts_train_with_identical_settings(tmp_path):
     assert _arg(a, "train.max_steps") == "7" and _arg(a, "data.path") == str(tmp_path / "data")
     data = cmds["data"]
     assert "prompts=shared-train" in data and "cache.enabled=true" in data
-    assert {_arg(data, f"prompts.sources.{i}.num_samples") for i in range(3)} == {"80"}
+    assert {_arg(data, f"prompts.sources.{i}.num_samples") for i in range(3)} == {"400"}
     assert _arg(a, "draft.draft_vocab_size") == _arg(b, "draft.draft_vocab_size") == "8192"
     full = cmds["train-dspark-fullvocab"]  # the ablation: the DSpark command but for vocabulary and steps
     differ = [(x.split("=")[0], y) for x, y in zip(a, full) if x != y]
