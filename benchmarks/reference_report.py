@@ -282,7 +282,9 @@ def _vocab_markdown(r: dict) -> list[str]:
         pos = tt["positions_per_s"]
         lines.append(f"Training throughput (supervised block positions/s, previous code vs this, one run of "
                      f"benchmarks/train_throughput.py): {_f(pos['before'], 1)} → {_f(pos['after'], 1)} "
-                     f"({_f(pos['after'] / pos['before'], 2)}×).")
+                     f"({_f(pos['after'] / pos['before'], 2)}×; after = "
+                     f"{tt.get('after_variant', 'the reduced vocabulary')}, what the reference recipe trains with "
+                     f"here).")
     if dg:
         lines.append(f"data_prep generation (tokens/s, old vs new defaults, {r['data_gen_source']}): "
                      f"{_f(dg.get('before'), 1)} → {_f(dg.get('after'), 1)}.")

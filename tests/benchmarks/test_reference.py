@@ -220,3 +220,13 @@ def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path):
     assert goal["measured"] == pytest.approx(30 / 31) and goal["met"] is False
     assert (tmp_path / "results" / "reference" / "scheduler_live.png").is_file()
     assert "| 4 | 30.00 | fixed_2 | 31.00 | 0.968 |" in md.read_text()
+
+
+def test_throughput_after_is_the_variant_the_reference_recipe_trains_with():
+    from benchmarks.train_throughput import after_variant
+
+    measured = ["baseline", "full", "vocab-8192", "vocab-8192-bf16"]
+    assert after_variant(measured, native_bf16=True) == "vocab-8192-bf16"  # precision=native -> bf16 here
+    assert after_variant(measured, native_bf16=False) == "vocab-8192"  # AVX2-only: native means fp32
+    assert after_variant(["baseline", "full"], native_bf16=True) == "full"
+    assert "--bf16" in stage_commands(Path("/tmp/x"), Budget())["train-throughput"]
