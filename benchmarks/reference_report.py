@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 
 from dspark_model.atomic import atomic_write_json, atomic_write_text
+from dspark_model.calibration import CALIBRATION_NAME, Calibration
+from dspark_model.checkpoint import CONFIG_NAME, read_draft_arch
 from eval.scheduler import describe_hardware
 
 DRAFT_NAMES = ("dspark", "dflash")  # conf/draft choices, trained with identical settings
@@ -56,12 +58,17 @@ def _train_summary(run: Path, name: str, stages: dict) -> dict | None:
     }
 
 
-def _scheduler_by_load(cal: dict | None) -> list[dict] | None:
-    if not cal or "simulation" not in cal:
+def _calibration(path: Path) -> Calibration | None:
+    """The T=0 run's calibration record (dspark_model/calibration.py), or None when that stage has not run."""
+    return Calibration.read(path) if path.is_file() else None
+
+
+def _scheduler_by_load(cal: Calibration | None) -> list[dict] | None:
+    if cal is None or not cal.simulation:
         return None
     return [{"concurrency": row["concurrency"], "algorithm1": row["throughput"]["algorithm1"],
              "best_fixed": f"fixed_{row['best_fixed_length']}", "best_fixed_throughput": row["best_fixed_throughput"],
-             "ratio": row["algorithm1_vs_best_fixed"]} for row in cal["simulation"]["table"]]
+             "ratio": row["algorithm1_vs_best_fixed"]} for row in cal.simulation["table"]]
 
 
 def _scheduler_live(run: Path) -> dict | None:
@@ -93,7 +100,7 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
     def per(key):
         return {d: {f"T={t}": reports[d, t].get(key) for t in TEMPS if reports[d, t]} for d in DRAFT_NAMES}
 
-    cal0 = _read(run / "eval" / "dspark-t0" / "calibration" / "calibration.json")
+    cal0 = _calibration(run / "eval" / "dspark-t0" / "calibration" / CALIBRATION_NAME)
     calib = {f"T={t}": {k: reports["dspark", t].get(k) for k in
                         ("ece_before", "ece_after", "auroc", "brier", "scheduler_vs_best_fixed")}
              for t in TEMPS if reports["dspark", t]}
@@ -118,7 +125,7 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         "calibration_by_temperature": calib,
         "scheduler_by_load": _scheduler_by_load(cal0),
         "scheduler_live": _scheduler_live(run),
-        "sps": (cal0 or {}).get("sps"),
+        "sps": cal0.sps if cal0 is not None else None,
         "train_memory": _read(run / "train_memory.json"),
         "cache_dtypes": _read(run / "cache_dtypes.json"),
         "train_budget": {
@@ -141,8 +148,8 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
 
 def _vocab_and_speed(run: Path, stages: dict, train: dict) -> dict:
     """Draft vocabulary, held-out replay, the full-vocabulary ablation and the throughput figures."""
-    config = _read(run / "train-dspark" / "final" / "config.json") or {}
-    arch = config.get("arch", {})
+    final = run / "train-dspark" / "final"
+    arch = read_draft_arch(final)[1] if (final / CONFIG_NAME).is_file() else None
     heldout = _read(run / "heldout_tau.json") or {}
     replay = heldout.get("drafts", {})
     throughput = _read(run / "train_throughput.json") or {}
@@ -160,7 +167,7 @@ def _vocab_and_speed(run: Path, stages: dict, train: dict) -> dict:
 
     reduced_report = _read(run / "eval" / "dspark-t0" / "report.json")
     return {
-        "draft_vocab_size": arch.get("draft_vocab_size") or arch.get("vocab_size"),
+        "draft_vocab_size": arch.out_vocab_size if arch is not None else None,
         "vocab_mass_in_draft": replay.get("dspark", {}).get("vocab_mass_in_draft"),
         "argmax_outside_draft_vocab": replay.get("dspark", {}).get("argmax_outside_vocab"),
         "heldout_replay": heldout or None,

@@ -55,6 +55,7 @@ from tqdm import tqdm
 from data_prep.errors import CacheError, CacheMismatchError
 from data_prep.store import atomic_write_json, read_json
 from data_prep.threads import run_on_threads
+from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +326,8 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
     shards = plan_shards(lengths, bpt, shard_bytes, shard_tokens)
     manifest = {
         "format": CACHE_FORMAT, "target": {"id": target_id, "revision": target_revision},
-        "tap_layer_ids": list(target.tap_layer_ids), "tap_layer_convention": "decoder_layer",
-        "final_hidden": "after_final_norm", "dtype": dtype, "hidden_size": target.hidden_size,
+        "tap_layer_ids": list(target.tap_layer_ids), "tap_layer_convention": TAP_CONVENTION,
+        "final_hidden": FINAL_HIDDEN_CONVENTION, "dtype": dtype, "hidden_size": target.hidden_size,
         "num_taps": len(target.tap_layer_ids), "rows": len(rows), "tokens": sum(lengths),
         "bytes_per_token": bpt, "bytes_per_shard": bps,
         "int8_scales": "per token and tap, fp16" if dtype == "int8" else None,
@@ -448,12 +449,12 @@ class TargetCache:
             problems.append(f"target {m['target']['id']!r} != {target_id!r}")
         if list(m["tap_layer_ids"]) != list(tap_layer_ids):
             problems.append(f"tap_layer_ids {m['tap_layer_ids']} != {list(tap_layer_ids)}")
-        if m.get("tap_layer_convention") != "decoder_layer":
-            problems.append(f"tap_layer_convention {m.get('tap_layer_convention')!r} != 'decoder_layer'")
+        if m.get("tap_layer_convention") != TAP_CONVENTION:
+            problems.append(f"tap_layer_convention {m.get('tap_layer_convention')!r} != {TAP_CONVENTION!r}")
         if int(m["hidden_size"]) != int(hidden_size):
             problems.append(f"hidden_size {m['hidden_size']} != {hidden_size}")
-        if m.get("final_hidden") != "after_final_norm":
-            problems.append(f"final_hidden {m.get('final_hidden')!r} != 'after_final_norm'")
+        if m.get("final_hidden") != FINAL_HIDDEN_CONVENTION:
+            problems.append(f"final_hidden {m.get('final_hidden')!r} != {FINAL_HIDDEN_CONVENTION!r}")
         if problems:
             raise CacheMismatchError(f"target cache {self.path} does not match the draft: "
                                      f"{'; '.join(problems)}; rebuild it with python -m data_prep "

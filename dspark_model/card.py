@@ -430,8 +430,8 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 def _training_section(ctx: CardContext) -> str:
     a = ctx.native["arch"]
     out = ["## Draft and training",
-           f"- {a['num_layers']} draft layers, width {a['hidden_size']}, {a['num_attention_heads']} heads "
-           f"({a['num_key_value_heads']} KV), MLP {a['intermediate_size']}; {ctx.num_parameters:,} parameters "
+           f"- {a.num_layers} draft layers, width {a.hidden_size}, {a.num_attention_heads} heads "
+           f"({a.num_key_value_heads} KV), MLP {a.intermediate_size}; {ctx.num_parameters:,} parameters "
            "(without the shared embedding / LM head)",
            f"- block size gamma = {ctx.native['block_size']}, mask token id {ctx.native['mask_token_id']}, "
            f"sequential head `{ctx.native['sequential_head']}` (rank {ctx.native['markov_rank']}), confidence "

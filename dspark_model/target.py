@@ -26,7 +26,22 @@ from dspark_model.config import TargetSpec
 
 log = logging.getLogger(__name__)
 
-TAP_CONVENTION = "decoder_layer"  # tap id i = output of decoder layer i = hidden_states[i + 1]
+# The tap-layer convention, stated once: every file that records tap ids (config.json, the target cache
+# manifest, the exports' provenance) writes TAP_CONVENTION, and converts only through the two functions below.
+TAP_CONVENTION = "decoder_layer"  # tap id i = output of decoder layer i = hidden_states[i + 1] (DeepSpec's ids)
+TAP_CONVENTION_NOTE = ("decoder-layer ids: tap id i is the output of decoder layer i, hidden_states[i + 1] in "
+                       "transformers; speculators / vLLM count hidden_states indices (id + 1)")
+
+
+def hidden_states_index(tap_id: int) -> int:
+    """Decoder-layer tap id -> ``hidden_states`` index (transformers' output, speculators' aux layer ids)."""
+    return tap_id + 1
+
+
+def tap_id_of_hidden_states_index(index: int) -> int:
+    """Inverse of ``hidden_states_index``."""
+    return index - 1
+
 FINAL_HIDDEN_CONVENTION = "after_final_norm"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -259,7 +274,7 @@ class Target:
         out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    cache=past_key_values, use_cache=use_cache, output_hidden_states=True)
         # hidden_states = (embeddings, layer 0, ..., layer L-2, final-normed); taps never include L-1.
-        taps = torch.cat([out.hidden_states[i + 1] for i in self.tap_layer_ids], dim=-1)  # (B, T, k*d)
+        taps = torch.cat([out.hidden_states[hidden_states_index(i)] for i in self.tap_layer_ids], dim=-1)  # (B, T, k*d)
         return TargetOutput(taps, out.last_hidden_state, out.cache if use_cache else None)
 
     def new_cache(self):
