@@ -26,11 +26,11 @@ from dspark_model.config import TargetSpec
 
 log = logging.getLogger(__name__)
 
-# The tap-layer convention, stated once: every file that records tap ids (config.json, the target cache
-# manifest, the exports' provenance) writes TAP_CONVENTION, and converts only through the two functions below.
-TAP_CONVENTION = "decoder_layer"  # tap id i = output of decoder layer i = hidden_states[i + 1] (DeepSpec's ids)
-TAP_CONVENTION_NOTE = ("decoder-layer ids: tap id i is the output of decoder layer i, hidden_states[i + 1] in "
-                       "transformers; speculators / vLLM count hidden_states indices (id + 1)")
+# The tap-layer convention, stated once: tap id i is the output of decoder layer i, i.e. hidden_states[i + 1]
+# in transformers (DeepSpec's ids); speculators / vLLM count hidden_states indices (id + 1). Every file that
+# records tap ids (config.json, the target cache manifest, the exports' provenance) writes TAP_CONVENTION, and
+# code converts only through the two functions below.
+TAP_CONVENTION = "decoder_layer"
 
 
 def hidden_states_index(tap_id: int) -> int:
