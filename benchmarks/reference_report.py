@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+from data_prep.manifest import DataManifest
 from dspark_model.atomic import atomic_write_json, atomic_write_text
 from dspark_model.calibration import CALIBRATION_NAME, Calibration
 from dspark_model.checkpoint import CONFIG_NAME, read_draft_arch
@@ -105,7 +106,8 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
                         ("ece_before", "ece_after", "auroc", "brier", "scheduler_vs_best_fixed")}
              for t in TEMPS if reports["dspark", t]}
     stages = state.get("stages", {})
-    data_manifest = _read(run / "data" / "manifest.json") or {}
+    data_path = run / "data" / "manifest.json"
+    data_manifest = DataManifest.read(data_path) if data_path.is_file() else None
     train = {d: _train_summary(run, d, stages) for d in DRAFT_NAMES}
     d0 = reports.get(("dspark", "0")) or {}
     result = {
@@ -130,7 +132,8 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         "cache_dtypes": _read(run / "cache_dtypes.json"),
         "train_budget": {
             "budget": state.get("budget"),
-            "data": {"counts": data_manifest.get("counts"), "tokens": data_manifest.get("tokens")},
+            "data": {"counts": data_manifest.counts if data_manifest else None,
+                     "tokens": data_manifest.tokens if data_manifest else None},
             "train": {d: ({k: v for k, v in s.items() if k != "curve"} if s else None) for d, s in train.items()},
             "stage_wall_s": {k: round(v["wall_s"], 1) for k, v in stages.items()},
             "total_wall_s": round(sum(v["wall_s"] for v in stages.values()), 1),
