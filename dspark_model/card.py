@@ -41,6 +41,7 @@ from dspark_model.export_schema import (
 )
 from dspark_model.record import RecordError
 from dspark_model.redact import redact_text
+from eval.report import EvalReport
 
 
 class CardError(ValueError):
@@ -72,7 +73,7 @@ class CardContext:
     includes_embeddings: bool
     repo_id: str | None = None
     calibration: Calibration | None = None
-    report: dict | None = None
+    report: EvalReport | None = None
     train_config: dict | None = None
     data_manifest: DataManifest | None = None
     toolkit_version: str = __version__
@@ -146,12 +147,13 @@ def _read_doc(path: str | dict | None, what: str) -> dict | None:
     return doc
 
 
-def _data_manifest(source: str | dict | None) -> DataManifest | None:
-    """The data_prep manifest given for the card (a file, or the dict embedded in a checkpoint's config.json)."""
-    doc = _read_doc(source, "data manifest")
+def _record(cls, source: str | dict | None, what: str):
+    """The ``cls`` record (DataManifest, EvalReport) given for the card: a file, or a dict embedded in a
+    checkpoint's config.json; None when none was given."""
+    doc = _read_doc(source, what)
     try:
-        return None if doc is None else DataManifest.from_dict(doc, source if isinstance(source, str)
-                                                               else "the checkpoint's embedded data_manifest")
+        return None if doc is None else cls.from_dict(doc, source if isinstance(source, str)
+                                                      else f"the checkpoint's embedded {what}")
     except RecordError as exc:
         raise CardError(str(exc)) from None
 
@@ -234,9 +236,9 @@ def context_from_export(export_dir: str | Path, sources: CardSources | None = No
         dtype=",".join(_SAFETENSORS_DTYPES.get(d, d) for d in dtypes), num_parameters=n_params,
         includes_embeddings="embed_tokens.weight" in header, repo_id=sources.repo_id,
         calibration=calibration,
-        report=_read_doc(sources.report, "eval report"),
+        report=_record(EvalReport, sources.report, "eval report"),
         train_config=_read_doc(sources.train_config, "training config"),
-        data_manifest=_data_manifest(sources.data_manifest),
+        data_manifest=_record(DataManifest, sources.data_manifest, "data manifest"),
         files=sorted(p.name for p in export_dir.iterdir() if not p.name.startswith(".")) + ["README.md"],
     )
 
@@ -267,21 +269,16 @@ def card_data(ctx: CardContext) -> ModelCardData:
         model_name=(ctx.repo_id or REPO_PLACEHOLDER) if results else None)  # hub.py fills in the placeholder
 
 
-def eval_results(report: dict | None) -> list[EvalResult]:
+def eval_results(report: EvalReport | None) -> list[EvalResult]:
     """tau (tokens emitted per target verification forward) of each eval set in an eval ``report.json``."""
-    if not report:
+    if report is None:
         return []
-    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
-    args = {k: settings[k] for k in ("temperature", "gamma", "max_new_tokens") if settings.get(k) is not None}
-    results = []
-    for name, value in (report.get("tau_by_dataset") or {}).items():
-        tau = value.get("tau") if isinstance(value, dict) else value
-        if isinstance(tau, (int, float)) and not isinstance(tau, bool):
-            results.append(EvalResult(
-                task_type="text-generation", task_name="Speculative decoding", dataset_type=str(name),
-                dataset_name=str(name), metric_type=TAU_METRIC, metric_name="tau (acceptance length)",
-                metric_value=float(tau), metric_args=args or None))
-    return results
+    args = {k: report.settings[k] for k in ("temperature", "gamma", "max_new_tokens")
+            if report.settings.get(k) is not None}
+    return [EvalResult(task_type="text-generation", task_name="Speculative decoding", dataset_type=str(name),
+                       dataset_name=str(name), metric_type=TAU_METRIC, metric_name="tau (acceptance length)",
+                       metric_value=float(tau), metric_args=args or None)
+            for name, tau in report.tau_by_dataset.items() if tau is not None]
 
 
 def _layer_section(ctx: CardContext) -> str:
@@ -365,43 +362,32 @@ def _files_section(ctx: CardContext) -> str:
                       "<details><summary>config.json schema</summary>", "", describe(ctx.fmt), "", "</details>"])
 
 
-def _report_section(report: dict | None) -> str:
-    if not report:
+def _report_section(report: EvalReport | None) -> str:
+    if report is None:
         return "## Measured acceptance\nNo eval report was given at export time (`--report report.json`)."
     out = ["## Measured acceptance", "tau = tokens emitted per target verification forward (accepted + bonus)."]
-    given = {**report, **(report.get("settings") or {})}
-    settings = {k: given[k] for k in ("temperature", "gamma", "max_new_tokens", "device", "hardware") if k in given
-                and not isinstance(given[k], (dict, list))}
+    settings = {k: report.settings[k] for k in ("temperature", "gamma", "max_new_tokens", "device")
+                if report.settings.get(k) is not None}
     if settings:
         out.append("Settings: " + ", ".join(f"{k} = {_num(v)}" for k, v in settings.items()))
-    by_ds = report.get("tau_by_dataset") or {}
-    speed = report.get("speedup_vs_generate")
-    out += ["", "| dataset | tau | speed-up vs generate |", "|---|---|---|"]
-    for name, val in by_ds.items():
-        tau = val.get("tau") if isinstance(val, dict) else val
-        s = speed.get(name) if isinstance(speed, dict) else None
-        out.append(f"| {name} | {_num(tau)} | {_num(s, 2) if s is not None else ''} |")
-    pooled_speed = speed if not isinstance(speed, dict) else speed.get("pooled", speed.get("all"))
-    out.append(f"| **pooled** | **{_num(report.get('tau'))}** | {_num(pooled_speed, 2)} |")
-    tps = report.get("tokens_per_s") or {}
-    if all(isinstance(tps.get(k), (int, float)) for k in ("spec", "generate")):
-        row = f"Tokens/s: speculative {_num(tps['spec'], 1)}, plain generate {_num(tps['generate'], 1)}"
-        vs_lookup = report.get("speedup_vs_prompt_lookup")
-        if isinstance(tps.get("prompt_lookup"), (int, float)) and tps["prompt_lookup"]:
-            vs_lookup = vs_lookup if isinstance(vs_lookup, (int, float)) else tps["spec"] / tps["prompt_lookup"]
-            row += f", prompt lookup {_num(tps['prompt_lookup'], 1)}"
-        if isinstance(vs_lookup, (int, float)):
-            row += f" (speed-up vs prompt lookup {vs_lookup:.2f}x)"
+    out += ["", "| dataset | tau |", "|---|---|"]
+    out += [f"| {name} | {_num(tau)} |" for name, tau in report.tau_by_dataset.items()]
+    out.append(f"| **pooled** | **{_num(report.tau)}** |")
+    tps = report.tokens_per_s
+    if tps.get("spec") and tps.get("generate"):
+        row = (f"Tokens/s: speculative {_num(tps['spec'], 1)}, plain generate {_num(tps['generate'], 1)} "
+               f"(speed-up {_num(report.speedup_vs_generate, 2)}x)")
+        if tps.get("prompt_lookup"):
+            row += (f", prompt lookup {_num(tps['prompt_lookup'], 1)} (speed-up vs prompt lookup "
+                    f"{_num(report.speedup_vs_prompt_lookup, 2)}x)")
         out += ["", row + "."]
-    for key, label in (("conditional_acceptance", "Conditional acceptance P(k accepted | 1..k-1 accepted)"),
-                       ("prefix_survival", "Prefix survival P(1..k all accepted)")):
-        val = report.get(key)
-        if isinstance(val, dict):
-            val = val.get("pooled", val.get("all"))
-        if isinstance(val, list):
-            out.append(f"{label} by position: " + ", ".join(_num(v) for v in val) + ".")
-    if "greedy_match_rate" in report:
-        out.append(f"Greedy outputs identical to plain greedy decoding: {_num(report['greedy_match_rate'])} "
+    for label, per_position in (("Conditional acceptance P(k accepted | 1..k-1 accepted)",
+                                 report.conditional_acceptance), ("Prefix survival P(1..k all accepted)",
+                                                                  report.prefix_survival)):
+        if per_position.get("pooled"):
+            out.append(f"{label} by position: " + ", ".join(_num(v) for v in per_position["pooled"]) + ".")
+    if report.greedy_match_rate is not None:
+        out.append(f"Greedy outputs identical to plain greedy decoding: {_num(report.greedy_match_rate)} "
                    f"(lossless check, must be 1.0).")
     return "\n".join(out)
 

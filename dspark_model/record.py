@@ -25,6 +25,7 @@ class JsonRecord:
     FORMAT: ClassVar[str]  # e.g. "dspark-data/1": layout name / version
     WHAT: ClassVar[str]  # what the file is, in errors: "data manifest"
     FIX: ClassVar[str]  # how to get a current one
+    UNVERSIONED_IS_CURRENT: ClassVar[bool] = False  # a file with no "format" key predates the record: read it
 
     def to_dict(self) -> dict:
         return {"format": self.FORMAT, **dataclasses.asdict(self)}
@@ -34,7 +35,7 @@ class JsonRecord:
         """The record in ``doc`` (the parsed file); ``source`` names the file in every error."""
         if not isinstance(doc, dict):
             raise RecordError(f"{source} does not hold a {cls.WHAT} (a JSON object); {cls.FIX}")
-        if doc.get("format") != cls.FORMAT:
+        if doc.get("format", cls.FORMAT if cls.UNVERSIONED_IS_CURRENT else None) != cls.FORMAT:
             raise RecordError(f"{source} is a {cls.WHAT} of another version (format {doc.get('format')!r}; this "
                               f"toolkit reads {cls.FORMAT!r}); {cls.FIX}")
         fields = dataclasses.fields(cls)

@@ -145,16 +145,16 @@ def run(cfg: EvalConfig) -> str:
     report = build_report(acceptance_summary(records, gamma), throughput_summary(rows),
                           run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt))
     if cfg.calibration.enabled and draft.confidence_head is not None:
-        report.update(calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed, spec, weights_sha256))
+        report = dataclasses.replace(report, **calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed,
+                                                         spec, weights_sha256))
     if cfg.scheduler_live.enabled:
         from eval.live import run_live_stage
 
-        report["scheduler_live"] = run_live_stage(target, draft, prompts, cfg.scheduler_live, settings, out_dir,
-                                                  report.get("calibration_dir"))
+        report.scheduler_live = run_live_stage(target, draft, prompts, cfg.scheduler_live, settings, out_dir,
+                                               report.calibration_dir)
     write_outputs(out_dir, report, records if cfg.save_rounds else None, rows, outputs)
-    log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report["tau"] or 0,
-             {k: round(v, 1) for k, v in report["tokens_per_s"].items() if v}, report["greedy_match_rate"],
-             out_dir)
+    log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report.tau or 0,
+             {k: round(v, 1) for k, v in report.tokens_per_s.items() if v}, report.greedy_match_rate, out_dir)
     return out_dir
 
 

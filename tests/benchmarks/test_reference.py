@@ -14,6 +14,7 @@ from benchmarks.reference_report import BEGIN, END, collect
 from dspark_model.calibration import CALIBRATION_NAME, Calibration
 from dspark_model.checkpoint import save_pretrained
 from dspark_model.draft import build_draft_for
+from eval.report import EvalReport
 from tests.conftest import tiny_draft_config
 
 
@@ -81,14 +82,16 @@ def test_other_sizes_on_a_started_run_are_refused_and_redo_starts_a_stage_afresh
     assert rec == {"done": False, "attempts": 0, "wall_s": 0.0, "discarded_wall_s": 30.0}
 
 
-def _report(tau: dict, cond: list, spec: float, gen: float | None, lookup: float | None, extra=None) -> dict:
+def _report(tau: dict, cond: list, spec: float, gen: float | None, lookup: float | None, extra=None) -> EvalReport:
+    """The eval report record with chosen numbers (eval's writer computes them from rounds)."""
     tps = {"spec": spec, "generate": gen, "prompt_lookup": lookup}
-    return {"tau": tau["pooled"], "tau_by_dataset": {k: v for k, v in tau.items() if k != "pooled"},
-            "conditional_acceptance": {"pooled": cond, "by_dataset": {}}, "tokens_per_s": tps,
-            "accepted_length_histogram": {"pooled": [6, 3, 1]},  # rounds accepting 0, 1, 2 tokens
-            "speedup_vs_generate": spec / gen if gen else None,
-            "speedup_vs_prompt_lookup": spec / lookup if lookup else None,
-            "greedy_match_rate": 1.0 if gen else None, "settings": {"target": "t"}, **(extra or {})}
+    return EvalReport(tau=tau["pooled"], tau_by_dataset={k: v for k, v in tau.items() if k != "pooled"},
+                      conditional_acceptance={"pooled": cond, "by_dataset": {}}, tokens_per_s=tps,
+                      prefix_survival={"pooled": [], "by_dataset": {}}, num_rounds=10, num_rounds_by_dataset={},
+                      accepted_length_histogram={"pooled": [6, 3, 1]},  # rounds accepting 0, 1, 2 tokens
+                      timing_totals={}, speedup_vs_generate=spec / gen if gen else None,
+                      speedup_vs_prompt_lookup=spec / lookup if lookup else None, prompt_lookup_match_rate=None,
+                      greedy_match_rate=1.0 if gen else None, settings={"target": "t"}, **(extra or {}))
 
 
 def _write_run(run: Path, tiny_target) -> None:
@@ -101,15 +104,15 @@ def _write_run(run: Path, tiny_target) -> None:
     }
     for name, rep in reports.items():
         (run / "eval" / name).mkdir(parents=True)
-        (run / "eval" / name / "report.json").write_text(json.dumps(rep))
+        rep.write(run / "eval" / name / "report.json")
     table = [{"concurrency": c, "throughput": {"algorithm1": a}, "best_fixed_length": 2,
               "best_fixed_throughput": f, "algorithm1_vs_best_fixed": a / f} for c, a, f in ((1, 10, 10), (4, 30, 32))]
     (run / "eval" / "dspark-t0" / "calibration").mkdir()
     Calibration(gamma=2, temperatures=[1.0, 1.0], weights_sha256=None, simulation={"table": table},
                 sps={"batch_tokens": [1, 8]}).write(run / "eval" / "dspark-t0" / "calibration" / CALIBRATION_NAME)
     (run / "eval" / "dspark-fullvocab-t0").mkdir(parents=True)
-    (run / "eval" / "dspark-fullvocab-t0" / "report.json").write_text(
-        json.dumps(_report({"a": 1.2, "pooled": 1.2}, [0.3], 4.0, 5.0, None)))
+    _report({"a": 1.2, "pooled": 1.2}, [0.3], 4.0, 5.0, None).write(run / "eval" / "dspark-fullvocab-t0" /
+                                                                     "report.json")
     (run / "heldout_tau.json").write_text(json.dumps({"drafts": {
         "dspark": {"tau": 1.45, "vocab_mass_in_draft": 0.93, "argmax_outside_vocab": 0.05},
         "dspark-fullvocab": {"tau": 1.25}}}))
@@ -216,7 +219,8 @@ def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path, ti
               "best_fixed_length": [3, 2], "algorithm1_vs_best_fixed": [10 / 9, 30 / 31], "greedy_match_rate": 1.0,
               "fixed_tokens_per_s": {"1": [5.0, 20.0]}, "settings": {"gamma": 4}}
     (run / "eval" / "scheduler-live").mkdir()
-    (run / "eval" / "scheduler-live" / "report.json").write_text(json.dumps({"scheduler_live": record}))
+    _report({"pooled": 1.0}, [], 1.0, None, None, {"scheduler_live": record}).write(
+        run / "eval" / "scheduler-live" / "report.json")
     (run / "eval" / "scheduler-live" / "scheduler_live.png").write_bytes(b"png")
     md = tmp_path / "B.md"
     r = collect(run, {"stages": {}}, tmp_path / "results" / "reference.json", md)

@@ -16,6 +16,7 @@ from dspark_model.draft import build_draft_for
 from dspark_model.export import ExportError, export_draft, load_export
 from dspark_model.export_schema import ExportSchemaError, validate_export
 from dspark_model.target import load_target
+from eval.report import EvalReport
 from tests.calibrated import calibrate_checkpoint
 from tests.conftest import tiny_draft_config, tiny_spec
 from tests.data_prep.conftest import PROMPT_ROWS, make_cfg
@@ -243,12 +244,14 @@ def test_files_are_safetensors_only_and_written_atomically(tmp_path, targets):
 def test_card_metadata_report_provenance_and_redaction(tmp_path, targets):
     target = targets["qwen3"]
     ckpt = make_ckpt(tmp_path / "ckpt", target, "qwen3")
-    report = {"tau": 3.21, "tau_by_dataset": {"gsm8k": 3.5, "mt-bench": 2.9},
-              "conditional_acceptance": {"pooled": [0.9, 0.8, 0.7, 0.6], "by_dataset": {}},
-              "prefix_survival": [0.9, 0.72, 0.5, 0.3], "settings": {"temperature": 0.0, "gamma": 4},
-              "tokens_per_s": {"spec": 30.0, "generate": 12.0, "prompt_lookup": 15.0},
-              "speedup_vs_generate": 2.5, "greedy_match_rate": 1.0}
-    (tmp_path / "report.json").write_text(json.dumps(report))
+    EvalReport(tau=3.21, tau_by_dataset={"gsm8k": 3.5, "mt-bench": 2.9},
+               conditional_acceptance={"pooled": [0.9, 0.8, 0.7, 0.6], "by_dataset": {}},
+               prefix_survival={"pooled": [0.9, 0.72, 0.5, 0.3], "by_dataset": {}},
+               accepted_length_histogram={"pooled": [1, 1, 1, 1, 1], "by_dataset": {}}, num_rounds=5,
+               num_rounds_by_dataset={}, settings={"temperature": 0.0, "gamma": 4},
+               tokens_per_s={"spec": 30.0, "generate": 12.0, "prompt_lookup": 15.0}, timing_totals={},
+               speedup_vs_generate=2.5, speedup_vs_prompt_lookup=2.0, greedy_match_rate=1.0,
+               prompt_lookup_match_rate=None).write(tmp_path / "report.json")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPT_ROWS))
     data = run_data_prep(make_cfg(str(prompts), tmp_path / "data", max_new_tokens=4))  # the manifest it writes
