@@ -71,12 +71,6 @@ def sampling_settings(cfg: DataPrepConfig) -> dict:
     return out
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict) -> dict:
     g = cfg.generation
     settings = {"backend": g.backend, "target_id": cfg.target.id, "target_revision": cfg.target.revision,
@@ -185,7 +179,7 @@ def _run(cfg: DataPrepConfig, out_dir: Path) -> DataManifest:
 def _load(cfg: DataPrepConfig):
     """(target or None, tokenizer): the target is loaded when it generates or fills the cache."""
     from dspark_model.chat_template import ChatTemplateError
-    from dspark_model.target import load_target, load_tokenizer
+    from dspark_model.target import load_target, load_tokenizer, resolve_device
 
     spec = target_spec(cfg)
     if cfg.generation.backend == "openai" and is_plain(spec.chat_template):
@@ -193,7 +187,7 @@ def _load(cfg: DataPrepConfig):
                             "server always applies its own chat template")
     try:
         if cfg.generation.backend == "local" or cfg.cache.enabled:
-            target = load_target(spec, _device(cfg.device))
+            target = load_target(spec, resolve_device(cfg.device, "device", DataPrepError))
             return target, target.tokenizer
         return None, load_tokenizer(spec)
     except ChatTemplateError as exc:

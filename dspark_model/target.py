@@ -47,6 +47,16 @@ FINAL_HIDDEN_CONVENTION = "after_final_norm"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_device(name: str, setting: str = "device", error: type[Exception] = ValueError) -> torch.device:
+    """The device every stage runs on (data_prep, train, eval): ``auto`` is the GPU when one is visible, else
+    the CPU; a CUDA device asked for where none is visible raises ``error`` naming ``setting`` and the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"{setting}={name} but no GPU is visible; use {setting}=cpu or {setting}=auto")
+    return torch.device(name)
+
+
 class TargetNotFoundError(RuntimeError):
     """The target's weights are not available locally; the message says where we looked and what to do."""
 

@@ -38,14 +38,6 @@ def cli_args(argv: list[str]) -> list[str]:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
-    return torch.device(name)
-
-
 def load_models(cfg: EvalConfig, device: torch.device):
     """(target, draft, target spec, checkpoint dir or None)."""
     from dspark_model.draft import build_draft_for
@@ -108,13 +100,14 @@ def load_eval_prompts(cfg: EvalConfig) -> list:
 def run(cfg: EvalConfig) -> str:
     from dspark_model.atomic import file_sha256
     from dspark_model.calibration import WEIGHTS_NAME
+    from dspark_model.target import resolve_device
     from eval.baselines import RunSettings, compare_on_prompts
     from eval.metrics import acceptance_summary, throughput_summary
     from eval.report import build_report, calibrate, run_settings_record, write_outputs
     from eval.speculative import eos_token_ids_of
 
     validate(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device", EvalConfigError)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     target, draft, spec, ckpt = load_models(cfg, device)
