@@ -2,7 +2,8 @@
 
 Layout of ``<cache_dir>/``::
 
-    manifest.json            target id/revision, tap_layer_ids + convention, final-hidden convention,
+    manifest.json            CacheManifest (data_prep/manifest.py): target id/revision, tap_layer_ids +
+                             convention (dspark_model.target.TAP_CONVENTION), final-hidden convention,
                              storage dtype, sizes, dataset fingerprint, shard list, complete flag
     shard-00000.safetensors  rows [row_start, row_end) of the dataset, tokens concatenated:
         tap_hidden   (N, k*d)   storage dtype       tap_hidden_scale   int8: (N, k) fp16; float8: (k,) fp32

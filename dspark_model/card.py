@@ -6,9 +6,12 @@ the Hub shows them; the Markdown body below it is ours. It is rendered from the 
 (config.json, calibration.json, the weights header) plus optional documents found beside the checkpoint or
 named on the command line:
 
-* the eval ``report.json`` (tau per dataset, acceptance by position, tokens/s and speed-ups),
+* the eval ``report.json`` (tau per dataset, acceptance by position, tokens/s and speed-ups), read as the
+  ``eval.report.EvalReport`` record,
 * the resolved training config (yaml or json),
-* the data_prep ``manifest.json`` (prompt sources and their hashes).
+* the data_prep ``manifest.json`` (prompt sources and their hashes), read as ``data_prep.manifest.DataManifest``.
+
+A report or manifest of another format version stops the card with one line naming the file and the fix.
 
 Secrets never reach the card: any config key that looks like a token, key, secret or password is redacted,
 and every URL in the card loses its userinfo and secret query parameters (``dspark_model.redact``).
