@@ -44,6 +44,7 @@ from dspark_model.export_schema import (
 )
 from dspark_model.record import RecordError
 from dspark_model.redact import redact_text
+from dspark_model.target import hidden_states_index
 from eval.report import EvalReport
 
 
@@ -296,7 +297,7 @@ def _layer_section(ctx: CardContext) -> str:
         f"| decoder layer (this toolkit, DeepSpec): layer i's output = `hidden_states[i + 1]` "
         f"| `tap_layer_ids` / `target_layer_ids` | {taps} |",
         f"| hidden_states index (vLLM speculators) = decoder-layer id + 1 | `aux_hidden_state_layer_ids` "
-        f"| {[i + 1 for i in taps]} |",
+        f"| {[hidden_states_index(i) for i in taps]} |",
         "",
         f"This {ctx.fmt} export stores "
         + {"native": "decoder-layer ids (no conversion).",
