@@ -214,6 +214,22 @@ def schedule_practical(current_survival, stale_survival, sps: SpsLike) -> np.nda
     return _lengths_from_prefix(matrix.shape[0], req, pos, min(capacity, req.size))
 
 
+def with_draft_cost(sps: SpsLike, draft_seconds: float) -> Callable:
+    """Whole rounds per second when each round also spends ``draft_seconds`` drafting before it is scheduled:
+    B -> 1 / (1 / SPS(B) + D). Algorithm 1 on this rate maximises expected tokens per second of whole rounds
+    (eval/live_cost.py); D does not depend on the lengths chosen, so the early stop keeps it lossless.
+    D <= 0 returns ``sps`` itself (the paper's objective)."""
+    if draft_seconds <= 0:
+        return sps
+    base = as_sps(sps)
+
+    def rate(batch_tokens):
+        values = 1.0 / (1.0 / sps_values(base, np.atleast_1d(np.asarray(batch_tokens))) + draft_seconds)
+        return float(values[0]) if np.ndim(batch_tokens) == 0 else values
+
+    return rate
+
+
 def expected_throughput(survival, lengths: Sequence[int], sps: SpsLike) -> tuple[float, float]:
     """(tau*, Theta): expected tokens emitted this step and tau* * SPS(B) with B = sum(1 + l_r)."""
     matrix = as_survival_matrix(survival)  # (R, gamma)
