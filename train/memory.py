@@ -24,7 +24,7 @@ appear at their real size. On the CPU the real SDPA runs as is.
 
 Not modelled: the caching allocator's fragmentation and CUDA context (~0.5-1 GB per GPU), NCCL buffers,
 DeepSpeed's ZeRO-3 parameter prefetch beyond the largest gathered module, the input prefetch thread's next
-micro-batches, the eval-free ``final`` save.
+micro-batches, the final ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -193,14 +193,20 @@ def _flex_stand_in(q, k, v, block_mask=None, enable_gqa=False):
 
 
 def _math_sdpa(q, k, v, attn_mask=None, enable_gqa=False):
-    """SDPA's math kernel, the one CUDA runs with a dense boolean mask and GQA: fp32 scores (B, H, Q, S)."""
-    if enable_gqa:
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Q, S)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    """SDPA's math kernel (ATen ``_scaled_dot_product_attention_math``), the one CUDA runs for a dense boolean
+    mask with GQA, op for op: q, k, v upcast to fp32, the mask turned into an fp32 additive tensor, fp32
+    scores (B, H, Q, S) whose softmax is kept for backward."""
+    dtype = q.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.float(), k.float(), v.float()
+        if enable_gqa:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        scale = q.shape[-1] ** -0.25
+        scores = (q * scale) @ (k.transpose(-1, -2) * scale)  # (B, H, Q, S) fp32
+        if attn_mask is not None:
+            scores.add_(torch.zeros(attn_mask.shape, device=q.device).masked_fill_(~attn_mask, float("-inf")))
+        return (scores.softmax(-1) @ v).to(dtype)
 
 
 @contextlib.contextmanager
