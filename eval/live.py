@@ -346,7 +346,7 @@ def _run_stats(out: BatchOutput) -> dict:
 
 def round_costs(target, draft, batch: Sequence[Sequence[int]], gamma: int, max_new_tokens: int,
                 temperature: float, sps: SpsLike | None, draft_cost: bool, warmup: int = 1,
-                repeats: int = 3) -> tuple[SpsLike, float]:
+                repeats: int = 5) -> tuple[SpsLike, float]:
     """(SPS, seconds of one proposal) Algorithm 1 plans with for the requests ``batch``: ``sps``, else a table
     profiled in the packed layout (eval/live_cost.py) over len(batch) contexts of the batch's mean prompt
     length + max_new_tokens / 2 (mid-generation); the proposal time is profiled likewise (0 without
@@ -366,7 +366,7 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                            seed: int = 0, eos_token_ids: Sequence[int] = (), repeats: int = 1,
                            reference: Callable[[list[int]], list[int]] | None = None,
                            warmup: bool = True, draft_cost: bool = True, profile_warmup: int = 1,
-                           profile_repeats: int = 3) -> dict:
+                           profile_repeats: int = 5) -> dict:
     """Tokens/s of Algorithm 1 and of every fixed length 1..gamma with N concurrent requests, N in ``requests``.
 
     Request i decodes ``prompts[i % len(prompts)]`` with its own generator (seeded from ``seed`` and i, the

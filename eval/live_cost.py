@@ -43,12 +43,11 @@ def draft_round(draft, contexts, anchors, temperature: float, generators, gamma:
 
 
 def live_batch_sizes(requests: int, gamma: int) -> list[int]:
-    """Batch sizes a round of ``requests`` requests can have: R (anchors only) to R (gamma + 1), every one for
-    a small product, else R times each block length 1..gamma + 1 (interpolated between)."""
-    top = requests * (gamma + 1)
-    if top <= 16:
-        return list(range(requests, top + 1))
-    return sorted({requests * k for k in range(1, gamma + 2)} | {requests + 1, requests + 2})
+    """The batch sizes profiled for ``requests`` requests: R x k for block lengths k = 1..gamma + 1 (R anchors
+    only, up to full blocks), interpolated between. Evenly spaced on purpose: neighbouring sizes cost the same
+    up to timing noise, and a noisy dip between close points is a cliff that stops Algorithm 1's greedy
+    admission early (paper section 5.2)."""
+    return [requests * k for k in range(1, gamma + 2)]
 
 
 def packed_step_fn(target, requests: int, context_len: int, temperature: float = 0.0, seed: int = 0):
@@ -86,14 +85,14 @@ def packed_step_fn(target, requests: int, context_len: int, temperature: float =
 
 
 def profile_packed_sps(target, requests: int, gamma: int, context_len: int, temperature: float = 0.0,
-                       warmup: int = 1, repeats: int = 3, hardware=None) -> SpsTable:
+                       warmup: int = 1, repeats: int = 5, hardware=None) -> SpsTable:
     """The SPS table of ``requests`` concurrent requests in the live loop's packed layout (median of repeats)."""
     step = packed_step_fn(target, requests, context_len, temperature)
     return profile_sps(step, live_batch_sizes(requests, gamma), warmup=warmup, repeats=repeats, hardware=hardware)
 
 
 def profile_draft_seconds(draft, target, requests: int, gamma: int, context_len: int, temperature: float = 0.0,
-                          warmup: int = 1, repeats: int = 3) -> float:
+                          warmup: int = 1, repeats: int = 5) -> float:
     """Seconds one request's proposal costs in a round of ``requests`` (``draft_round`` over that many
     contexts of ``context_len`` random target states; median over ``repeats`` rounds, per request)."""
     device = target.device

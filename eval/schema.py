@@ -58,7 +58,7 @@ class SchedulerLiveConfig:
     check_greedy: bool = True  # at T = 0, every request's output must equal plain greedy generate
     # Algorithm 1's costs, profiled per N in the packed layout the live loop runs (eval/live_cost.py):
     profile_warmup: int = 1  # untimed calls per batch size
-    profile_repeats: int = 3  # timed calls per batch size (median)
+    profile_repeats: int = 5  # timed calls per batch size (median)
     # true: each round's drafting time (profiled) is part of the objective, tau* / (D(R) + 1/SPS(B));
     # false: the paper's tau* x SPS(B)
     draft_cost: bool = True

@@ -194,8 +194,8 @@ def test_packed_profile_runs_the_live_layout_and_leaves_the_cache_as_it_was(monk
     assert calls[0][:2] == (15, 0)  # the prefill: 3 contexts of 5 tokens
     assert calls[1] == (7, 15, [0, 0, 0, 1, 1, 2, 2], [5, 6, 7, 5, 6, 5, 6])  # own positions, packed
     assert calls[2][:3] == (2, 15, [0, 1]) and calls[3][1] == 15  # the new columns were dropped each time
-    assert live_cost.live_batch_sizes(2, 3) == [2, 3, 4, 5, 6, 7, 8]
-    assert live_cost.live_batch_sizes(16, 7) == [16, 17, 18, 32, 48, 64, 80, 96, 112, 128]
+    assert live_cost.live_batch_sizes(2, 3) == [2, 4, 6, 8]
+    assert live_cost.live_batch_sizes(16, 7) == [16, 32, 48, 64, 80, 96, 112, 128]
 
 
 def test_algorithm1_with_profiled_costs_stays_greedy_identical_per_request():
@@ -236,7 +236,7 @@ def test_live_stage_uses_the_calibration_beside_the_draft_and_takes_prompts_roun
     assert record["requests"] == [1, 3] and record["greedy_match_rate"] == 1.0
     assert record["settings"]["distinct_prompts"] == 2 and record["settings"]["sts_temperatures"] == [1.0, 2.0, 1.5]
     costs = record["settings"]["round_costs"]  # profiled in the packed layout per N, not the calibration's table
-    assert costs["3"]["sps"]["batch_tokens"] == list(range(3, 13)) and costs["3"]["draft_seconds_per_request"] > 0
+    assert costs["3"]["sps"]["batch_tokens"] == [3, 6, 9, 12] and costs["3"]["draft_seconds_per_request"] > 0
     assert costs["1"]["sps"]["batch_tokens"] == [1, 2, 3, 4]
     assert (tmp_path / record["figure"]).is_file()
 
