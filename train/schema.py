@@ -75,6 +75,10 @@ class OptimConfig:
     keep_last: int = 3  # checkpoints kept on disk
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | /path/to/step-dir
     output_dir: str | None = None  # None: Hydra's run dir (runs/train/<target>)
+    # Print the per-process peak memory of this config (train/memory.py: real modules on fake tensors, no weights
+    # loaded) and exit without training; estimate_processes: the world size to shard over (None = WORLD_SIZE or 1).
+    estimate_memory: bool = False
+    estimate_processes: int | None = None
 
 
 @dataclass
@@ -137,6 +141,7 @@ def validate(job: TrainJob) -> None:
         (1 <= t.min_anchors <= t.max_anchors, "need 1 <= train.min_anchors <= train.max_anchors"),
         (t.position_decay > 0, "train.position_decay must be > 0"),
         (t.save_every >= 1 and t.keep_last >= 1, "train.save_every and train.keep_last must be >= 1"),
+        (t.estimate_processes is None or t.estimate_processes >= 1, "train.estimate_processes must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
