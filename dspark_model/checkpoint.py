@@ -232,7 +232,12 @@ def load_draft(ckpt_dir: str | Path, target=None, device=None) -> DSparkDraft:
     config = read_draft_config(ckpt_dir)
     if target is not None:
         check_against_target(config, target)
-    draft = DSparkDraft(**config["arch"])
+    if config["arch"].get("architecture") == "eagle3":
+        from dspark_model.eagle3 import Eagle3Draft
+
+        draft = Eagle3Draft(**config["arch"])
+    else:
+        draft = DSparkDraft(**config["arch"])
     weights = Path(ckpt_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointMismatchError(f"{ckpt_dir}: {WEIGHTS_NAME} is missing")

@@ -448,6 +448,10 @@ def choose_mask_token_id(tokenizer, embedding_rows: int) -> int:
 
 def build_draft_for(target, cfg: DraftConfig) -> DSparkDraft:
     """Build a draft for a loaded target (tap layers and mask token derived) and attach the target."""
+    if cfg.architecture == "eagle3":
+        from dspark_model.eagle3 import build_eagle3_for
+
+        return build_eagle3_for(target, cfg)
     mask = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(target.tokenizer,
                                                                                          target.vocab_size)
     draft = DSparkDraft(**draft_kwargs(cfg, target.config, target.tap_layer_ids, mask, target.vocab_size))
