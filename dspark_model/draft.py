@@ -429,6 +429,10 @@ def build_draft(cfg: DraftConfig, target_config, tap_layer_ids: list[int] | None
 
     tc = text_config(target_config)
     taps = tap_layer_ids or default_tap_layer_ids(tc.num_hidden_layers)
+    if cfg.architecture == "eagle3":
+        from dspark_model.eagle3 import Eagle3Draft, eagle3_kwargs
+
+        return Eagle3Draft(**eagle3_kwargs(cfg, tc, taps, tc.vocab_size))
     return DSparkDraft(**draft_kwargs(cfg, tc, taps, cfg.mask_token_id if mask_token_id is None else mask_token_id))
 
 
