@@ -148,3 +148,38 @@ def test_eagle3_t1_output_distribution_equals_the_target():
     assert accepted > 0  # drafted tokens were accepted: the test is not only about resampling
     for position, (stat, critical) in chi2_by_position(counts, marginals).items():
         assert stat < critical, f"token {position + 1}: chi2 {stat:.1f} >= {critical:.1f}"
+
+
+@pytest.mark.parametrize("fmt,k", [("speculators", 48), ("sglang", 48), ("speculators", None)])
+def test_engine_exports_round_trip_with_their_names_and_layer_ids(tiny_target, tmp_path, fmt, k):
+    import json
+
+    from safetensors.torch import load_file
+
+    from dspark_model.export import export_draft
+    from dspark_model.export_eagle3 import load_eagle3_export
+
+    draft = _eagle3(tiny_target, k=k, init=0.2)
+    save_pretrained(draft, tmp_path / "ck")
+    out = export_draft(tmp_path / "ck", tmp_path / fmt, "speculators" if fmt == "speculators" else "deepspec",
+                       target=tiny_target)
+    config, tensors = json.loads((out / "config.json").read_text()), load_file(str(out / "model.safetensors"))
+    layer = "layers.0." if fmt == "speculators" else "midlayer."
+    assert tensors[layer + "self_attn.q_proj.weight"].shape[1] == 2 * tiny_target.hidden_size
+    assert {"fc.weight", "norm.weight", "lm_head.weight", layer + "hidden_norm.weight"} <= set(tensors)
+    assert not any(n.startswith("layers.0.") for n in tensors) or fmt == "speculators"
+    assert "embed_tokens.weight" not in tensors and "draft_to_target" not in tensors
+    if fmt == "speculators":
+        assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == (k or tiny_target.vocab_size)
+        assert config["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in draft.tap_layer_ids]
+    else:
+        assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["tie_word_embeddings"] is False
+        assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == draft.tap_layer_ids
+    if k:
+        assert tensors["d2t"].dtype == torch.long and tensors["t2d"].dtype == torch.bool
+        assert (torch.arange(k) + tensors["d2t"]).tolist() == draft.draft_to_target.tolist()
+    back = load_eagle3_export(out, tiny_target)
+    ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(4))
+    taps = tiny_target.forward(ids).tap_hidden
+    for a, b in zip(back.forward_steps(taps, ids, 3), draft.forward_steps(taps, ids, 3)):
+        torch.testing.assert_close(back.logits(a), draft.logits(b))
