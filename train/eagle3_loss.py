@@ -2,10 +2,11 @@
 
 Step k (0-based) of the unrolled draft (``Eagle3Draft.forward_steps``) at index i predicts x_{i+k+2}; its
 teacher is the target's next-token distribution at position i+k+1, restricted to the draft's K tokens WITHOUT
-renormalising (as for DSpark, issue 13): p_K. The per-position loss is the forward KL
-    KL_k(i) = sum_{v in K} p_K(v) (log p_K(v) - log q_k(v | i))
-whose gradient is that of EAGLE-3's soft cross-entropy; its minimiser over q is p_K renormalised, and a
-position counts in proportion to the target mass inside K (mass outside K is never acceptable anyway).
+renormalising (as for DSpark, issue 13): p_K, with mass s = sum_K p_K <= 1. The per-position loss is the
+forward KL to the restricted teacher, weighted by its mass:
+    KL_k(i) = sum_{v in K} p_K(v) (log p_K(v) - log q_k(v | i)) - s log s  =  s * KL(p_K / s || q_k)  >= 0
+whose gradient is that of EAGLE-3's soft cross-entropy -sum_K p_K log q; its minimiser over q is p_K / s,
+and a position counts in proportion to the target mass inside K (mass outside K is never acceptable).
 Why forward KL and not DSpark's TV: it is what EAGLE-3 and its public trainers use, so the baseline is the
 published recipe rather than a DSpark-flavoured one, and it gives every draft token a gradient.
 
@@ -39,7 +40,8 @@ def _chunk(draft, h, t_prob, m):
     sums [m*(1-TV), m*top1-hit]."""
     logq = torch.log_softmax(draft.logits(h), dim=-1)  # (M, K) fp32
     plogp = torch.where(t_prob > 0, t_prob * t_prob.clamp_min(1e-30).log(), torch.zeros_like(t_prob))
-    kl = (plogp - t_prob * logq).sum(-1)  # (M,)
+    mass = t_prob.sum(-1)  # (M,) target mass inside K
+    kl = (plogp - t_prob * logq).sum(-1) - torch.where(mass > 0, mass * mass.clamp_min(1e-30).log(), 0.0)  # >= 0
     with torch.no_grad():
         accept = torch.minimum(logq.exp(), t_prob).sum(-1)  # 1 - TV against the full distribution
         hit = (logq.argmax(-1) == t_prob.argmax(-1)).float()

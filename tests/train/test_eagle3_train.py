@@ -16,6 +16,7 @@ from dspark_model.draft import build_draft_for
 from dspark_model.vocab import top_k_vocab
 from tests.dspark_model.test_eagle3 import eagle3_config
 from tests.train.helpers import FAST, REPO, losses, run_train
+from tests.train.test_offline import _job, _losses, prepared  # noqa: F401  (fixture)
 from train.eagle3_loss import eagle3_loss, step_masks
 from train.teacher import TeacherMemo
 
@@ -57,7 +58,21 @@ def test_chunked_recomputed_and_memoised_loss_equals_the_whole_one(tiny_target, 
         memo, _, _ = _loss_and_grads(draft, tiny_target, ids, lm, chunk_size=7, teacher_lse=lse, teacher_argmax=arg)
         torch.testing.assert_close(memo, whole)
     assert metrics["accept_per_slot"].shape == (3,) and 0 <= float(metrics["expected_accept"]) <= 1
+    assert float(whole) > 0 and float(metrics["kl"]) > 0  # s * KL(p_K / s || q): zero only when q = p_K / s
     assert metrics["supervised"] == step_masks(lm, 3).sum()
+
+
+def test_offline_cache_trains_eagle3_like_online_mode(prepared, tmp_path):  # noqa: F811
+    """The cache holds the target's 5-tap features (DSpark's); the EAGLE-3 draft picks low / mid / high of them."""
+    from train.loop import train
+
+    for mode in ("online", "offline"):
+        job = _job(prepared, tmp_path / mode, mode, "tiny-llama")
+        job.draft = eagle3_config(draft_vocab_size=64)
+        last = train(job)
+        assert {"kl", "accept_k4", "expected_accept"} <= set(last)
+    online, offline = _losses(tmp_path / "online"), _losses(tmp_path / "offline")
+    assert len(online) == 3 and offline == pytest.approx(online, rel=1e-5)
 
 
 EAGLE3 = [a for a in FAST if not a.startswith("draft.")] + ["draft=eagle3", "draft.draft_vocab_size=64"]
