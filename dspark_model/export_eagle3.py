@@ -19,7 +19,11 @@ share the target's). Layouts, as their loaders read them (checked in ``SOURCES_C
   draft's), ``tie_word_embeddings: false``, ``eagle_config.eagle_aux_hidden_state_layer_ids`` in OUR
   decoder-layer count (SGLang adds 1 itself). The layer's weights are named ``midlayer.*``.
 
-``load_eagle3_export`` reads either back into an ``Eagle3Draft`` (the round-trip tests).
+``load_eagle3_export`` reads either back into an ``Eagle3Draft`` (the round-trip tests). The speculators
+export is also loaded by speculators 0.9.0's own ``Eagle3DraftModel`` in
+``tests/dspark_model/test_eagle3.py`` (when it is on PYTHONPATH): no unexpected key, only the verifier's
+embedding / norm / head missing (shared at serving), and its 3-step training-time-test forward gives our
+logits at every step (max |diff| 3e-7 in fp32) - the same mask, positions (+1 per step) and token shift.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ SPECULATORS_VERSION = "0.9.0"
 SOURCES_CHECKED = {
     "vllm": "vllm-project/vllm@00bd1493b3e8 vllm/model_executor/models/llama_eagle3.py "
             "(Eagle3LlamaForCausalLM / LlamaModel.load_weights)",
-    "speculators": "vllm-project/speculators@03a7c1497cdb src/speculators/models/eagle3.py "
-                   "(Eagle3SpeculatorConfig; its own Eagle3Speculator adds an fc bias that vLLM does not load)",
+    "speculators": "speculators 0.9.0 (PyPI) speculators/models/eagle3/{config,core}.py: Eagle3SpeculatorConfig, "
+                   "Eagle3DraftModel (fc without bias, as vLLM); an older layout at vllm-project/speculators"
+                   "@03a7c1497cdb had an fc bias",
     "sglang": "sgl-project/sglang@03d5a7771f60 python/sglang/srt/models/llama_eagle3.py "
               "(LlamaForCausalLMEagle3.load_weights) and set_eagle3_layers_to_capture (ids + 1)",
 }

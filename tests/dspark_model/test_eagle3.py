@@ -183,3 +183,36 @@ def test_engine_exports_round_trip_with_their_names_and_layer_ids(tiny_target, t
     taps = tiny_target.forward(ids).tap_hidden
     for a, b in zip(back.forward_steps(taps, ids, 3), draft.forward_steps(taps, ids, 3)):
         torch.testing.assert_close(back.logits(a), draft.logits(b))
+
+
+def test_speculators_eagle3_loads_the_export_and_computes_our_training_time_test(tiny_target, tmp_path):
+    """speculators' own Eagle3DraftModel (0.9.0: `pip install --no-deps --target DIR speculators==0.9.0 ...`,
+    DIR on PYTHONPATH; skipped without it) reads the export with no unexpected key and, fed the same features
+    and tokens, its 3-step training-time-test forward gives our logits at every step."""
+    pytest.importorskip("speculators.models.eagle3.core")
+    from safetensors.torch import load_file
+    from speculators.models.eagle3.config import Eagle3SpeculatorConfig
+    from speculators.models.eagle3.core import Eagle3DraftModel
+
+    from dspark_model.export_eagle3 import write_eagle3_export
+
+    draft = _eagle3(tiny_target, k=48, init=0.2)
+    out = write_eagle3_export(draft, tiny_target, tmp_path / "exp", "speculators", torch.float32)
+    config = Eagle3SpeculatorConfig.from_pretrained(str(out))
+    config.transformer_layer_config._attn_implementation = "eager"
+    model = Eagle3DraftModel(config).eval()
+    missing, unexpected = model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
+    assert unexpected == [] and set(missing) <= {"embed_tokens.weight", "verifier_lm_head.weight",
+                                                 "verifier_norm.weight"}  # the verifier's, shared at serving
+    logits = []
+    model.lm_head.register_forward_hook(lambda m, i, o: logits.append(o))
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(tiny_target.embed.weight)
+        ids = torch.randint(0, 250, (1, 14), generator=torch.Generator().manual_seed(1))
+        taps = tiny_target.forward(ids).tap_hidden
+        three = taps.unflatten(-1, (-1, tiny_target.hidden_size))[:, :, draft.__dict__["_tap_index"]].flatten(-2)
+        next_ids = torch.cat([ids[:, 1:], ids[:, :1] * 0], 1)  # pair i = (h_i, x_{i+1})
+        model(hidden_states=three, input_ids=next_ids, document_ids=torch.zeros_like(ids), ttt_steps=3)
+        for k, state in enumerate(draft.forward_steps(taps, ids, steps=3)):
+            valid = 13 - k  # indices whose gold tokens lie inside the sequence
+            torch.testing.assert_close(logits[k][0, :valid], draft.logits(state)[0, :valid], rtol=1e-4, atol=1e-5)
