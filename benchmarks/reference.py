@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "state.json")
     recorded = state.data.get("budget")
+    if recorded:  # a field added since that run started (e.g. eagle3_steps) counts as its default
+        recorded = {**asdict(Budget()), **recorded}
     if recorded and recorded != asdict(budget) and not args.collect_only:
         raise SystemExit(f"[reference] {run} was started with {recorded}; this call asks for {asdict(budget)}. "
                          f"Pass the same sizes to resume, or use another --run-dir for a new run.")
