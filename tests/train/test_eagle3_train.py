@@ -107,3 +107,26 @@ def test_cli_trains_resumes_exactly_and_eval_reads_the_draft(tmp_path):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["greedy_match_rate"] == 1.0 and report["tau"] >= 1.0
     assert len(report["conditional_acceptance"]["pooled"]) == 7  # gamma = the draft's 7 trained steps
+
+
+def test_a_few_steps_on_one_batch_lower_the_kl_and_raise_every_step_s_acceptance():
+    from tests.eval.test_speculative import _target
+
+    tiny_target = _target(2, init=0.3)  # peaked next-token distributions: acceptance has room to grow
+    torch.manual_seed(0)
+    draft = build_draft_for(tiny_target, eagle3_config(draft_vocab_size=64))
+    draft.set_draft_vocab(top_k_vocab(torch.arange(tiny_target.vocab_size).flip(0), 64))
+    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(5))
+    lm = torch.ones(2, 24, dtype=torch.long)
+    out = tiny_target.forward(ids)
+    opt = torch.optim.AdamW(draft.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        loss, metrics = eagle3_loss(draft, tiny_target, draft.forward_steps(out.tap_hidden, ids, 3), out.final_hidden,
+                                    lm, 0.8, chunk_size=0, recompute=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or (float(loss.detach()), metrics["accept_per_slot"].clone())
+    assert float(loss) < 0.7 * first[0]
+    assert bool((metrics["accept_per_slot"] > first[1]).all())
