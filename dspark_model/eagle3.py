@@ -92,20 +92,45 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+def _causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Causal attention and its log-sum-exp per query with flex_attention (compiled on CUDA): no T x T scores
+    are kept. -> out (B, H, T, hd), lse (B, H, T) fp32 (natural log)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from dspark_model.block_attention import _compiled_flex
+
+    T = q.shape[2]
+    mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, T, T, device=q.device)
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    fn = _compiled_flex() if q.is_cuda else flex_attention  # eager flex (CPU): a forward-only reference
+    out, lse = fn(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=mask, return_lse=True)
+    return out, lse.float()
+
+
+def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
+                  kernel: str = "sdpa") -> torch.Tensor:
     """Training-time-test attention of unrolled step k = len(keys) - 1.
 
     q (B, H, T, hd); keys/values[m] (B, H, T, hd) of steps 0..k. Query i sees step 0's keys j <= i (the
     target-feature prefix, causal) and, of every later step m, only its own index i (the states the chain
-    drafted from that very prefix): the mask of a chain run from every position at once. -> (B, H, T, hd)."""
+    drafted from that very prefix): the mask of a chain run from every position at once. -> (B, H, T, hd).
+    kernel "sdpa": the causal scores as a dense (B, H, T, T) tensor (the CPU path); "flex": flex_attention's
+    causal output and log-sum-exp, merged with the k diagonal scores (the GPU path: O(T) memory per query)."""
     T, scale = q.shape[2], q.shape[-1] ** -0.5
     if len(keys) == 1:
         return F.scaled_dot_product_attention(q, keys[0], values[0], is_causal=True)
+    diag = torch.stack([(q * k).sum(-1) for k in keys[1:]], dim=-1).float() * scale  # (B, H, T, k)
+    if kernel == "flex":
+        out0, lse0 = _causal_with_lse(q, keys[0], values[0])
+        top = torch.maximum(lse0, diag.amax(-1))  # (B, H, T)
+        w0, wd = torch.exp(lse0 - top), torch.exp(diag - top[..., None])  # causal block's mass, each diagonal's
+        out = w0[..., None] * out0.float() + sum(wd[..., m, None] * v.float() for m, v in enumerate(values[1:]))
+        return (out / (w0 + wd.sum(-1))[..., None]).to(q.dtype)
     causal = (q @ keys[0].transpose(-1, -2)) * scale  # (B, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     causal = causal.masked_fill(future, float("-inf"))
-    diag = torch.stack([(q * k).sum(-1) for k in keys[1:]], dim=-1) * scale  # (B, H, T, k)
-    p = torch.softmax(torch.cat([causal, diag], dim=-1).float(), dim=-1).to(q.dtype)
+    p = torch.softmax(torch.cat([causal.float(), diag], dim=-1), dim=-1).to(q.dtype)
     out = p[..., :T] @ values[0]
     for m, v in enumerate(values[1:]):
         out = out + p[..., T + m, None] * v
@@ -236,8 +261,10 @@ class Eagle3Draft(nn.Module):
         return layer.finish(feat, attn.out(o)), k, v
 
     # ---- training: the draft unrolled over its own states for gamma steps ---------------------------------
-    def forward_steps(self, tap_hidden: torch.Tensor, input_ids: torch.Tensor, steps: int | None = None):
-        """Training-time test. tap_hidden (B, T, n_taps*d), input_ids (B, T) ->
+    def forward_steps(self, tap_hidden: torch.Tensor, input_ids: torch.Tensor, steps: int | None = None,
+                      attention: str = "sdpa"):
+        """Training-time test (``attention``: ``ttt_attention``'s kernel). tap_hidden (B, T, n_taps*d),
+        input_ids (B, T) ->
         list of ``steps`` normed states (B, T, d): entry k at index i predicts x_{i+k+2} after pair (h_i, x_{i+1})
         and k drafted steps (own states, gold tokens x_{i+2..i+k+1}), at position i + k."""
         G = steps or self.block_size
@@ -255,7 +282,7 @@ class Eagle3Draft(nn.Module):
             kk, vv = attn.project_kv(x, cos, sin)
             keys.append(_repeat_kv(kk, n_rep))
             values.append(_repeat_kv(vv, n_rep))
-            feat = self.layer.finish(feat, attn.out(ttt_attention(q, keys, values)))  # (B, T, d) pre-norm
+            feat = self.layer.finish(feat, attn.out(ttt_attention(q, keys, values, attention)))  # (B, T, d) pre-norm
             states.append(self.norm(feat))
         return states
 

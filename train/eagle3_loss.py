@@ -100,10 +100,11 @@ class Eagle3Objective(nn.Module):
     """The EAGLE-3 draft and its loss as one module, called like ``train.loop.DraftObjective`` (the anchors
     and block mask the loop samples are not used: every answer position is supervised at every step)."""
 
-    def __init__(self, draft, step_weight: float, chunk_size: int, recompute: bool, feature_noise: float = 0.0):
+    def __init__(self, draft, step_weight: float, chunk_size: int, recompute: bool, feature_noise: float = 0.0,
+                 attention: str = "sdpa"):
         super().__init__()
         self.draft, self.step_weight, self.chunk_size, self.recompute = draft, step_weight, chunk_size, recompute
-        self.feature_noise = feature_noise
+        self.feature_noise, self.attention = feature_noise, attention  # attention: sdpa (dense) | flex (CUDA)
 
     def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask, teacher_lse=None, teacher_argmax=None,
                 loss_mask=None):
@@ -113,6 +114,6 @@ class Eagle3Objective(nn.Module):
             raise ValueError("the EAGLE-3 objective needs the batch's loss_mask")
         if self.training and self.feature_noise > 0:
             tap_hidden = noisy_taps(tap_hidden, self.feature_noise, tap_hidden.shape[-1] // final_hidden.shape[-1])
-        states = self.draft.forward_steps(tap_hidden, input_ids)
+        states = self.draft.forward_steps(tap_hidden, input_ids, attention=self.attention)
         return eagle3_loss(self.draft, self.draft.target, states, final_hidden, loss_mask, self.step_weight,
                            self.chunk_size, self.recompute, teacher_lse, teacher_argmax)

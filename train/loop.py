@@ -323,7 +323,7 @@ def _train(job: TrainJob, out: Path, resolved: dict | None) -> dict:
         from train.eagle3_loss import Eagle3Objective
 
         objective = Eagle3Objective(draft, t.eagle3_step_weight, t.logits_chunk_size, t.recompute_chunks,
-                                    t.feature_noise)
+                                    t.feature_noise, kernel)
     else:
         objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks, t.feature_noise, kernel)
     root = out / "checkpoints"

@@ -216,3 +216,17 @@ def test_speculators_eagle3_loads_the_export_and_computes_our_training_time_test
         for k, state in enumerate(draft.forward_steps(taps, ids, steps=3)):
             valid = 13 - k  # indices whose gold tokens lie inside the sequence
             torch.testing.assert_close(logits[k][0, :valid], draft.logits(state)[0, :valid], rtol=1e-4, atol=1e-5)
+
+
+def test_flex_kernel_merges_the_causal_block_and_the_diagonals_like_the_dense_one():
+    """The GPU kernel (flex_attention's causal output + log-sum-exp, merged with the diagonal scores) equals the
+    dense one; checked with eager flex, which runs forward on the CPU (its backward needs CUDA)."""
+    from dspark_model.eagle3 import ttt_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 20, 8, generator=g)
+    keys = [torch.randn(2, 3, 20, 8, generator=g) for _ in range(3)]
+    values = [torch.randn(2, 3, 20, 8, generator=g) for _ in range(3)]
+    for k in (2, 3):
+        dense = ttt_attention(q, keys[:k], values[:k], "sdpa")
+        torch.testing.assert_close(ttt_attention(q, keys[:k], values[:k], "flex"), dense, rtol=1e-4, atol=1e-5)
