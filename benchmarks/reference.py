@@ -22,10 +22,10 @@ Stages, each a plain command of the toolkit (printed before it runs) that resume
    ``benchmarks/heldout_tau.py`` on them: the target's probability mass inside the draft vocabulary (the
    ceiling the restriction sets) and each draft's greedy acceptance replayed on those answers.
 5. ``train-dspark-fullvocab`` + ``eval-dspark-fullvocab-t0``: the ablation, DSpark over the full vocabulary
-   for ``ablation_steps``; both wall times are reported. Equal wall-clock with the reduced draft needs ~420
-   steps at the measured step rates; the recorded run had 150 (36 % of its time).
+   for ``ablation_steps``; both wall times are reported. The recorded run's 334 steps give it the reduced
+   draft's training time: 700 x 1.22 / 2.56 s a step, both rates from 30-step probes run side by side.
 6. ``train-throughput`` (``benchmarks/train_throughput.py``: positions/s of the previous code vs this one, in
-   one run) and ``train-memory`` (``benchmarks/train_memory.py``: chunked vs naive loss peak memory).
+   one run; "after" is the variant the reference recipe trains with here, bf16 autocast on a native-bf16 CPU) and ``train-memory`` (``benchmarks/train_memory.py``: chunked vs naive loss peak memory).
 7. ``cache-dtypes``: bytes per token and reconstruction error of every cache storage dtype on this run's
    rows, and the trained DSpark draft's expected acceptance when its features pass through each dtype.
    ``scheduler-live``: ``python -m eval ... scheduler_live.enabled=true`` with the DSpark draft: Algorithm 1
@@ -70,7 +70,7 @@ class Budget:
     cache_dtype: str = "bfloat16"
     train_steps: int = 700
     draft_vocab_size: int = 8192  # both drafts; 0 = the full vocabulary
-    ablation_steps: int = 150  # the full-vocabulary DSpark ablation; 0 skips it
+    ablation_steps: int = 334  # the full-vocabulary DSpark ablation (equal wall-clock, see above); 0 skips it
     eagle3_steps: int = 0  # EAGLE-3 baseline: 0 = DSpark's training wall clock (equal_wall_train.py); -1 skips it
     throughput_rows: int = 8  # rows per variant in the train-throughput stage; 0 skips it
     eval_prompts_per_source: int = 5
@@ -128,7 +128,7 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
     if b.throughput_rows:
         cmds["train-throughput"] = [py, str(ROOT / "benchmarks" / "train_throughput.py"), "--rows",
                                     str(b.throughput_rows), "--repeats", "1", "--threads", str(b.threads),
-                                    "--vocab", str(b.draft_vocab_size or 8192),
+                                    "--vocab", str(b.draft_vocab_size or 8192), "--bf16",
                                     "--out", str(run / "train_throughput.json")]
     cmds["train-memory"] = [py, str(ROOT / "benchmarks" / "train_memory.py"),
                             "--out", str(run / "train_memory.json")]

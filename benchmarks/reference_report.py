@@ -12,7 +12,11 @@ import os
 import shutil
 from pathlib import Path
 
+from data_prep.manifest import DataManifest
 from dspark_model.atomic import atomic_write_json, atomic_write_text
+from dspark_model.calibration import CALIBRATION_NAME, Calibration
+from dspark_model.checkpoint import CONFIG_NAME, read_draft_arch
+from eval.report import EvalReport
 from eval.scheduler import describe_hardware
 
 DRAFT_NAMES = ("dspark", "dflash")  # conf/draft choices, trained with identical settings
@@ -57,17 +61,28 @@ def _train_summary(run: Path, name: str, stages: dict) -> dict | None:
     }
 
 
-def _scheduler_by_load(cal: dict | None) -> list[dict] | None:
-    if not cal or "simulation" not in cal:
+def _report(path: Path) -> EvalReport | None:
+    """An eval stage's report record (eval/report.py), or None when that stage has not run."""
+    return EvalReport.read(path) if path.is_file() else None
+
+
+def _calibration(path: Path) -> Calibration | None:
+    """The T=0 run's calibration record (dspark_model/calibration.py), or None when that stage has not run."""
+    return Calibration.read(path) if path.is_file() else None
+
+
+def _scheduler_by_load(cal: Calibration | None) -> list[dict] | None:
+    if cal is None or not cal.simulation:
         return None
     return [{"concurrency": row["concurrency"], "algorithm1": row["throughput"]["algorithm1"],
              "best_fixed": f"fixed_{row['best_fixed_length']}", "best_fixed_throughput": row["best_fixed_throughput"],
-             "ratio": row["algorithm1_vs_best_fixed"]} for row in cal["simulation"]["table"]]
+             "ratio": row["algorithm1_vs_best_fixed"]} for row in cal.simulation["table"]]
 
 
 def _scheduler_live(run: Path) -> dict | None:
     """The measured Algorithm 1 vs best fixed length record of the scheduler-live stage, or None."""
-    live = (_read(run / "eval" / LIVE_DIR / "report.json") or {}).get("scheduler_live")
+    report = _report(run / "eval" / LIVE_DIR / "report.json")
+    live = report.scheduler_live if report is not None else None
     if not live or "error" in live:
         return live
     return {**{k: live.get(k) for k in LIVE_KEYS}, "settings": live.get("settings")}
@@ -76,17 +91,17 @@ def _scheduler_live(run: Path) -> dict | None:
 def build(run: Path, state: dict) -> tuple[dict, dict]:
     """(reference.json content, per-draft training summaries with their curves)."""
     drafts = (*DRAFT_NAMES, EAGLE3)
-    reports = {(d, t): _read(run / "eval" / f"{d}-t{t}" / "report.json") for d in drafts for t in TEMPS}
+    reports = {(d, t): _report(run / "eval" / f"{d}-t{t}" / "report.json") for d in drafts for t in TEMPS}
     missing = [f"eval-{d}-t{t}" for (d, t), r in reports.items() if r is None]
     tau: dict = {d: {} for d in drafts}
     cond: dict = {d: {} for d in drafts}
     for (d, t), r in reports.items():
         if r is None:
             continue
-        for ds, v in {**r["tau_by_dataset"], "pooled": r["tau"]}.items():
+        for ds, v in {**r.tau_by_dataset, "pooled": r.tau}.items():
             tau[d].setdefault(ds, {})[f"T={t}"] = v
-        hist = r["accepted_length_histogram"]["pooled"]  # rounds by accepted length 0..gamma
-        cond[d][f"T={t}"] = {**r["conditional_acceptance"],
+        hist = r.accepted_length_histogram["pooled"]  # rounds by accepted length 0..gamma
+        cond[d][f"T={t}"] = {**r.conditional_acceptance,
                              "rounds_reaching": [sum(hist[k:]) for k in range(len(hist) - 1)]}
     def over(other):  # DSpark's tau / the other draft's, per eval set and temperature
         return {ds: {T: (tau["dspark"][ds][T] / tau[other][ds][T])
@@ -96,18 +111,19 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
     ratio = over("dflash")
 
     def per(key):
-        return {d: {f"T={t}": reports[d, t].get(key) for t in TEMPS if reports[d, t]} for d in DRAFT_NAMES}
+        return {d: {f"T={t}": getattr(reports[d, t], key) for t in TEMPS if reports[d, t]} for d in DRAFT_NAMES}
 
-    cal0 = _read(run / "eval" / "dspark-t0" / "calibration" / "calibration.json")
-    calib = {f"T={t}": {k: reports["dspark", t].get(k) for k in
+    cal0 = _calibration(run / "eval" / "dspark-t0" / "calibration" / CALIBRATION_NAME)
+    calib = {f"T={t}": {k: getattr(reports["dspark", t], k) for k in
                         ("ece_before", "ece_after", "auroc", "brier", "scheduler_vs_best_fixed")}
              for t in TEMPS if reports["dspark", t]}
     stages = state.get("stages", {})
-    data_manifest = _read(run / "data" / "manifest.json") or {}
+    data_path = run / "data" / "manifest.json"
+    data_manifest = DataManifest.read(data_path) if data_path.is_file() else None
     train = {d: _train_summary(run, d, stages) for d in drafts}
-    d0 = reports.get(("dspark", "0")) or {}
+    d0 = reports.get(("dspark", "0"))
     result = {
-        "target": d0.get("settings", {}).get("target"),
+        "target": d0.settings.get("target") if d0 else None,
         "tau": tau,
         "tau_ratio_dspark_over_dflash": ratio,
         "tau_ratio_dspark_over_eagle3": over(EAGLE3),
@@ -116,7 +132,7 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         "tokens_per_s": per("tokens_per_s"),
         "speedup_vs_generate": per("speedup_vs_generate"),
         "speedup_vs_prompt_lookup": {"dspark": per("speedup_vs_prompt_lookup")["dspark"]},
-        "greedy_match_rate": {d: (reports[d, "0"] or {}).get("greedy_match_rate") for d in drafts},
+        "greedy_match_rate": {d: reports[d, "0"].greedy_match_rate if reports[d, "0"] else None for d in drafts},
         "ece_before": calib.get("T=0", {}).get("ece_before"),
         "ece_after": calib.get("T=0", {}).get("ece_after"),
         "auroc": calib.get("T=0", {}).get("auroc"),
@@ -125,19 +141,20 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         "calibration_by_temperature": calib,
         "scheduler_by_load": _scheduler_by_load(cal0),
         "scheduler_live": _scheduler_live(run),
-        "sps": (cal0 or {}).get("sps"),
+        "sps": cal0.sps if cal0 is not None else None,
         "train_memory": _read(run / "train_memory.json"),
         "cache_dtypes": _read(run / "cache_dtypes.json"),
         "train_budget": {
             "budget": state.get("budget"),
-            "data": {"counts": data_manifest.get("counts"), "tokens": data_manifest.get("tokens")},
+            "data": {"counts": data_manifest.counts if data_manifest else None,
+                     "tokens": data_manifest.tokens if data_manifest else None},
             "train": {d: ({k: v for k, v in s.items() if k != "curve"} if s else None) for d, s in train.items()},
             "stage_wall_s": {k: round(v["wall_s"], 1) for k, v in stages.items()},
             "total_wall_s": round(sum(v["wall_s"] for v in stages.values()), 1),
             "discarded_wall_s": round(sum(v.get("discarded_wall_s", 0.0) for v in stages.values()), 1),
             "machine": describe_hardware(),
         },
-        "eval_settings": {f"{d}-t{t}": r.get("settings") for (d, t), r in reports.items() if r},
+        "eval_settings": {f"{d}-t{t}": r.settings for (d, t), r in reports.items() if r},
         **_vocab_and_speed(run, stages, train),
         "missing": missing + [s for s in ("train-memory", "cache-dtypes", "heldout-tau")
                               if not stages.get(s, {}).get("done")],
@@ -160,14 +177,14 @@ def _equal_wall(run: Path, train: dict) -> dict | None:
 
 def _vocab_and_speed(run: Path, stages: dict, train: dict) -> dict:
     """Draft vocabulary, held-out replay, the full-vocabulary ablation and the throughput figures."""
-    config = _read(run / "train-dspark" / "final" / "config.json") or {}
-    arch = config.get("arch", {})
+    final = run / "train-dspark" / "final"
+    arch = read_draft_arch(final)[1] if (final / CONFIG_NAME).is_file() else None
     heldout = _read(run / "heldout_tau.json") or {}
     replay = heldout.get("drafts", {})
     throughput = _read(run / "train_throughput.json") or {}
     data_gen = _read(Path(__file__).resolve().parent / "results" / "data_prep.json") or {}
     full = _train_summary(run, ABLATION, stages)
-    report = _read(run / "eval" / f"{ABLATION}-t0" / "report.json")
+    report = _report(run / "eval" / f"{ABLATION}-t0" / "report.json")
 
     def side(summary, rep, name):
         if not summary:
@@ -175,11 +192,11 @@ def _vocab_and_speed(run: Path, stages: dict, train: dict) -> dict:
         secs = summary["step_time_s_mean"] * summary["steps"]
         return {"steps": summary["steps"], "train_wall_s": summary["wall_s"], "train_step_s_total": round(secs, 1),
                 "positions_per_s": summary["supervised_positions"] / secs if secs else None,
-                "tau_t0": (rep or {}).get("tau"), "heldout_tau_t0": replay.get(name, {}).get("tau")}
+                "tau_t0": rep.tau if rep else None, "heldout_tau_t0": replay.get(name, {}).get("tau")}
 
-    reduced_report = _read(run / "eval" / "dspark-t0" / "report.json")
+    reduced_report = _report(run / "eval" / "dspark-t0" / "report.json")
     return {
-        "draft_vocab_size": arch.get("draft_vocab_size") or arch.get("vocab_size"),
+        "draft_vocab_size": arch.out_vocab_size if arch is not None else None,
         "vocab_mass_in_draft": replay.get("dspark", {}).get("vocab_mass_in_draft"),
         "argmax_outside_draft_vocab": replay.get("dspark", {}).get("argmax_outside_vocab"),
         "heldout_replay": heldout or None,
@@ -304,7 +321,9 @@ def _vocab_markdown(r: dict) -> list[str]:
         pos = tt["positions_per_s"]
         lines.append(f"Training throughput (supervised block positions/s, previous code vs this, one run of "
                      f"benchmarks/train_throughput.py): {_f(pos['before'], 1)} → {_f(pos['after'], 1)} "
-                     f"({_f(pos['after'] / pos['before'], 2)}×).")
+                     f"({_f(pos['after'] / pos['before'], 2)}×; after = "
+                     f"{tt.get('after_variant', 'the reduced vocabulary')}, what the reference recipe trains with "
+                     f"here).")
     if dg:
         lines.append(f"data_prep generation (tokens/s, old vs new defaults, {r['data_gen_source']}): "
                      f"{_f(dg.get('before'), 1)} → {_f(dg.get('after'), 1)}.")

@@ -139,6 +139,17 @@ def worker(variant: str, args) -> dict:
             "draft_vocab_size": K or target.vocab_size, "threads": args.threads}
 
 
+def after_variant(variants: list[str], native_bf16: bool) -> str:
+    """The variant reported as "after": what ``train.precision=native`` (the reference recipe) trains with on
+    this CPU, i.e. the bf16 variant when it was measured and the CPU has native bf16, else the first reduced
+    vocabulary (or the full one when none was measured)."""
+    bf16 = [v for v in variants if v.endswith("-bf16")]
+    if bf16 and native_bf16:
+        return bf16[0]
+    vocab = [v for v in variants if v.startswith("vocab-") and not v.endswith("-bf16")]
+    return vocab[0] if vocab else "full"
+
+
 def _worktree(ref: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix="dspark-baseline-"))
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), ref], check=True,
@@ -184,16 +195,19 @@ def main() -> None:
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
     med = {v: statistics.median(x["positions_per_s"] for x in r) for v, r in runs.items()}
-    best = f"vocab-{args.vocab[0]}" if args.vocab else "full"
     sys.path.insert(0, str(ROOT))
     from dspark_model.atomic import atomic_write_json
     from eval.scheduler import describe_hardware
+    from train.loop import cpu_has_native_bf16
+
+    best = after_variant(variants, cpu_has_native_bf16())
 
     result = {
         "recipe": RECIPE, "rows": args.rows, "prompt_tokens": args.prompt_tokens,
         "answer_tokens": args.answer_tokens, "baseline_ref": args.baseline_ref, "machine": describe_hardware(),
         "median_positions_per_s": med, "runs": runs,
-        "train_throughput": {"positions_per_s": {"before": med["baseline"], "after": med[best]}},
+        "train_throughput": {"positions_per_s": {"before": med["baseline"], "after": med[best]},
+                             "after_variant": best},
         "speedup_vs_baseline": {v: med[v] / med["baseline"] for v in variants},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

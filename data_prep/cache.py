@@ -2,7 +2,8 @@
 
 Layout of ``<cache_dir>/``::
 
-    manifest.json            target id/revision, tap_layer_ids + convention, final-hidden convention,
+    manifest.json            CacheManifest (data_prep/manifest.py): target id/revision, tap_layer_ids +
+                             convention (dspark_model.target.TAP_CONVENTION), final-hidden convention,
                              storage dtype, sizes, dataset fingerprint, shard list, complete flag
     shard-00000.safetensors  rows [row_start, row_end) of the dataset, tokens concatenated:
         tap_hidden   (N, k*d)   storage dtype       tap_hidden_scale   int8: (N, k) fp16; float8: (k,) fp32
@@ -53,12 +54,15 @@ import torch
 from tqdm import tqdm
 
 from data_prep.errors import CacheError, CacheMismatchError
-from data_prep.store import atomic_write_json, read_json
+from data_prep.manifest import CacheManifest
+from data_prep.store import read_json
 from data_prep.threads import run_on_threads
+from dspark_model.record import RecordError
+from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "dspark-target-cache/1"
+MANIFEST_NAME = "manifest.json"
 DEFAULT_SHARD_BYTES = 2 << 30  # 2 GiB of payload per shard file
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                   "int8": torch.int8, "float8": torch.float8_e4m3fn}
@@ -306,7 +310,7 @@ def save_shard(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dic
 def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dtype: str = "bfloat16",
                 target_id: str = "", target_revision: str | None = None, dataset_fingerprint: str = "",
                 shard_bytes: int = DEFAULT_SHARD_BYTES, shard_tokens: int | None = None, batch_tokens: int = 8192,
-                overwrite: bool = False, workers: int = 1) -> dict:
+                overwrite: bool = False, workers: int = 1) -> CacheManifest:
     """Write (or finish) the cache of ``rows`` (token id lists, dataset order); returns the manifest.
     Shards hold at most ``shard_bytes`` of payload (and ``shard_tokens`` tokens when set); ``workers``:
     target forwards run at once on threads (the cache is the same for any value)."""
@@ -323,31 +327,28 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
     bpt = bytes_per_token(len(target.tap_layer_ids), target.hidden_size, dtype)
     bps = bytes_per_shard(len(target.tap_layer_ids), dtype)
     shards = plan_shards(lengths, bpt, shard_bytes, shard_tokens)
-    manifest = {
-        "format": CACHE_FORMAT, "target": {"id": target_id, "revision": target_revision},
-        "tap_layer_ids": list(target.tap_layer_ids), "tap_layer_convention": "decoder_layer",
-        "final_hidden": "after_final_norm", "dtype": dtype, "hidden_size": target.hidden_size,
-        "num_taps": len(target.tap_layer_ids), "rows": len(rows), "tokens": sum(lengths),
-        "bytes_per_token": bpt, "bytes_per_shard": bps,
-        "int8_scales": "per token and tap, fp16" if dtype == "int8" else None,
-        "float8_scales": "per shard and tap, fp32 absmax" if dtype == "float8" else None,
-        "dataset_fingerprint": dataset_fingerprint,
-        "shards": [{"file": _shard_name(s), "row_start": a, "row_end": b, "tokens": sum(lengths[a:b])}
-                   for s, (a, b) in enumerate(shards)],
-    }
-    manifest["shards"] = _started_layout(cache_dir, manifest)
-    shards = [(s["row_start"], s["row_end"]) for s in manifest["shards"]]
-    _check_existing(cache_dir, manifest)
+    manifest = CacheManifest(
+        target={"id": target_id, "revision": target_revision}, tap_layer_ids=list(target.tap_layer_ids),
+        dtype=dtype, hidden_size=target.hidden_size, num_taps=len(target.tap_layer_ids), rows=len(rows),
+        tokens=sum(lengths), bytes_per_token=bpt, bytes_per_shard=bps,
+        int8_scales="per token and tap, fp16" if dtype == "int8" else None,
+        float8_scales="per shard and tap, fp32 absmax" if dtype == "float8" else None,
+        dataset_fingerprint=dataset_fingerprint,
+        shards=[{"file": _shard_name(s), "row_start": a, "row_end": b, "tokens": sum(lengths[a:b])}
+                for s, (a, b) in enumerate(shards)])
+    manifest.shards = _started_layout(cache_dir, manifest.to_dict())
+    shards = [(s["row_start"], s["row_end"]) for s in manifest.shards]
+    _check_existing(cache_dir, manifest.to_dict())
     done = [_shard_done(cache_dir / s["file"], s["row_start"], s["row_end"], dataset_fingerprint)
-            for s in manifest["shards"]]
-    todo_tokens = sum(s["tokens"] for s, d in zip(manifest["shards"], done) if not d)
+            for s in manifest.shards]
+    todo_tokens = sum(s["tokens"] for s, d in zip(manifest.shards, done) if not d)
     log.info("target cache: %d tokens x %d bytes/token (%s) = about %s in %d shard(s); %d shard(s) to write",
-             manifest["tokens"], bpt, dtype, _fmt_bytes(manifest["tokens"] * bpt + len(shards) * bps),
+             manifest.tokens, bpt, dtype, _fmt_bytes(manifest.tokens * bpt + len(shards) * bps),
              len(shards), done.count(False))
     _check_space(cache_dir, todo_tokens * bpt + done.count(False) * bps)
-    atomic_write_json(cache_dir / "manifest.json", {**manifest, "complete": False})
+    manifest.write(cache_dir / MANIFEST_NAME)  # complete=False until every shard is in place
     with tqdm(total=todo_tokens, unit="tok", unit_scale=True, desc="cache", dynamic_ncols=True) as bar:
-        for s, finished in zip(manifest["shards"], done):
+        for s, finished in zip(manifest.shards, done):
             if finished:
                 continue
             a, b = s["row_start"], s["row_end"]
@@ -357,15 +358,15 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
                                                "dtype": dtype})
             del tensors  # the next shard's tensors are allocated only after this one is released
             os.replace(tmp, cache_dir / s["file"])
-    manifest["complete"] = True
-    atomic_write_json(cache_dir / "manifest.json", manifest)
+    manifest.complete = True
+    manifest.write(cache_dir / MANIFEST_NAME)
     return manifest
 
 
 def _started_layout(cache_dir: Path, manifest: dict) -> list[dict]:
     """The shard list to write: the one an existing cache of the same data, target and dtype was started
     with (its shard files stay valid whatever the sizing settings are now), else the new plan."""
-    path = cache_dir / "manifest.json"
+    path = cache_dir / MANIFEST_NAME
     if not path.exists():
         return manifest["shards"]
     old = read_json(path)
@@ -379,7 +380,7 @@ def _started_layout(cache_dir: Path, manifest: dict) -> list[dict]:
 
 def _check_existing(cache_dir: Path, manifest: dict) -> None:
     """A cache folder may only be resumed with the same data, target and dtype."""
-    path = cache_dir / "manifest.json"
+    path = cache_dir / MANIFEST_NAME
     if not path.exists():
         return
     old = read_json(path)
@@ -394,30 +395,30 @@ class TargetCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        manifest_path = self.path / "manifest.json"
+        manifest_path = self.path / MANIFEST_NAME
         if not manifest_path.is_file():
             raise CacheError(f"no target cache at {self.path} (manifest.json missing); build one with "
                              f"`python -m data_prep cache.enabled=true` or fix the path")
-        self.manifest = read_json(manifest_path)
-        if self.manifest.get("format") != CACHE_FORMAT:
-            raise CacheError(f"{manifest_path} has format {self.manifest.get('format')!r}, expected "
-                             f"{CACHE_FORMAT!r}; rebuild the cache")
-        if not self.manifest.get("complete"):
+        try:
+            self.manifest = CacheManifest.read(manifest_path)
+        except RecordError as exc:
+            raise CacheError(str(exc)) from None
+        if not self.manifest.complete:
             raise CacheError(f"target cache at {self.path} is incomplete; rerun data_prep with "
                              f"cache.enabled=true to finish it")
-        self._starts = [s["row_start"] for s in self.manifest["shards"]]
+        self._starts = [s["row_start"] for s in self.manifest.shards]
         self._open: dict[int, tuple] = {}
 
     def __len__(self) -> int:
-        return int(self.manifest["rows"])
+        return self.manifest.rows
 
     def _shard(self, s: int):
         if s not in self._open:
             from safetensors import safe_open
 
-            handle = safe_open(str(self.path / self.manifest["shards"][s]["file"]), framework="pt")
+            handle = safe_open(str(self.path / self.manifest.shards[s]["file"]), framework="pt")
             scales = ({n: handle.get_tensor(f"{n}_scale") for n in ("tap_hidden", "final_hidden")}
-                      if self.manifest["dtype"] == "float8" else {})  # per-shard fp32 scales
+                      if self.manifest.dtype == "float8" else {})  # per-shard fp32 scales
             self._open[s] = (handle, handle.get_tensor("offsets").tolist(), scales)
         return self._open[s]
 
@@ -433,7 +434,7 @@ class TargetCache:
         handle, offsets, shard_scales = self._shard(s)
         local = i - self._starts[s]
         a, b = offsets[local], offsets[local + 1]
-        out, dtype = {}, self.manifest["dtype"]
+        out, dtype = {}, self.manifest.dtype
         for name in ("tap_hidden", "final_hidden"):
             values = handle.get_slice(name)[a:b]
             scale = handle.get_slice(f"{name}_scale")[a:b] if dtype == "int8" else shard_scales.get(name)
@@ -444,16 +445,16 @@ class TargetCache:
         """Raise ``CacheMismatchError`` naming every field that differs from the draft's target."""
         m = self.manifest
         problems = []
-        if m["target"]["id"] != target_id:
-            problems.append(f"target {m['target']['id']!r} != {target_id!r}")
-        if list(m["tap_layer_ids"]) != list(tap_layer_ids):
-            problems.append(f"tap_layer_ids {m['tap_layer_ids']} != {list(tap_layer_ids)}")
-        if m.get("tap_layer_convention") != "decoder_layer":
-            problems.append(f"tap_layer_convention {m.get('tap_layer_convention')!r} != 'decoder_layer'")
-        if int(m["hidden_size"]) != int(hidden_size):
-            problems.append(f"hidden_size {m['hidden_size']} != {hidden_size}")
-        if m.get("final_hidden") != "after_final_norm":
-            problems.append(f"final_hidden {m.get('final_hidden')!r} != 'after_final_norm'")
+        if m.target["id"] != target_id:
+            problems.append(f"target {m.target['id']!r} != {target_id!r}")
+        if list(m.tap_layer_ids) != list(tap_layer_ids):
+            problems.append(f"tap_layer_ids {m.tap_layer_ids} != {list(tap_layer_ids)}")
+        if m.tap_layer_convention != TAP_CONVENTION:
+            problems.append(f"tap_layer_convention {m.tap_layer_convention!r} != {TAP_CONVENTION!r}")
+        if m.hidden_size != int(hidden_size):
+            problems.append(f"hidden_size {m.hidden_size} != {hidden_size}")
+        if m.final_hidden != FINAL_HIDDEN_CONVENTION:
+            problems.append(f"final_hidden {m.final_hidden!r} != {FINAL_HIDDEN_CONVENTION!r}")
         if problems:
             raise CacheMismatchError(f"target cache {self.path} does not match the draft: "
                                      f"{'; '.join(problems)}; rebuild it with python -m data_prep "

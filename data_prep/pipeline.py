@@ -15,12 +15,11 @@ from pathlib import Path
 from data_prep.chat import stop_token_ids, template_sha256, tokenize_records, tokenizer_sha256
 from data_prep.errors import DataPrepError, TemplateError
 from data_prep.generate import ChatClient, drop_long_prompts, generate_local, generate_openai, prompt_sha
+from data_prep.manifest import DataManifest
 from data_prep.schema import DataPrepConfig, validate
 from data_prep.sources import load_prompts
 from data_prep.store import (
-    MANIFEST_FORMAT,
     GenerationLog,
-    atomic_write_json,
     check_settings,
     dataset_fingerprint,
     default_data_dir,
@@ -72,12 +71,6 @@ def sampling_settings(cfg: DataPrepConfig) -> dict:
     return out
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict) -> dict:
     g = cfg.generation
     settings = {"backend": g.backend, "target_id": cfg.target.id, "target_revision": cfg.target.revision,
@@ -121,29 +114,26 @@ def _generate(cfg, prompts, lengths, target, tokenizer, out_dir: Path, kwargs, s
     return done
 
 
-def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer, counts) -> dict:
+def _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer,
+              counts) -> DataManifest:
     dropped = {k: stats[k] for k in ("too_long", "too_few_loss_tokens") if stats[k]}
-    return {
-        "format": MANIFEST_FORMAT, "name": out_dir.name,
-        "target": {"id": cfg.target.id, "revision": cfg.target.revision, "path": cfg.target.path,
-                   "chat_template_sha256": template_sha256(tokenizer),
-                   "tokenizer_sha256": tokenizer_sha256(tokenizer)},
-        "sources": prompt_set.sources, "prompts_config": cfg.prompts.name,
-        "generation": {**settings, "base_url": redact_url(cfg.generation.base_url)
-                       if cfg.generation.backend == "openai" else None},
-        "max_length": cfg.max_length, "min_loss_tokens": cfg.min_loss_tokens,
-        "truncation_policy": TRUNCATION_POLICY,
-        "counts": {"prompts": len(prompt_set.prompts), "skipped": dict(skipped), "generated": len(records),
-                   "rows": len(cols["row_id"]), "prompt_cut": stats["prompt_cut"], "truncated": stats["truncated"],
-                   "dropped": dropped},
-        "tokens": {"total": sum(map(len, cols["input_ids"])), "loss": sum(map(sum, cols["loss_mask"])),
-                   "generated": sum(sum(r["num_tokens"]) for r in records)},
-        "fingerprint": dataset_fingerprint(cols),
-        "token_counts": counts,
-    }
+    return DataManifest(
+        name=out_dir.name,
+        target={"id": cfg.target.id, "revision": cfg.target.revision, "path": cfg.target.path,
+                "chat_template_sha256": template_sha256(tokenizer), "tokenizer_sha256": tokenizer_sha256(tokenizer)},
+        sources=prompt_set.sources, prompts_config=cfg.prompts.name,
+        generation={**settings, "base_url": redact_url(cfg.generation.base_url)
+                    if cfg.generation.backend == "openai" else None},
+        max_length=cfg.max_length, min_loss_tokens=cfg.min_loss_tokens, truncation_policy=TRUNCATION_POLICY,
+        counts={"prompts": len(prompt_set.prompts), "skipped": dict(skipped), "generated": len(records),
+                "rows": len(cols["row_id"]), "prompt_cut": stats["prompt_cut"], "truncated": stats["truncated"],
+                "dropped": dropped},
+        tokens={"total": sum(map(len, cols["input_ids"])), "loss": sum(map(sum, cols["loss_mask"])),
+                "generated": sum(sum(r["num_tokens"]) for r in records)},
+        fingerprint=dataset_fingerprint(cols), token_counts=counts)
 
 
-def run(cfg: DataPrepConfig) -> dict:
+def run(cfg: DataPrepConfig) -> DataManifest:
     """Run the stage, holding ``out_dir`` locked; returns the manifest written to ``<out_dir>/manifest.json``."""
     validate(cfg)
     out_dir = resolve_out_dir(cfg)
@@ -151,7 +141,7 @@ def run(cfg: DataPrepConfig) -> dict:
         return _run(cfg, out_dir)
 
 
-def _run(cfg: DataPrepConfig, out_dir: Path) -> dict:
+def _run(cfg: DataPrepConfig, out_dir: Path) -> DataManifest:
     kwargs = chat_kwargs(cfg)
     if cfg.num_threads:
         import torch
@@ -180,8 +170,8 @@ def _run(cfg: DataPrepConfig, out_dir: Path) -> dict:
     manifest = _manifest(cfg, out_dir, prompt_set, skipped, settings, records, cols, stats, tokenizer, counts)
     save_tokenized(out_dir, cols, manifest)
     if cfg.cache.enabled:
-        manifest["cache"] = _write_cache(cfg, target, cols, manifest, out_dir)
-        atomic_write_json(out_dir / "manifest.json", manifest)
+        manifest.cache = _write_cache(cfg, target, cols, manifest, out_dir)
+        manifest.write(out_dir / "manifest.json")
     _summary(out_dir, manifest)
     return manifest
 
@@ -189,7 +179,7 @@ def _run(cfg: DataPrepConfig, out_dir: Path) -> dict:
 def _load(cfg: DataPrepConfig):
     """(target or None, tokenizer): the target is loaded when it generates or fills the cache."""
     from dspark_model.chat_template import ChatTemplateError
-    from dspark_model.target import load_target, load_tokenizer
+    from dspark_model.target import load_target, load_tokenizer, resolve_device
 
     spec = target_spec(cfg)
     if cfg.generation.backend == "openai" and is_plain(spec.chat_template):
@@ -197,29 +187,29 @@ def _load(cfg: DataPrepConfig):
                             "server always applies its own chat template")
     try:
         if cfg.generation.backend == "local" or cfg.cache.enabled:
-            target = load_target(spec, _device(cfg.device))
+            target = load_target(spec, resolve_device(cfg.device, "device", DataPrepError))
             return target, target.tokenizer
         return None, load_tokenizer(spec)
     except ChatTemplateError as exc:
         raise TemplateError(str(exc)) from None
 
 
-def _write_cache(cfg: DataPrepConfig, target, cols, manifest, out_dir: Path) -> dict:
+def _write_cache(cfg: DataPrepConfig, target, cols, manifest: DataManifest, out_dir: Path) -> dict:
     from data_prep.cache import write_cache
 
     c = cfg.cache
     cache_dir = Path(c.dir) if c.dir else out_dir / "cache"
     cm = write_cache(target, cols["input_ids"], cache_dir, c.dtype, cfg.target.id, cfg.target.revision,
-                     manifest["fingerprint"], shard_bytes=c.shard_bytes, shard_tokens=c.shard_tokens,
+                     manifest.fingerprint, shard_bytes=c.shard_bytes, shard_tokens=c.shard_tokens,
                      batch_tokens=c.batch_tokens, overwrite=c.overwrite, workers=cfg.workers)
-    return {"dir": str(cache_dir), "dtype": c.dtype, "bytes_per_token": cm["bytes_per_token"],
-            "shards": len(cm["shards"])}
+    return {"dir": str(cache_dir), "dtype": c.dtype, "bytes_per_token": cm.bytes_per_token,
+            "shards": len(cm.shards)}
 
 
-def _summary(out_dir: Path, m: dict) -> None:
-    c, t = m["counts"], m["tokens"]
+def _summary(out_dir: Path, m: DataManifest) -> None:
+    c, t = m.counts, m.tokens
     log.info("data_prep done: %d rows (%d tokens, %d assistant) from %d prompts -> %s", c["rows"], t["total"],
              t["loss"], c["prompts"], out_dir)
     log.info("skipped prompts: %s; rows with a cut prompt: %d; rows with a cut end: %d; dropped rows: %s",
              c["skipped"] or "none", c["prompt_cut"], c["truncated"], c["dropped"] or "none")
-    log.info("fingerprint %s", m["fingerprint"])
+    log.info("fingerprint %s", m.fingerprint)

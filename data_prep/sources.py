@@ -16,7 +16,6 @@ Rows that are empty, not valid JSON, of an unknown shape or too long are skipped
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -286,11 +285,3 @@ def load_prompts(sources: list[PromptSource], strict: bool = False, seed: int = 
     return PromptSet(prompts=prompts, skipped={r: skipped[r] for r in SKIP_REASONS if skipped[r]},
                      sources=infos)
 
-
-def prompt_fingerprint(prompts: list[Prompt]) -> str:
-    """A sha256 of the prompt set's content, used to tell whether a resumed run sees the same prompts."""
-    h = hashlib.sha256()
-    for p in prompts:
-        h.update(json.dumps([p.row_id, p.system, p.turns], ensure_ascii=False).encode())
-        h.update(b"\n")
-    return h.hexdigest()

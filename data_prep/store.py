@@ -7,7 +7,8 @@
   dataset/                   datasets.save_to_disk: input_ids, loss_mask, source, row_id
   token_counts.safetensors   "counts": int64 (vocab_size,), how often each target token id is an answer
                              (loss-masked) token; read with load_token_counts (the draft vocabulary)
-  manifest.json              sources + hashes, target, generation settings, counts, tokens, fingerprint
+  manifest.json              DataManifest (data_prep/manifest.py): sources + hashes, target, generation
+                             settings, counts, tokens, fingerprint
   cache/                     optional target cache (see data_prep.cache)
   run.lock, run.lock.json    held while a run writes here (dspark_model/output_lock.py): one run at a time
 ```
@@ -27,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import DataPrepError, GenerationError
+from data_prep.manifest import DataManifest
 from dspark_model.atomic import atomic_write_json, replace_dir
+from dspark_model.record import RecordError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ def default_data_dir(prompts_name: str, target_id: str | None) -> Path:
     tail = (target_id or "target").rstrip("/").split("/")[-1].lower()
     return Path("runs") / "data" / re.sub(r"[^a-z0-9._-]+", "-", f"{prompts_name}-{tail}")
 
-MANIFEST_FORMAT = "dspark-data/1"
+
 TOKEN_COUNTS_FILE = "token_counts.safetensors"
 
 
@@ -156,7 +159,7 @@ def dataset_fingerprint(cols: dict[str, list]) -> str:
     return h.hexdigest()
 
 
-def save_tokenized(out_dir: Path, cols: dict[str, list], manifest: dict) -> None:
+def save_tokenized(out_dir: Path, cols: dict[str, list], manifest: DataManifest) -> None:
     """Write ``dataset/`` (Arrow, atomically swapped in) and ``manifest.json``."""
     import datasets
 
@@ -171,11 +174,11 @@ def save_tokenized(out_dir: Path, cols: dict[str, list], manifest: dict) -> None
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
     replace_dir(tmp, final)
-    atomic_write_json(out_dir / "manifest.json", manifest)
+    manifest.write(out_dir / "manifest.json")
 
 
 def load_tokenized(data_dir: str | Path):
-    """(datasets.Dataset, manifest dict) of a data_prep output folder; what the train stage reads."""
+    """(datasets.Dataset, DataManifest) of a data_prep output folder; what the train stage reads."""
     import datasets
 
     data_dir = Path(data_dir)
@@ -183,10 +186,10 @@ def load_tokenized(data_dir: str | Path):
     if not manifest_path.is_file() or not ds_path.is_dir():
         raise DataPrepError(f"{data_dir} is not a data_prep output (needs manifest.json and dataset/); run "
                             f"`python -m data_prep` first or fix the path")
-    manifest = read_json(manifest_path)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataPrepError(f"{manifest_path} has format {manifest.get('format')!r}, expected "
-                            f"{MANIFEST_FORMAT!r}; regenerate the data with this version of data_prep")
+    try:
+        manifest = DataManifest.read(manifest_path)
+    except RecordError as exc:
+        raise DataPrepError(str(exc)) from None
     return datasets.load_from_disk(str(ds_path)), manifest
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -52,10 +53,41 @@ def replace_dir(tmp: str | Path, final: str | Path) -> None:
         os.replace(tmp, final)
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (any size)."""
+# file_sha256 results of this process, keyed by what changes whenever the bytes can have changed: the file
+# (device, inode: an atomic replace makes a new one), its size, and its modification and status-change times
+# (st_ctime_ns moves on every write and cannot be set back by a program, unlike st_mtime_ns).
+_SHA256_MEMO: dict[tuple, str] = {}
+_SHA256_MEMO_SIZE = 64
+_SHA256_LOCK = threading.Lock()
+
+
+def _file_key(path: str | Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _hash_file(path: str | Path, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24, memo: bool = True) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (any size). A file this process has hashed before and that
+    has not changed since (same inode, size, mtime and ctime) is not read again: loading, exporting and
+    calibrating a draft all check the same multi-GB weights file. ``memo=False`` always reads the bytes (damage
+    checks: a change within the filesystem's timestamp granularity would not show in the key)."""
+    key = _file_key(path)
+    with _SHA256_LOCK:
+        found = _SHA256_MEMO.get(key) if memo else None
+    if found is not None:
+        return found
+    digest = _hash_file(path, chunk)
+    if _file_key(path) == key:  # unchanged while it was read: safe to remember
+        with _SHA256_LOCK:
+            if len(_SHA256_MEMO) >= _SHA256_MEMO_SIZE:
+                _SHA256_MEMO.pop(next(iter(_SHA256_MEMO)))
+            _SHA256_MEMO[key] = digest
+    return digest

@@ -6,9 +6,12 @@ the Hub shows them; the Markdown body below it is ours. It is rendered from the 
 (config.json, calibration.json, the weights header) plus optional documents found beside the checkpoint or
 named on the command line:
 
-* the eval ``report.json`` (tau per dataset, acceptance by position, tokens/s and speed-ups),
+* the eval ``report.json`` (tau per dataset, acceptance by position, tokens/s and speed-ups), read as the
+  ``eval.report.EvalReport`` record,
 * the resolved training config (yaml or json),
-* the data_prep ``manifest.json`` (prompt sources and their hashes).
+* the data_prep ``manifest.json`` (prompt sources and their hashes), read as ``data_prep.manifest.DataManifest``.
+
+A report or manifest of another format version stops the card with one line naming the file and the fix.
 
 Secrets never reach the card: any config key that looks like a token, key, secret or password is redacted,
 and every URL in the card loses its userinfo and secret query parameters (``dspark_model.redact``).
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from data_prep.manifest import DataManifest
 from dspark_model import __version__
 from dspark_model.calibration import REEXPORT_HINT, Calibration, CalibrationError, read_beside
 from dspark_model.export_schema import (
@@ -38,7 +42,10 @@ from dspark_model.export_schema import (
     read_config,
     read_weights_header,
 )
+from dspark_model.record import RecordError
 from dspark_model.redact import redact_text
+from dspark_model.target import hidden_states_index
+from eval.report import EvalReport
 
 
 class CardError(ValueError):
@@ -70,9 +77,9 @@ class CardContext:
     includes_embeddings: bool
     repo_id: str | None = None
     calibration: Calibration | None = None
-    report: dict | None = None
+    report: EvalReport | None = None
     train_config: dict | None = None
-    data_manifest: dict | None = None
+    data_manifest: DataManifest | None = None
     toolkit_version: str = __version__
     files: list[str] = field(default_factory=list)
 
@@ -142,6 +149,17 @@ def _read_doc(path: str | dict | None, what: str) -> dict | None:
     if not isinstance(doc, dict):
         raise CardError(f"{what} {path} must hold a mapping at the top level")
     return doc
+
+
+def _record(cls, source: str | dict | None, what: str):
+    """The ``cls`` record (DataManifest, EvalReport) given for the card: a file, or a dict embedded in a
+    checkpoint's config.json; None when none was given."""
+    doc = _read_doc(source, what)
+    try:
+        return None if doc is None else cls.from_dict(doc, source if isinstance(source, str)
+                                                      else f"the checkpoint's embedded {what}")
+    except RecordError as exc:
+        raise CardError(str(exc)) from None
 
 
 def discover_sources(ckpt_dir: str | Path) -> CardSources:
@@ -222,9 +240,9 @@ def context_from_export(export_dir: str | Path, sources: CardSources | None = No
         dtype=",".join(_SAFETENSORS_DTYPES.get(d, d) for d in dtypes), num_parameters=n_params,
         includes_embeddings="embed_tokens.weight" in header, repo_id=sources.repo_id,
         calibration=calibration,
-        report=_read_doc(sources.report, "eval report"),
+        report=_record(EvalReport, sources.report, "eval report"),
         train_config=_read_doc(sources.train_config, "training config"),
-        data_manifest=_read_doc(sources.data_manifest, "data manifest"),
+        data_manifest=_record(DataManifest, sources.data_manifest, "data manifest"),
         files=sorted(p.name for p in export_dir.iterdir() if not p.name.startswith(".")) + ["README.md"],
     )
 
@@ -255,21 +273,16 @@ def card_data(ctx: CardContext) -> ModelCardData:
         model_name=(ctx.repo_id or REPO_PLACEHOLDER) if results else None)  # hub.py fills in the placeholder
 
 
-def eval_results(report: dict | None) -> list[EvalResult]:
+def eval_results(report: EvalReport | None) -> list[EvalResult]:
     """tau (tokens emitted per target verification forward) of each eval set in an eval ``report.json``."""
-    if not report:
+    if report is None:
         return []
-    settings = report.get("settings") if isinstance(report.get("settings"), dict) else {}
-    args = {k: settings[k] for k in ("temperature", "gamma", "max_new_tokens") if settings.get(k) is not None}
-    results = []
-    for name, value in (report.get("tau_by_dataset") or {}).items():
-        tau = value.get("tau") if isinstance(value, dict) else value
-        if isinstance(tau, (int, float)) and not isinstance(tau, bool):
-            results.append(EvalResult(
-                task_type="text-generation", task_name="Speculative decoding", dataset_type=str(name),
-                dataset_name=str(name), metric_type=TAU_METRIC, metric_name="tau (acceptance length)",
-                metric_value=float(tau), metric_args=args or None))
-    return results
+    args = {k: report.settings[k] for k in ("temperature", "gamma", "max_new_tokens")
+            if report.settings.get(k) is not None}
+    return [EvalResult(task_type="text-generation", task_name="Speculative decoding", dataset_type=str(name),
+                       dataset_name=str(name), metric_type=TAU_METRIC, metric_name="tau (acceptance length)",
+                       metric_value=float(tau), metric_args=args or None)
+            for name, tau in report.tau_by_dataset.items() if tau is not None]
 
 
 def _layer_section(ctx: CardContext) -> str:
@@ -284,7 +297,7 @@ def _layer_section(ctx: CardContext) -> str:
         f"| decoder layer (this toolkit, DeepSpec): layer i's output = `hidden_states[i + 1]` "
         f"| `tap_layer_ids` / `target_layer_ids` | {taps} |",
         f"| hidden_states index (vLLM speculators) = decoder-layer id + 1 | `aux_hidden_state_layer_ids` "
-        f"| {[i + 1 for i in taps]} |",
+        f"| {[hidden_states_index(i) for i in taps]} |",
         "",
         f"This {ctx.fmt} export stores "
         + {"native": "decoder-layer ids (no conversion).",
@@ -353,43 +366,32 @@ def _files_section(ctx: CardContext) -> str:
                       "<details><summary>config.json schema</summary>", "", describe(ctx.fmt), "", "</details>"])
 
 
-def _report_section(report: dict | None) -> str:
-    if not report:
+def _report_section(report: EvalReport | None) -> str:
+    if report is None:
         return "## Measured acceptance\nNo eval report was given at export time (`--report report.json`)."
     out = ["## Measured acceptance", "tau = tokens emitted per target verification forward (accepted + bonus)."]
-    given = {**report, **(report.get("settings") or {})}
-    settings = {k: given[k] for k in ("temperature", "gamma", "max_new_tokens", "device", "hardware") if k in given
-                and not isinstance(given[k], (dict, list))}
+    settings = {k: report.settings[k] for k in ("temperature", "gamma", "max_new_tokens", "device")
+                if report.settings.get(k) is not None}
     if settings:
         out.append("Settings: " + ", ".join(f"{k} = {_num(v)}" for k, v in settings.items()))
-    by_ds = report.get("tau_by_dataset") or {}
-    speed = report.get("speedup_vs_generate")
-    out += ["", "| dataset | tau | speed-up vs generate |", "|---|---|---|"]
-    for name, val in by_ds.items():
-        tau = val.get("tau") if isinstance(val, dict) else val
-        s = speed.get(name) if isinstance(speed, dict) else None
-        out.append(f"| {name} | {_num(tau)} | {_num(s, 2) if s is not None else ''} |")
-    pooled_speed = speed if not isinstance(speed, dict) else speed.get("pooled", speed.get("all"))
-    out.append(f"| **pooled** | **{_num(report.get('tau'))}** | {_num(pooled_speed, 2)} |")
-    tps = report.get("tokens_per_s") or {}
-    if all(isinstance(tps.get(k), (int, float)) for k in ("spec", "generate")):
-        row = f"Tokens/s: speculative {_num(tps['spec'], 1)}, plain generate {_num(tps['generate'], 1)}"
-        vs_lookup = report.get("speedup_vs_prompt_lookup")
-        if isinstance(tps.get("prompt_lookup"), (int, float)) and tps["prompt_lookup"]:
-            vs_lookup = vs_lookup if isinstance(vs_lookup, (int, float)) else tps["spec"] / tps["prompt_lookup"]
-            row += f", prompt lookup {_num(tps['prompt_lookup'], 1)}"
-        if isinstance(vs_lookup, (int, float)):
-            row += f" (speed-up vs prompt lookup {vs_lookup:.2f}x)"
+    out += ["", "| dataset | tau |", "|---|---|"]
+    out += [f"| {name} | {_num(tau)} |" for name, tau in report.tau_by_dataset.items()]
+    out.append(f"| **pooled** | **{_num(report.tau)}** |")
+    tps = report.tokens_per_s
+    if tps.get("spec") and tps.get("generate"):
+        row = (f"Tokens/s: speculative {_num(tps['spec'], 1)}, plain generate {_num(tps['generate'], 1)} "
+               f"(speed-up {_num(report.speedup_vs_generate, 2)}x)")
+        if tps.get("prompt_lookup"):
+            row += (f", prompt lookup {_num(tps['prompt_lookup'], 1)} (speed-up vs prompt lookup "
+                    f"{_num(report.speedup_vs_prompt_lookup, 2)}x)")
         out += ["", row + "."]
-    for key, label in (("conditional_acceptance", "Conditional acceptance P(k accepted | 1..k-1 accepted)"),
-                       ("prefix_survival", "Prefix survival P(1..k all accepted)")):
-        val = report.get(key)
-        if isinstance(val, dict):
-            val = val.get("pooled", val.get("all"))
-        if isinstance(val, list):
-            out.append(f"{label} by position: " + ", ".join(_num(v) for v in val) + ".")
-    if "greedy_match_rate" in report:
-        out.append(f"Greedy outputs identical to plain greedy decoding: {_num(report['greedy_match_rate'])} "
+    for label, per_position in (("Conditional acceptance P(k accepted | 1..k-1 accepted)",
+                                 report.conditional_acceptance), ("Prefix survival P(1..k all accepted)",
+                                                                  report.prefix_survival)):
+        if per_position.get("pooled"):
+            out.append(f"{label} by position: " + ", ".join(_num(v) for v in per_position["pooled"]) + ".")
+    if report.greedy_match_rate is not None:
+        out.append(f"Greedy outputs identical to plain greedy decoding: {_num(report.greedy_match_rate)} "
                    f"(lossless check, must be 1.0).")
     return "\n".join(out)
 
@@ -430,8 +432,8 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 def _training_section(ctx: CardContext) -> str:
     a = ctx.native["arch"]
     out = ["## Draft and training",
-           f"- {a['num_layers']} draft layers, width {a['hidden_size']}, {a['num_attention_heads']} heads "
-           f"({a['num_key_value_heads']} KV), MLP {a['intermediate_size']}; {ctx.num_parameters:,} parameters "
+           f"- {a.num_layers} draft layers, width {a.hidden_size}, {a.num_attention_heads} heads "
+           f"({a.num_key_value_heads} KV), MLP {a.intermediate_size}; {ctx.num_parameters:,} parameters "
            "(without the shared embedding / LM head)",
            f"- block size gamma = {ctx.native['block_size']}, mask token id {ctx.native['mask_token_id']}, "
            f"sequential head `{ctx.native['sequential_head']}` (rank {ctx.native['markov_rank']}), confidence "
@@ -445,10 +447,10 @@ def _training_section(ctx: CardContext) -> str:
     return "\n".join(out)
 
 
-def _data_section(manifest: dict | None) -> str:
-    if not manifest:
+def _data_section(manifest: DataManifest | None) -> str:
+    if manifest is None:
         return "## Data provenance\nNo data_prep manifest was given at export time (`--data-manifest`)."
-    m = redact(manifest)
+    m = redact(manifest.to_dict())
     out = ["## Data provenance", "Prompts (responses regenerated by the target):", "",
            "| source | location | rows | hash |", "|---|---|---|---|"]
     for s in m.get("sources") or []:

@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
+from dspark_model.arch import ARCHITECTURES, DraftArch, DraftArchError, check_version
 from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.calibration import CALIBRATION_NAME, WEIGHTS_NAME, CalibrationError, load_beside
 from dspark_model.config import TargetSpec
-from dspark_model.draft import DSparkDraft
+from dspark_model.draft import DSparkDraft, draft_from_arch
 from dspark_model.heads import LegacyHeadError
 from dspark_model.identity import weights_fingerprint
 from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
@@ -56,8 +57,7 @@ class CheckpointMismatchError(ValueError):
 
 def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None, target=None,
                       dtype: torch.dtype | None = None) -> dict:
-    """The config.json content for a draft."""
-    arch = dict(draft.arch)
+    """The config.json content for a draft: its ``DraftArch`` (arch.py) and the target it was trained for."""
     spec = {k: v for k, v in dataclasses.asdict(target_spec).items() if k in NAMED_TARGET_FIELDS} \
         if target_spec is not None else {}
     if target is not None:
@@ -66,26 +66,12 @@ def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None,
                     model_type=getattr(target.config, "model_type", None),
                     architectures=getattr(target.model.config, "architectures", None),
                     fingerprint=weights_fingerprint(target))  # compared by eval, never used to load
-    return {
-        "model_type": "dspark",
-        "format_version": FORMAT_VERSION,
-        "toolkit_version": __version__,
-        "target": spec,
-        "tap_layer_ids": list(draft.tap_layer_ids),
-        "tap_layer_convention": f"{TAP_CONVENTION}: id i is the output of decoder layer i, i.e. "
-                                f"hidden_states[i + 1] in transformers; speculators counts id + 1",
-        "final_hidden": FINAL_HIDDEN_CONVENTION,
-        "block_size": draft.block_size,
-        "mask_token_id": draft.mask_token_id,
-        "sequential_head": draft.sequential_head,
-        "markov_rank": arch["markov_rank"] if draft.markov_head is not None else 0,
-        "confidence_head": draft.confidence_head is not None,
-        "confidence_head_with_markov": bool(draft.confidence_head is not None and draft.markov_head is not None),
-        "num_layers": draft.num_layers,
-        "dtype": str(dtype or next(draft.parameters()).dtype).replace("torch.", ""),
-        "includes_target_embeddings": False,
-        "arch": arch,
-    }
+    keys = draft.arch.native_keys()
+    return {"model_type": draft.arch.architecture, "format_version": keys.pop("format_version"),
+            "toolkit_version": __version__,
+            "target": spec, "tap_layer_convention": TAP_CONVENTION, "final_hidden": FINAL_HIDDEN_CONVENTION,
+            **keys, "dtype": str(dtype or next(draft.parameters()).dtype).replace("torch.", ""),
+            "includes_target_embeddings": False}
 
 
 def save_pretrained(draft: DSparkDraft, out_dir: str | Path, target_spec: TargetSpec | None = None,
@@ -132,9 +118,24 @@ def read_draft_config(ckpt_dir: str | Path) -> dict:
         raise CheckpointMismatchError(f"{ckpt_dir} is not a draft checkpoint: {CONFIG_NAME} is missing "
                                       f"(expected the output of save_pretrained, e.g. runs/train/<name>/final)")
     config = json.loads(path.read_text())
-    if config.get("model_type") != "dspark":
-        raise CheckpointMismatchError(f"{path} has model_type {config.get('model_type')!r}, not 'dspark'")
+    if not isinstance(config, dict) or config.get("model_type") not in ARCHITECTURES:
+        found = config.get("model_type") if isinstance(config, dict) else None
+        raise CheckpointMismatchError(f"{path} has model_type {found!r}, not one of this toolkit's drafts "
+                                      f"{ARCHITECTURES}")
+    try:
+        check_version(config, path)
+    except DraftArchError as exc:
+        raise CheckpointMismatchError(str(exc)) from None
     return config
+
+
+def read_draft_arch(ckpt_dir: str | Path) -> tuple[dict, DraftArch]:
+    """(config.json, its ``DraftArch``) of a native checkpoint; errors name the file and the fix."""
+    config = read_draft_config(ckpt_dir)
+    try:
+        return config, DraftArch.from_config(config, Path(ckpt_dir) / CONFIG_NAME)
+    except DraftArchError as exc:
+        raise CheckpointMismatchError(str(exc)) from None
 
 
 def target_spec_from_checkpoint(ckpt_dir: str | Path, user: TargetSpec | None = None) -> TargetSpec:
@@ -207,20 +208,20 @@ def _template_variables(kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if k not in dropped}
 
 
-def check_against_target(config: dict, target) -> None:
+def check_against_target(config: dict, arch: DraftArch, target) -> None:
     """Raise CheckpointMismatchError naming every way the checkpoint does not fit ``target``."""
     problems = []
-    arch, trained = config["arch"], config.get("target", {})
-    if arch["vocab_size"] != target.vocab_size:
-        problems.append(f"vocab size: draft {arch['vocab_size']} vs target {target.vocab_size}")
-    if arch["hidden_size"] != target.hidden_size:
-        problems.append(f"width: draft {arch['hidden_size']} vs target {target.hidden_size}")
+    trained = config.get("target", {})
+    if arch.vocab_size != target.vocab_size:
+        problems.append(f"vocab size: draft {arch.vocab_size} vs target {target.vocab_size}")
+    if arch.hidden_size != target.hidden_size:
+        problems.append(f"width: draft {arch.hidden_size} vs target {target.hidden_size}")
     if trained.get("num_layers") not in (None, target.num_layers):
         problems.append(f"depth: draft trained on a {trained['num_layers']}-layer target, this one has "
                         f"{target.num_layers}")
-    if list(config["tap_layer_ids"]) != list(target.tap_layer_ids):
-        problems.append(f"tap layer ids: draft {config['tap_layer_ids']} vs target {target.tap_layer_ids} "
-                        f"(load the target with tap_layer_ids={config['tap_layer_ids']})")
+    if list(arch.tap_layer_ids) != list(target.tap_layer_ids):
+        problems.append(f"tap layer ids: draft {arch.tap_layer_ids} vs target {target.tap_layer_ids} "
+                        f"(load the target with tap_layer_ids={arch.tap_layer_ids})")
     if problems:
         raise CheckpointMismatchError(
             f"draft checkpoint (trained for {trained.get('id', '?')}) does not fit target "
@@ -229,15 +230,10 @@ def check_against_target(config: dict, target) -> None:
 
 def load_draft(ckpt_dir: str | Path, target=None, device=None) -> DSparkDraft:
     """Rebuild a draft from ``ckpt_dir``; with a target, check it and attach it."""
-    config = read_draft_config(ckpt_dir)
+    config, arch = read_draft_arch(ckpt_dir)
     if target is not None:
-        check_against_target(config, target)
-    if config["arch"].get("architecture") == "eagle3":
-        from dspark_model.eagle3 import Eagle3Draft
-
-        draft = Eagle3Draft(**config["arch"])
-    else:
-        draft = DSparkDraft(**config["arch"])
+        check_against_target(config, arch, target)
+    draft = draft_from_arch(arch)  # a DSparkDraft, or an Eagle3Draft for architecture "eagle3"
     weights = Path(ckpt_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointMismatchError(f"{ckpt_dir}: {WEIGHTS_NAME} is missing")

@@ -14,8 +14,8 @@ Then a sequential head (heads.py) adds a bias from the previous token, and a con
 P(slot k accepted | earlier slots accepted).
 
 Sizes (heads, KV heads, MLP width, RoPE: the target's full-attention set, see rope.py) come from the target
-config; the embedding and LM head are the target's own, frozen and shared - they are NOT parameters of this
-module (see ``attach_target``).
+config and are held in one ``DraftArch`` record (arch.py; ``build_arch``); the embedding and LM head are the
+target's own, frozen and shared - they are NOT parameters of this module (see ``attach_target``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_model.arch import DraftArch, eagle3_tap_layer_ids
 from dspark_model.block_attention import attend, block_mask
 from dspark_model.config import DraftConfig
-from dspark_model.heads import HEAD_KINDS, ConfidenceHead, SequentialHead
-from dspark_model.rope import DraftRotary, draft_rope_parameters, target_rope_parameters
+from dspark_model.heads import ConfidenceHead, SequentialHead
+from dspark_model.rope import DraftRotary, target_rope_parameters
+from dspark_model.vocab import DraftVocabMixin
 
 log = logging.getLogger(__name__)
 
@@ -124,59 +126,33 @@ class DraftContextCache:
         self.v = [None if t is None else t[:, :, :length] for t in self.v]
 
 
-class DSparkDraft(nn.Module):
+class DSparkDraft(DraftVocabMixin, nn.Module):
     """Parallel block backbone + sequential head + confidence head. See the module docstring."""
 
-    def __init__(self, *, hidden_size: int, num_layers: int, num_attention_heads: int, num_key_value_heads: int,
-                 head_dim: int, intermediate_size: int, rms_norm_eps: float, hidden_act: str,
-                 vocab_size: int, tap_layer_ids: list[int], block_size: int, mask_token_id: int | None,
-                 sequential_head: str, markov_rank: int, confidence_head: bool, rope_config: dict,
-                 initializer_range: float = 0.02, draft_vocab_size: int | None = None,
-                 train_draft_head: bool = False):
+    def __init__(self, arch: DraftArch):
         super().__init__()
-        if sequential_head not in HEAD_KINDS:
-            raise ValueError(f"draft.sequential_head must be one of {HEAD_KINDS}, got {sequential_head!r}")
-        if block_size < 1:
-            raise ValueError(f"draft.block_size must be >= 1, got {block_size}")
-        if draft_vocab_size is not None and draft_vocab_size < 1:
-            raise ValueError(f"draft.draft_vocab_size must be >= 1, or null for the full vocabulary, got "
-                             f"{draft_vocab_size}")
-        if draft_vocab_size is not None and draft_vocab_size >= vocab_size:
-            if draft_vocab_size > vocab_size:
-                log.info("draft.draft_vocab_size=%d >= the target's %d tokens: the full vocabulary is used",
-                         draft_vocab_size, vocab_size)
-            draft_vocab_size = None  # K >= V is the full vocabulary: no mapping, the target's own head
-        self.arch = dict(hidden_size=hidden_size, num_layers=num_layers, num_attention_heads=num_attention_heads,
-                         num_key_value_heads=num_key_value_heads, head_dim=head_dim,
-                         intermediate_size=intermediate_size, rms_norm_eps=rms_norm_eps, hidden_act=hidden_act,
-                         vocab_size=vocab_size, tap_layer_ids=list(tap_layer_ids), block_size=block_size,
-                         mask_token_id=mask_token_id, sequential_head=sequential_head, markov_rank=markov_rank,
-                         confidence_head=confidence_head,
-                         rope_config=dict(rope_config, rope_parameters=draft_rope_parameters(
-                             rope_config["rope_parameters"])),
-                         initializer_range=initializer_range, draft_vocab_size=draft_vocab_size,
-                         train_draft_head=bool(train_draft_head and draft_vocab_size))
-        self.block_size, self.mask_token_id, self.tap_layer_ids = block_size, mask_token_id, list(tap_layer_ids)
-        self.fc = nn.Linear(len(tap_layer_ids) * hidden_size, hidden_size, bias=False)
-        self.hidden_norm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
-        self.layers = nn.ModuleList(DraftLayer(hidden_size, num_attention_heads, num_key_value_heads, head_dim,
-                                               intermediate_size, rms_norm_eps, hidden_act)
-                                    for _ in range(num_layers))
-        self.norm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
-        rank = markov_rank if sequential_head != "none" else 0
-        K = draft_vocab_size or vocab_size
-        self.out_vocab_size = K
-        if draft_vocab_size:
+        self.arch = arch  # the one record of this module's shape (arch.py), written to config.json as it is
+        a = arch
+        self.block_size, self.mask_token_id, self.tap_layer_ids = a.block_size, a.mask_token_id, list(a.tap_layer_ids)
+        self.fc = nn.Linear(len(a.tap_layer_ids) * a.hidden_size, a.hidden_size, bias=False)
+        self.hidden_norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
+                                               a.head_dim, a.intermediate_size, a.rms_norm_eps, a.hidden_act)
+                                    for _ in range(a.num_layers))
+        self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
+        K = self.out_vocab_size = a.out_vocab_size
+        if a.reduced_vocab:
             # draft index i <-> target id draft_to_target[i]; stored with the weights, set by set_draft_vocab
             self.register_buffer("draft_to_target", torch.arange(K, dtype=torch.long))
-            if self.arch["train_draft_head"]:
-                self.lm_head = nn.Linear(hidden_size, K, bias=False)  # initialised from the target's rows
-        self.markov_head = SequentialHead(sequential_head, vocab_size, rank, hidden_size, K) if rank else None
-        self.confidence_head = ConfidenceHead(hidden_size, rank) if confidence_head else None
-        self.rotary = DraftRotary(self.arch["rope_config"]["rope_parameters"], head_dim,
-                                  rope_config.get("max_position_embeddings", 4096))
+            if a.train_draft_head:
+                self.lm_head = nn.Linear(a.hidden_size, K, bias=False)  # initialised from the target's rows
+        self.markov_head = (SequentialHead(a.sequential_head, a.vocab_size, a.markov_width, a.hidden_size, K)
+                            if a.markov_width else None)
+        self.confidence_head = ConfidenceHead(a.hidden_size, a.markov_width) if a.confidence_head else None
+        self.rotary = DraftRotary(a.rope_config["rope_parameters"], a.head_dim,
+                                  a.rope_config.get("max_position_embeddings", 4096))
         self.calibration = None  # a dspark_model.calibration.Calibration, set by checkpoint loading
-        self._init_weights(initializer_range)
+        self._init_weights(a.initializer_range)
 
     def _init_weights(self, std: float) -> None:
         for m in self.modules():
@@ -185,50 +161,19 @@ class DSparkDraft(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    # ---- the frozen, shared target pieces ------------------------------------------------------------
+    # ---- the frozen, shared target pieces (the draft vocabulary: vocab.DraftVocabMixin) ---------------
     def attach_target(self, target) -> DSparkDraft:
         """Share the target's embedding and LM head (kept out of this module's parameters and state)."""
-        if target.hidden_size != self.arch["hidden_size"] or target.vocab_size != self.arch["vocab_size"]:
-            raise ValueError(f"draft (width {self.arch['hidden_size']}, vocab {self.arch['vocab_size']}) does not "
+        if target.hidden_size != self.arch.hidden_size or target.vocab_size != self.arch.vocab_size:
+            raise ValueError(f"draft (width {self.arch.hidden_size}, vocab {self.arch.vocab_size}) does not "
                              f"fit target (width {target.hidden_size}, vocab {target.vocab_size})")
         self.__dict__["target"] = target  # plain attribute: not a submodule, not in state_dict
         self._refresh_head()
         return self
 
-    # ---- the draft vocabulary ----------------------------------------------------------------------------
-    @property
-    def reduced_vocab(self) -> bool:
-        return self.arch.get("draft_vocab_size") is not None
-
-    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
-        """Set the K target ids the draft predicts (stored ascending); a trainable head starts from their
-        target LM-head rows."""
-        ids = torch.as_tensor(target_ids, dtype=torch.long).flatten().sort().values
-        if not self.reduced_vocab or ids.numel() != self.out_vocab_size:
-            raise ValueError(f"this draft predicts {self.out_vocab_size} tokens; got {ids.numel()} ids "
-                             f"(build it with draft.draft_vocab_size={ids.numel()})")
-        if ids.unique().numel() != ids.numel() or ids[0] < 0 or ids[-1] >= self.arch["vocab_size"]:
-            raise ValueError("draft vocabulary ids must be distinct target token ids")
-        self.draft_to_target.copy_(ids.to(self.draft_to_target.device))
-        if "target" in self.__dict__:
-            self._refresh_head()
-            if self.arch["train_draft_head"]:
-                with torch.no_grad():
-                    self.lm_head.weight.copy_(self.target.head_rows(ids)[0].to(self.lm_head.weight))
-
-    def _refresh_head(self) -> None:
-        """Cache the frozen K-row head and the target -> draft index table (plain attributes, not state)."""
-        if not self.reduced_vocab:
-            return
-        ids = self.draft_to_target
-        self.__dict__["_head_rows"] = self.target.head_rows(ids)  # the target's own K rows (teacher, frozen head)
-        t2d = torch.full((self.arch["vocab_size"],), -1, dtype=torch.long, device=ids.device)
-        t2d[ids] = torch.arange(ids.numel(), device=ids.device)
-        self.__dict__["target_to_draft"] = t2d
-
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (K, d), bias) of a reduced vocabulary's head: the trained copy, or the target's frozen rows."""
-        if self.arch["train_draft_head"]:
+        if self.arch.train_draft_head:
             return self.lm_head.weight, None
         return self.__dict__["_head_rows"]
 
@@ -240,30 +185,13 @@ class DSparkDraft(nn.Module):
         weight, bias = self.output_head()
         return self.target.logits(h, weight.to(h.dtype), bias).float()
 
-    @torch.no_grad()
-    def teacher_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """(…, d) target final states -> (…, K) fp32 target logits at the draft's K tokens (reduced only)."""
-        weight, bias = self.__dict__["_head_rows"]
-        return self.target.logits(final_hidden.to(weight.dtype), weight, bias).float()
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary indices -> target token ids (identity for the full vocabulary)."""
-        return self.draft_to_target[draft_ids] if self.reduced_vocab else draft_ids
-
-    def to_target_probs(self, probs: torch.Tensor) -> torch.Tensor:
-        """(…, K) draft distributions -> (…, V) target-vocabulary distributions, zero outside the K tokens."""
-        if not self.reduced_vocab:
-            return probs
-        out = probs.new_zeros(*probs.shape[:-1], self.arch["vocab_size"])
-        return out.index_copy_(-1, self.draft_to_target, probs)
-
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     @property
     def sequential_head(self) -> str:
-        return self.arch["sequential_head"]
+        return self.arch.sequential_head
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target.embed_tokens(ids).to(self.fc.weight.dtype)
@@ -401,13 +329,16 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, generator=None)
     return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
 
 
-def draft_kwargs(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask_token_id: int | None,
-                 vocab_size: int | None = None) -> dict:
-    """Map the draft config + the target's config to ``DSparkDraft`` constructor arguments."""
+def build_arch(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask_token_id: int | None,
+               vocab_size: int | None = None) -> DraftArch:
+    """Map the draft config + the target's config to the draft's ``DraftArch``. ``tap_layer_ids`` are the
+    target's; an EAGLE-3 draft reads their low / mid / high and has no mask token."""
     tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    if cfg.architecture == "eagle3":
+        tap_layer_ids, mask_token_id = eagle3_tap_layer_ids(tap_layer_ids), None
     n_heads = cfg.num_attention_heads or tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    return dict(
+    return DraftArch(
         hidden_size=tc.hidden_size, num_layers=cfg.num_layers, num_attention_heads=n_heads,
         num_key_value_heads=cfg.num_key_value_heads or getattr(tc, "num_key_value_heads", None) or n_heads,
         head_dim=head_dim, intermediate_size=cfg.intermediate_size or tc.intermediate_size,
@@ -418,22 +349,27 @@ def draft_kwargs(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask
         rope_config={"rope_parameters": target_rope_parameters(tc),
                      "max_position_embeddings": tc.max_position_embeddings},
         initializer_range=cfg.initializer_range, draft_vocab_size=cfg.draft_vocab_size,
-        train_draft_head=cfg.train_draft_head,
+        train_draft_head=cfg.train_draft_head, architecture=cfg.architecture,
     )
 
 
+def draft_from_arch(arch: DraftArch) -> nn.Module:
+    """The draft module ``arch`` describes: a ``DSparkDraft``, or an ``eagle3.Eagle3Draft``."""
+    if arch.architecture == "eagle3":
+        from dspark_model.eagle3 import Eagle3Draft
+
+        return Eagle3Draft(arch)
+    return DSparkDraft(arch)
+
+
 def build_draft(cfg: DraftConfig, target_config, tap_layer_ids: list[int] | None = None,
-                mask_token_id: int | None = None) -> DSparkDraft:
+                mask_token_id: int | None = None) -> nn.Module:
     """Config -> draft module (no target attached; works on the meta device for sizing)."""
     from dspark_model.target import default_tap_layer_ids, text_config
 
     tc = text_config(target_config)
     taps = tap_layer_ids or default_tap_layer_ids(tc.num_hidden_layers)
-    if cfg.architecture == "eagle3":
-        from dspark_model.eagle3 import Eagle3Draft, eagle3_kwargs
-
-        return Eagle3Draft(**eagle3_kwargs(cfg, tc, taps, tc.vocab_size))
-    return DSparkDraft(**draft_kwargs(cfg, tc, taps, cfg.mask_token_id if mask_token_id is None else mask_token_id))
+    return draft_from_arch(build_arch(cfg, tc, taps, cfg.mask_token_id if mask_token_id is None else mask_token_id))
 
 
 def choose_mask_token_id(tokenizer, embedding_rows: int) -> int:
@@ -458,7 +394,7 @@ def build_draft_for(target, cfg: DraftConfig) -> DSparkDraft:
         return build_eagle3_for(target, cfg)
     mask = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(target.tokenizer,
                                                                                          target.vocab_size)
-    draft = DSparkDraft(**draft_kwargs(cfg, target.config, target.tap_layer_ids, mask, target.vocab_size))
+    draft = DSparkDraft(build_arch(cfg, target.config, target.tap_layer_ids, mask, target.vocab_size))
     draft = draft.to(device=target.device).attach_target(target)
     layers = warm_start_layers(cfg.init_from_target, cfg.num_layers)
     if layers:

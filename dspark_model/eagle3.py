@@ -14,10 +14,11 @@ convention, see target.py), so the draft reads the same online features and the 
 DSpark draft (for SmolLM2's default taps [1, 8, 14, 21, 27]: [1, 14, 27]; EAGLE-3's own choice would be
 [1, 14, 26]). A target loaded with just these three taps works too: the draft picks its taps by id.
 
+Its shape is a ``DraftArch`` (arch.py) with ``architecture="eagle3"``: the same record, builder
+(``draft.build_arch``), config.json and loader as a DSpark draft (``draft.draft_from_arch`` dispatches).
 The embedding is the target's (frozen, shared, not a parameter). The output head is the draft's own, trained,
 initialised from the target's LM-head rows of its tokens. The draft vocabulary (K most frequent answer tokens,
-``draft_vocab_size``) uses the DSpark draft's machinery unchanged: the methods below named after
-``DSparkDraft``'s are those very functions (they read ``arch``, ``draft_to_target``, ``lm_head``).
+``draft_vocab_size``) is the DSpark draft's machinery, shared through ``vocab.DraftVocabMixin``.
 """
 
 from __future__ import annotations
@@ -26,27 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark_model.arch import DraftArch, eagle3_tap_layer_ids
 from dspark_model.config import DraftConfig
 from dspark_model.draft import (
     DraftAttention,
     DraftLayer,
     DraftProposal,
-    DSparkDraft,
     apply_rope,
+    build_arch,
     sample_from_logits,
 )
-from dspark_model.rope import DraftRotary, draft_rope_parameters, target_rope_parameters
+from dspark_model.rope import DraftRotary
+from dspark_model.vocab import DraftVocabMixin
 
 ARCHITECTURE = "eagle3"
-
-
-def eagle3_tap_layer_ids(target_taps: list[int]) -> list[int]:
-    """Low / mid / high of the target's tap layers (decoder-layer ids, ascending). A very shallow (test) target
-    with fewer than 3 taps repeats one: [0, 1] -> [0, 1, 1]."""
-    taps = sorted(target_taps)
-    if not taps:
-        raise ValueError("an EAGLE-3 draft needs tapped target layers; the target taps none")
-    return [taps[0], taps[len(taps) // 2], taps[-1]]
 
 
 class Eagle3Attention(DraftAttention):
@@ -153,61 +147,46 @@ class Eagle3Cache:
         return self.committed + (0 if self.pending is None else self.pending.shape[1])
 
 
-class Eagle3Draft(nn.Module):
+class Eagle3Draft(DraftVocabMixin, nn.Module):
     """One EAGLE-3 layer over fused target features; chain drafting with its own KV cache. See the module
     docstring. Interface of the shared pipeline: ``forward_steps`` (training), ``new_cache`` /
     ``extend_context`` / ``propose`` (decoding), ``save_pretrained`` attributes."""
 
     context_needs_tokens = True  # extend_context takes the token ids of the positions it adds
-    sequential_head, markov_head, confidence_head, mask_token_id, num_layers = "none", None, None, None, 1
+    markov_head, confidence_head = None, None
 
-    def __init__(self, *, hidden_size: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int,
-                 intermediate_size: int, rms_norm_eps: float, hidden_act: str, vocab_size: int,
-                 tap_layer_ids: list[int], block_size: int, rope_config: dict, initializer_range: float = 0.02,
-                 draft_vocab_size: int | None = None, train_draft_head: bool = True,
-                 architecture: str = ARCHITECTURE):
+    def __init__(self, arch: DraftArch):
         super().__init__()
-        if architecture != ARCHITECTURE or len(tap_layer_ids) != 3 or block_size < 1:
-            raise ValueError(f"an EAGLE-3 draft has architecture 'eagle3', 3 tap layers and block_size >= 1; got "
-                             f"{architecture!r}, {tap_layer_ids}, {block_size}")
-        if draft_vocab_size is not None and draft_vocab_size >= vocab_size:
-            draft_vocab_size = None  # K >= V: the full vocabulary, no mapping
-        self.arch = dict(architecture=ARCHITECTURE, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-                         num_key_value_heads=num_key_value_heads, head_dim=head_dim,
-                         intermediate_size=intermediate_size, rms_norm_eps=rms_norm_eps, hidden_act=hidden_act,
-                         vocab_size=vocab_size, tap_layer_ids=list(tap_layer_ids), block_size=block_size,
-                         rope_config=dict(rope_config, rope_parameters=draft_rope_parameters(
-                             rope_config["rope_parameters"])),
-                         initializer_range=initializer_range, draft_vocab_size=draft_vocab_size,
-                         train_draft_head=True)
-        self.block_size, self.tap_layer_ids = block_size, list(tap_layer_ids)
-        K = draft_vocab_size or vocab_size
-        self.out_vocab_size = K
-        self.fc = nn.Linear(3 * hidden_size, hidden_size, bias=False)
-        self.layers = nn.ModuleList([Eagle3Layer(hidden_size, num_attention_heads, num_key_value_heads, head_dim,
-                                                 intermediate_size, rms_norm_eps, hidden_act)])
-        self.norm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
-        self.lm_head = nn.Linear(hidden_size, K, bias=False)
-        if draft_vocab_size:
+        if arch.architecture != ARCHITECTURE:
+            raise ValueError(f"Eagle3Draft needs an 'eagle3' DraftArch, got {arch.architecture!r}")
+        self.arch = a = arch  # the one record of this module's shape (arch.py), written to config.json as it is
+        self.block_size, self.mask_token_id, self.tap_layer_ids = a.block_size, None, list(a.tap_layer_ids)
+        self.out_vocab_size = K = a.out_vocab_size
+        self.fc = nn.Linear(3 * a.hidden_size, a.hidden_size, bias=False)
+        self.layers = nn.ModuleList([Eagle3Layer(a.hidden_size, a.num_attention_heads, a.num_key_value_heads,
+                                                 a.head_dim, a.intermediate_size, a.rms_norm_eps, a.hidden_act)])
+        self.norm = nn.RMSNorm(a.hidden_size, eps=a.rms_norm_eps)
+        self.lm_head = nn.Linear(a.hidden_size, K, bias=False)  # always its own (arch.train_draft_head when K < V)
+        if a.reduced_vocab:
             self.register_buffer("draft_to_target", torch.arange(K, dtype=torch.long))
-        self.rotary = DraftRotary(self.arch["rope_config"]["rope_parameters"], head_dim,
-                                  rope_config.get("max_position_embeddings", 4096))
+        self.rotary = DraftRotary(a.rope_config["rope_parameters"], a.head_dim,
+                                  a.rope_config.get("max_position_embeddings", 4096))
         self.calibration = None
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.weight.device.type != "meta":
-                nn.init.normal_(m.weight, std=initializer_range)
-
-    # ---- the target's shared pieces and the draft vocabulary (DSparkDraft's own methods) -----------------
-    reduced_vocab = DSparkDraft.reduced_vocab
-    set_draft_vocab = DSparkDraft.set_draft_vocab
-    _refresh_head = DSparkDraft._refresh_head
-    teacher_logits = DSparkDraft.teacher_logits
-    to_target_ids = DSparkDraft.to_target_ids
-    to_target_probs = DSparkDraft.to_target_probs
+                nn.init.normal_(m.weight, std=a.initializer_range)
 
     @property
     def architecture(self) -> str:
-        return ARCHITECTURE
+        return self.arch.architecture
+
+    @property
+    def sequential_head(self) -> str:
+        return self.arch.sequential_head  # "none"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     @property
     def layer(self) -> Eagle3Layer:
@@ -215,8 +194,8 @@ class Eagle3Draft(nn.Module):
 
     def attach_target(self, target) -> Eagle3Draft:
         """Share the target's embedding (plain attribute, not state); find the draft's taps among the target's."""
-        if target.hidden_size != self.arch["hidden_size"] or target.vocab_size != self.arch["vocab_size"]:
-            raise ValueError(f"draft (width {self.arch['hidden_size']}, vocab {self.arch['vocab_size']}) does not "
+        if target.hidden_size != self.arch.hidden_size or target.vocab_size != self.arch.vocab_size:
+            raise ValueError(f"draft (width {self.arch.hidden_size}, vocab {self.arch.vocab_size}) does not "
                              f"fit target (width {target.hidden_size}, vocab {target.vocab_size})")
         missing = [i for i in self.tap_layer_ids if i not in target.tap_layer_ids]
         if missing:
@@ -236,7 +215,7 @@ class Eagle3Draft(nn.Module):
     def fuse(self, tap_hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, n_taps*d) target taps -> (B, T, d) fused features of the low / mid / high taps."""
         idx = self.__dict__["_tap_index"].to(tap_hidden.device)
-        taps = tap_hidden.unflatten(-1, (-1, self.arch["hidden_size"])).index_select(-2, idx).flatten(-2)
+        taps = tap_hidden.unflatten(-1, (-1, self.arch.hidden_size)).index_select(-2, idx).flatten(-2)
         return self.fc(taps.to(self.fc.weight.dtype))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -337,28 +316,9 @@ class Eagle3Draft(nn.Module):
         return DraftProposal(torch.stack(tokens, 1), self.to_target_probs(torch.stack(probs, 1)), None)
 
 
-def eagle3_kwargs(cfg: DraftConfig, target_config, tap_layer_ids: list[int], vocab_size: int) -> dict:
-    """The draft config + the target's config -> ``Eagle3Draft`` arguments (sizes follow the target)."""
-    tc = target_config
-    n_heads = cfg.num_attention_heads or tc.num_attention_heads
-    return dict(
-        hidden_size=tc.hidden_size, num_attention_heads=n_heads,
-        num_key_value_heads=cfg.num_key_value_heads or getattr(tc, "num_key_value_heads", None) or n_heads,
-        head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
-        intermediate_size=cfg.intermediate_size or tc.intermediate_size,
-        rms_norm_eps=cfg.rms_norm_eps or getattr(tc, "rms_norm_eps", 1e-6),
-        hidden_act=getattr(tc, "hidden_act", "silu"), vocab_size=vocab_size,
-        tap_layer_ids=eagle3_tap_layer_ids(tap_layer_ids), block_size=cfg.block_size,
-        rope_config={"rope_parameters": target_rope_parameters(tc),
-                     "max_position_embeddings": tc.max_position_embeddings},
-        initializer_range=cfg.initializer_range, draft_vocab_size=cfg.draft_vocab_size)
-
-
 def build_eagle3_for(target, cfg: DraftConfig) -> Eagle3Draft:
     """An EAGLE-3 draft for a loaded target: taps from the target's, head from the target's rows."""
-    if cfg.num_layers != 1:
-        raise ValueError(f"an EAGLE-3 draft has one decoder layer (draft.num_layers=1), got {cfg.num_layers}")
-    draft = Eagle3Draft(**eagle3_kwargs(cfg, target.config, target.tap_layer_ids, target.vocab_size))
+    draft = Eagle3Draft(build_arch(cfg, target.config, target.tap_layer_ids, None, target.vocab_size))
     draft = draft.to(device=target.device).attach_target(target)
     draft.init_head_from_target()  # a reduced vocabulary re-initialises it in set_draft_vocab
     return draft

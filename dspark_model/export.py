@@ -69,6 +69,7 @@ from dspark_model.checkpoint import (
     WEIGHTS_NAME,
     CheckpointMismatchError,
     load_draft,
+    read_draft_arch,
     read_draft_config,
     target_spec_from_checkpoint,
 )
@@ -76,7 +77,6 @@ from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft
 from dspark_model.export_schema import (
     FORMATS,
-    HEAD_TYPE_OF,
     TARGET_WEIGHTS,
     TOOLKIT_KEY,
     ExportSchemaError,
@@ -88,7 +88,7 @@ from dspark_model.export_schema import (
 )
 from dspark_model.rope import DRAFT_LAYER_TYPE, export_rope_parameters
 from dspark_model.serving import write_engine_files
-from dspark_model.target import TargetNotFoundError
+from dspark_model.target import TAP_CONVENTION, TargetNotFoundError, hidden_states_index
 from dspark_model.vocab import d2t_t2d
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,6 @@ DEFAULT_NUM_ANCHORS = 512  # train.max_anchors' default (train/schema.py OptimCo
 _PRIVATE_KEYS = ("_name_or_path", "transformers_version", "auto_map")  # local paths / remote code
 README_NAME = "README.md"
 INCLUDES_EMBEDDINGS = {"native": False, "deepspec": True, "speculators": False}  # per-format default
-DECODER_CONVENTION = "decoder-layer ids: id i is the output of decoder layer i = hidden_states[i + 1]"
-SPECULATORS_CONVENTION = "hidden_states indices: aux id = decoder-layer id + 1 (0 would be the embeddings)"
 
 
 class ExportError(ValueError):
@@ -132,19 +130,15 @@ def layer_config(draft: DSparkDraft, target) -> dict:
     ``transformer_layer_config``): the draft's sizes and layer count, every layer full attention, and the
     draft's flat RoPE set (repeated per layer type for per-layer-type families, see rope.py)."""
     a = draft.arch
-    flat = dict(a["rope_config"]["rope_parameters"])
+    flat = dict(a.rope_config["rope_parameters"])
+    rope = export_rope_parameters(flat, getattr(target.config, "rope_parameters", None))
     cfg = {k: v for k, v in target.config.to_dict().items() if k not in _PRIVATE_KEYS}
     cfg.update(model_type=getattr(target.config, "model_type", None), architectures=target_architectures(target),
-               hidden_size=a["hidden_size"], num_attention_heads=a["num_attention_heads"],
-               num_key_value_heads=a["num_key_value_heads"],
-               head_dim=a["head_dim"], intermediate_size=a["intermediate_size"], rms_norm_eps=a["rms_norm_eps"],
-               hidden_act=a["hidden_act"], max_position_embeddings=a["rope_config"]["max_position_embeddings"],
-               rope_parameters=export_rope_parameters(flat, getattr(target.config, "rope_parameters", None)),
-               num_hidden_layers=a["num_layers"], vocab_size=a["vocab_size"], attention_bias=False, mlp_bias=False)
+               **a.layer_keys(), rope_parameters=rope, attention_bias=False, mlp_bias=False)
     if "rope_theta" in flat:  # flat copy for readers that predate rope_parameters
         cfg["rope_theta"] = flat["rope_theta"]
     if "layer_types" in cfg:  # draft layers are all full attention (they attend to the whole context)
-        cfg["layer_types"] = [DRAFT_LAYER_TYPE] * a["num_layers"]
+        cfg["layer_types"] = [DRAFT_LAYER_TYPE] * a.num_layers
     return cfg
 
 
@@ -163,19 +157,10 @@ def training_num_anchors(ckpt_config: dict) -> int:
     return DEFAULT_NUM_ANCHORS
 
 
-def _head_keys(draft: DSparkDraft) -> dict:
-    has_markov = draft.markov_head is not None
-    return {"block_size": draft.block_size, "mask_token_id": draft.mask_token_id,
-            "markov_rank": draft.arch["markov_rank"] if has_markov else 0,
-            "markov_head_type": HEAD_TYPE_OF.get(draft.sequential_head, "vanilla"),
-            "enable_confidence_head": draft.confidence_head is not None,
-            "confidence_head_with_markov": bool(draft.confidence_head is not None and has_markov)}
-
-
 def _provenance(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embeddings: bool) -> dict:
     return {"toolkit_version": __version__, "format": fmt, "target_id": target.name_or_path,
             "target_revision": target.revision, "target_num_hidden_layers": target.num_layers,
-            "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": DECODER_CONVENTION,
+            "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": TAP_CONVENTION,
             "sequential_head": draft.sequential_head, "includes_target_embeddings": embeddings,
             "includes_lm_head": embeddings, "dtype": _dtype_name(dtype)}
 
@@ -187,7 +172,7 @@ def deepspec_config(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: 
     cfg.update(architectures=[deepspec_architecture(model_type)], model_type=model_type,
                target_layer_ids=list(draft.tap_layer_ids), num_target_layers=target.num_layers,
                num_anchors=num_anchors, tie_word_embeddings=False,  # the draft's lm_head is its own copy
-               dtype=_dtype_name(dtype), torch_dtype=_dtype_name(dtype), **_head_keys(draft))
+               dtype=_dtype_name(dtype), torch_dtype=_dtype_name(dtype), **draft.arch.head_keys())
     cfg[TOOLKIT_KEY] = _provenance(draft, target, "deepspec", dtype, embeddings)
     return cfg
 
@@ -217,8 +202,9 @@ def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype, verifier_
         "architectures": [SPECULATORS_ARCHITECTURE], "speculators_model_type": "dspark",
         "speculators_version": SPECULATORS_VERSION, "transformer_layer_config": lc,
         "draft_vocab_size": draft.out_vocab_size, "target_hidden_size": target.hidden_size,
-        "aux_hidden_state_layer_ids": [i + 1 for i in draft.tap_layer_ids], "sample_from_anchor": True,
-        "sliding_window_non_causal": False, "tie_word_embeddings": False, **_head_keys(draft),
+        "aux_hidden_state_layer_ids": [hidden_states_index(i) for i in draft.tap_layer_ids],
+        "sample_from_anchor": True, "sliding_window_non_causal": False, "tie_word_embeddings": False,
+        **draft.arch.head_keys(),
         "speculators_config": {
             "algorithm": "dspark",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": draft.block_size,
@@ -239,7 +225,7 @@ def export_tensors(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: b
     out = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
            for k, v in draft.state_dict().items()}
     if fmt == "speculators" and draft.reduced_vocab:
-        d2t, t2d = d2t_t2d(out.pop("draft_to_target"), draft.arch["vocab_size"])
+        d2t, t2d = d2t_t2d(out.pop("draft_to_target"), draft.arch.vocab_size)
         out.update(d2t=d2t, t2d=t2d)
         if "lm_head.weight" not in out:  # the frozen head: the target's own rows of the K tokens
             out["lm_head.weight"] = draft.output_head()[0].detach().to(dtype).cpu().contiguous()
@@ -363,7 +349,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     _check_verify_request(format, verify)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     _check_out_dir(ckpt_dir, out_dir)
-    if read_draft_config(ckpt_dir)["arch"].get("architecture") == "eagle3":  # EAGLE-3 baseline: export_eagle3.py
+    if read_draft_arch(ckpt_dir)[1].architecture == "eagle3":  # the EAGLE-3 baseline: export_eagle3.py
         return _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite,
                               device, verify)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -448,7 +434,7 @@ def load_export(export_dir: str | Path, target, device=None) -> DSparkDraft:
     if fmt == "native":
         return load_draft(export_dir, target, device)
     native = native_config(fmt, read_config(export_dir))
-    draft = DSparkDraft(**native["arch"])
+    draft = DSparkDraft(native["arch"])
     state = native_vocab_tensors(load_file(str(export_dir / WEIGHTS_NAME)))
     own = set(draft.state_dict())  # a reduced draft's K-row lm_head is its own weight
     extra = {k: state.pop(k) for k in TARGET_WEIGHTS if k in state and k not in own}

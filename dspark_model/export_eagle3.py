@@ -39,9 +39,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
+from dspark_model.arch import DraftArch
 from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_draft, target_spec_from_checkpoint
 from dspark_model.eagle3 import Eagle3Draft
+from dspark_model.target import TAP_CONVENTION, hidden_states_index, tap_id_of_hidden_states_index
 from dspark_model.vocab import d2t_t2d
 
 log = logging.getLogger(__name__)
@@ -69,13 +71,9 @@ class Eagle3ExportError(ValueError):
 def llama_layer_config(draft: Eagle3Draft) -> dict:
     """The draft's decoder layer as a Llama config (what both engines build the layer from)."""
     a = draft.arch
-    rope = dict(a["rope_config"]["rope_parameters"])
+    rope = dict(a.rope_config["rope_parameters"])
     return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
-        "hidden_size": a["hidden_size"], "intermediate_size": a["intermediate_size"],
-        "num_attention_heads": a["num_attention_heads"], "num_key_value_heads": a["num_key_value_heads"],
-        "head_dim": a["head_dim"], "rms_norm_eps": a["rms_norm_eps"], "hidden_act": a["hidden_act"],
-        "vocab_size": a["vocab_size"], "max_position_embeddings": a["rope_config"].get("max_position_embeddings"),
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], **a.layer_keys(),
         "rope_theta": rope.get("rope_theta"), "rope_parameters": rope,
         "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope,
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
@@ -84,7 +82,7 @@ def llama_layer_config(draft: Eagle3Draft) -> dict:
 
 def _provenance(draft: Eagle3Draft, target, fmt: str, dtype: torch.dtype) -> dict:
     return {"toolkit_version": __version__, "format": f"eagle3-{fmt}", "target_id": target.name_or_path,
-            "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": "decoder_layer",
+            "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": TAP_CONVENTION,
             "block_size": draft.block_size, "dtype": str(dtype).replace("torch.", ""),
             "layouts_checked": SOURCES_CHECKED[fmt if fmt == "sglang" else "vllm"]}
 
@@ -102,7 +100,7 @@ def eagle3_config(draft: Eagle3Draft, target, fmt: str, dtype: torch.dtype, veri
     return {
         "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
         "speculators_version": SPECULATORS_VERSION, "transformer_layer_config": lc, **common,
-        "eagle_aux_hidden_state_layer_ids": [i + 1 for i in draft.tap_layer_ids],
+        "eagle_aux_hidden_state_layer_ids": [hidden_states_index(i) for i in draft.tap_layer_ids],
         "speculators_config": {
             "algorithm": "eagle3",
             "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": draft.block_size,
@@ -124,7 +122,7 @@ def eagle3_tensors(draft: Eagle3Draft, fmt: str, dtype: torch.dtype) -> dict[str
         key = prefix + name[len("layers.0."):] if name.startswith("layers.0.") else name
         out[key] = t.detach().to(dtype).contiguous().cpu()
     if draft.reduced_vocab:
-        out["d2t"], out["t2d"] = d2t_t2d(draft.draft_to_target.cpu(), draft.arch["vocab_size"])
+        out["d2t"], out["t2d"] = d2t_t2d(draft.draft_to_target.cpu(), draft.arch.vocab_size)
     return out
 
 
@@ -167,20 +165,22 @@ def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Dra
         raise Eagle3ExportError(f"{export_dir}: not an EAGLE-3 export (speculators eagle3 or LlamaForCausalLMEagle3)")
     lc = config["transformer_layer_config"] if fmt == "speculators" else config
     if fmt == "speculators":
-        taps = [i - 1 for i in config["eagle_aux_hidden_state_layer_ids"]]
+        taps = [tap_id_of_hidden_states_index(i) for i in config["eagle_aux_hidden_state_layer_ids"]]
         steps = config["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
     else:
         taps = list(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
         steps = (config.get(TOOLKIT_KEY) or {}).get("block_size", 7)
     K, V = config["draft_vocab_size"], lc["vocab_size"]
     rope = lc.get("rope_parameters") or {"rope_type": "default", "rope_theta": lc.get("rope_theta") or 1e4}
-    draft = Eagle3Draft(
-        hidden_size=lc["hidden_size"], num_attention_heads=lc["num_attention_heads"],
-        num_key_value_heads=lc["num_key_value_heads"], head_dim=lc.get("head_dim") or lc["hidden_size"] //
-        lc["num_attention_heads"], intermediate_size=lc["intermediate_size"], rms_norm_eps=lc["rms_norm_eps"],
+    draft = Eagle3Draft(DraftArch(
+        architecture="eagle3", hidden_size=lc["hidden_size"], num_layers=1,
+        num_attention_heads=lc["num_attention_heads"], num_key_value_heads=lc["num_key_value_heads"],
+        head_dim=lc.get("head_dim") or lc["hidden_size"] // lc["num_attention_heads"],
+        intermediate_size=lc["intermediate_size"], rms_norm_eps=lc["rms_norm_eps"],
         hidden_act=lc.get("hidden_act", "silu"), vocab_size=V, tap_layer_ids=taps, block_size=steps,
+        mask_token_id=None, sequential_head="none", markov_rank=0, confidence_head=False,
         rope_config={"rope_parameters": rope, "max_position_embeddings": lc.get("max_position_embeddings") or 4096},
-        draft_vocab_size=K if K < V else None)
+        draft_vocab_size=K if K < V else None))
     tensors = load_file(str(export_dir / WEIGHTS_NAME))
     prefix, state = _LAYER_PREFIX[fmt], {}
     for key, t in tensors.items():
@@ -200,10 +200,11 @@ def export_eagle3_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str
                              target_spec=None, verifier_path: str | None = None, overwrite: bool = False,
                              device: str = "cpu") -> Path:
     """A trained EAGLE-3 checkpoint -> an engine export (the target is loaded as ``export.py`` does)."""
-    from dspark_model.target import load_target
+    from dspark_model.target import load_target, resolve_device
 
     if target is None:
-        target = load_target(target_spec_from_checkpoint(ckpt_dir, target_spec), device)
+        target = load_target(target_spec_from_checkpoint(ckpt_dir, target_spec),
+                             resolve_device(str(device), "--device", Eagle3ExportError))
     draft = load_draft(ckpt_dir, target)
     if isinstance(dtype, str):
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,

@@ -11,9 +11,9 @@ in production only as poor acceptance, so every export is checked here, field by
                   ``aux_hidden_state_layer_ids`` counting ``hidden_states`` indices (= decoder-layer id + 1),
                   no embedding or LM head in the weights.
 
-``native_config(fmt, config)`` maps any format's config.json back to our native form (the ``arch`` kwargs of
-``DSparkDraft`` plus tap ids in the decoder-layer convention); the loader and the checks share it, so a field
-the loader needs is a field the schema requires.
+``native_config(fmt, config)`` maps any format's config.json back to our native form (the draft's ``DraftArch``,
+arch.py, with tap ids in the decoder-layer convention); the loader and the checks share it, so a field the
+loader needs is a field the schema requires.
 """
 
 from __future__ import annotations
@@ -23,14 +23,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dspark_model.arch import HEAD_KIND_OF, DraftArch, DraftArchError, public_head
 from dspark_model.calibration import CALIBRATION_NAME, Calibration, CalibrationError
 from dspark_model.reference import reference_config_problems, reference_weight_problems
 from dspark_model.serving import validate_serving_folder
+from dspark_model.target import hidden_states_index, tap_id_of_hidden_states_index
 
 FORMATS = ("native", "deepspec", "speculators")
-# markov_head_type in the public formats <-> our sequential_head names.
-HEAD_TYPE_OF = {"markov": "vanilla", "gated": "gated", "rnn": "rnn"}
-HEAD_KIND_OF = {v: k for k, v in HEAD_TYPE_OF.items()}
 TARGET_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz")
 LEGACY_HEAD_WEIGHTS = ("markov_head.gate.", "markov_head.rnn_proj.")  # before the reference names (heads.py)
@@ -96,7 +95,7 @@ SCHEMAS: dict[str, tuple[Key, ...]] = {
         Key("sequential_head", "str", "none | markov | gated | rnn"),
         Key("markov_rank", "int", "0 without a sequential head"),
         Key("confidence_head", "bool", "confidence head present"),
-        Key("arch", "dict", "DSparkDraft constructor arguments"),
+        Key("arch", "dict", "the DraftArch record (dspark_model/arch.py) the draft is built from"),
     ),
     "deepspec": (
         Key("architectures", "list[str]", "['<Family>DSparkModel']; DeepSpec dispatches on Qwen3/Gemma4 only"),
@@ -174,49 +173,26 @@ def read_config(export_dir: str | Path) -> dict:
 
 
 # ---- conversion to our native form -------------------------------------------------------------------------
-def _head(config: dict) -> tuple[str, int]:
-    rank = int(config.get("markov_rank") or 0)
-    if rank == 0:
-        return "none", 0
-    return HEAD_KIND_OF.get(config.get("markov_head_type"), "?"), rank
-
-
-def _arch_from_layer_config(lc: dict, config: dict, tap_ids: list[int]) -> dict:
-    kind, rank = _head(config)
-    K = config.get("draft_vocab_size")
-    reduced = K is not None and K != lc["vocab_size"]  # the K-row head travels in the weights: trainable
-    return dict(
-        hidden_size=lc["hidden_size"], num_layers=lc["num_hidden_layers"],
-        num_attention_heads=lc["num_attention_heads"], num_key_value_heads=lc["num_key_value_heads"],
-        head_dim=lc["head_dim"], intermediate_size=lc["intermediate_size"], rms_norm_eps=lc["rms_norm_eps"],
-        hidden_act=lc["hidden_act"], vocab_size=lc["vocab_size"], tap_layer_ids=list(tap_ids),
-        block_size=config["block_size"], mask_token_id=config["mask_token_id"], sequential_head=kind,
-        markov_rank=rank, confidence_head=bool(config["enable_confidence_head"]),
-        rope_config={"rope_parameters": dict(lc["rope_parameters"]),
-                     "max_position_embeddings": lc["max_position_embeddings"]},
-        initializer_range=lc.get("initializer_range", 0.02), draft_vocab_size=K if reduced else None,
-        train_draft_head=reduced,
-    )
-
-
-def native_config(fmt: str, config: dict) -> dict:
-    """Any format's config.json -> the native keys the loader needs: ``arch``, ``tap_layer_ids`` (decoder-layer
-    convention), ``target`` (what is known of the target). Assumes ``validate_config`` passed."""
-    if fmt == "native":
-        return config
+def native_config(fmt: str, config: dict, source: str | Path = "config.json") -> dict:
+    """Any format's config.json -> what the loader and the checks need: ``arch`` (the ``DraftArch``, tap ids in
+    the decoder-layer convention), ``target`` (what is known of the target) and ``DraftArch.native_keys``.
+    Assumes ``validate_config`` passed; ``source`` names the file in errors."""
     prov = config.get(TOOLKIT_KEY, {})
-    if fmt == "deepspec":
-        taps = list(config["target_layer_ids"])
-        arch = _arch_from_layer_config(config, config, taps)
+    if fmt == "native":
+        try:
+            arch = DraftArch.from_config(config, source)
+        except DraftArchError as exc:
+            raise ExportSchemaError(str(exc)) from None
+        target = config.get("target") or {}
+    elif fmt == "deepspec":
+        arch = DraftArch.from_public(config, config, list(config["target_layer_ids"]))
         target = {"id": prov.get("target_id"), "num_layers": prov.get("target_num_hidden_layers")}
     else:
-        taps = [i - 1 for i in config["aux_hidden_state_layer_ids"]]  # hidden_states index -> decoder layer
-        arch = _arch_from_layer_config(config["transformer_layer_config"], config, taps)
+        taps = [tap_id_of_hidden_states_index(i) for i in config["aux_hidden_state_layer_ids"]]
+        arch = DraftArch.from_public(config["transformer_layer_config"], config, taps)
         verifier = config["speculators_config"]["verifier"]
         target = {"id": verifier.get("name_or_path"), "num_layers": prov.get("target_num_hidden_layers")}
-    return {"arch": arch, "tap_layer_ids": taps, "target": target, "block_size": arch["block_size"],
-            "mask_token_id": arch["mask_token_id"], "sequential_head": arch["sequential_head"],
-            "markov_rank": arch["markov_rank"], "confidence_head": arch["confidence_head"]}
+    return dict(arch.native_keys(), arch=arch, target=target)
 
 
 def native_vocab_tensors(tensors: dict) -> dict:
@@ -234,14 +210,14 @@ def native_vocab_tensors(tensors: dict) -> dict:
     return tensors
 
 
-def expected_weight_shapes(arch: dict) -> dict[str, tuple[int, ...]]:
+def expected_weight_shapes(arch: DraftArch) -> dict[str, tuple[int, ...]]:
     """Weight names and shapes of the draft described by ``arch`` (built on the meta device: no memory)."""
     import torch
 
     from dspark_model.draft import DSparkDraft
 
     with torch.device("meta"):
-        draft = DSparkDraft(**arch)
+        draft = DSparkDraft(arch)
     return {k: tuple(v.shape) for k, v in draft.state_dict().items()}
 
 
@@ -327,16 +303,22 @@ def validate_config(fmt: str, config: dict) -> list[str]:
     if p:
         return p
     if fmt == "native":
-        return [] if config["model_type"] == "dspark" else ["config.json: model_type must be 'dspark'"]
+        if config["model_type"] != "dspark":
+            return ["config.json: model_type must be 'dspark'"]
+        try:
+            native_config(fmt, config)
+        except ExportSchemaError as exc:
+            return [str(exc)]
+        return []
     p = _check_heads(config, "config.json")
     p += _check_speculators(config) if fmt == "speculators" else _check_deepspec(config)
     p += reference_config_problems(fmt, config)
     if not p:
         p += _check_provenance(fmt, config)
-        kind, _ = _head(config)
-        vocab = native_config(fmt, config)["arch"]["vocab_size"]
+        kind, _ = public_head(config)
         if kind == "?":
-            p.append(f"markov_head_type {config['markov_head_type']!r} is unknown")
+            return p + [f"markov_head_type {config['markov_head_type']!r} is unknown"]
+        vocab = native_config(fmt, config)["arch"].vocab_size
         if not 0 <= config["mask_token_id"] < vocab:
             p.append(f"mask_token_id {config['mask_token_id']} is outside the vocabulary 0..{vocab - 1}")
     return p
@@ -348,7 +330,8 @@ def _check_provenance(fmt: str, config: dict) -> list[str]:
     if not isinstance(prov, dict) or not isinstance(prov.get("tap_layer_ids"), list):
         return []
     taps, depth = prov["tap_layer_ids"], prov.get("target_num_hidden_layers")
-    name, shown, want = (("aux_hidden_state_layer_ids", config["aux_hidden_state_layer_ids"], [i + 1 for i in taps])
+    name, shown, want = (("aux_hidden_state_layer_ids", config["aux_hidden_state_layer_ids"],
+                          [hidden_states_index(i) for i in taps])
                          if fmt == "speculators" else ("target_layer_ids", config["target_layer_ids"], taps))
     p = []
     if shown != want:
@@ -364,10 +347,10 @@ def validate_against_target(fmt: str, config: dict, target) -> list[str]:
     native = native_config(fmt, config)
     arch, taps, L = native["arch"], native["tap_layer_ids"], target.num_layers
     p = []
-    if arch["hidden_size"] != target.hidden_size:
-        p.append(f"hidden size {arch['hidden_size']} != target width {target.hidden_size}")
-    if arch["vocab_size"] != target.vocab_size:
-        p.append(f"vocabulary {arch['vocab_size']} != target embedding rows {target.vocab_size}")
+    if arch.hidden_size != target.hidden_size:
+        p.append(f"hidden size {arch.hidden_size} != target width {target.hidden_size}")
+    if arch.vocab_size != target.vocab_size:
+        p.append(f"vocabulary {arch.vocab_size} != target embedding rows {target.vocab_size}")
     name = {"native": "tap_layer_ids", "deepspec": "target_layer_ids",
             "speculators": "aux_hidden_state_layer_ids"}[fmt]
     shown = config[name]
@@ -375,7 +358,8 @@ def validate_against_target(fmt: str, config: dict, target) -> list[str]:
     if any(not lo <= i <= hi for i in shown):
         p.append(f"{name} {shown} outside {lo}..{hi} for a {L}-layer target ({_convention(fmt)})")
     if taps != list(target.tap_layer_ids):
-        want = [i + 1 for i in target.tap_layer_ids] if fmt == "speculators" else list(target.tap_layer_ids)
+        want = ([hidden_states_index(i) for i in target.tap_layer_ids] if fmt == "speculators"
+                else list(target.tap_layer_ids))
         p.append(f"{name} {shown} != {want} expected for this target's taps {target.tap_layer_ids} "
                  f"({_convention(fmt)}) - off by one?")
     model_type = getattr(target.config, "model_type", None)
@@ -397,7 +381,7 @@ def check_weights(fmt: str, config: dict, header: dict[str, tuple[tuple[int, ...
     """Compare weight names/shapes/dtypes (``header``: name -> (shape, dtype)) with the format's layout."""
     arch = native_config(fmt, config)["arch"]
     want = expected_weight_shapes(arch)
-    V, d = arch["vocab_size"], arch["hidden_size"]
+    V, d = arch.vocab_size, arch.hidden_size
     p = []
     maps = {"draft_to_target"}  # integer / bool vocabulary tables: exempt from the one-dtype rule
     if fmt == "speculators" and "draft_to_target" in want:

@@ -23,8 +23,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from dspark_model.arch import HEAD_TYPE_OF, DraftArch
+
 LAYOUTS_PATH = Path(__file__).with_name("reference_layouts.json")
-HEAD_TYPE = {"markov": "vanilla", "gated": "gated", "rnn": "rnn"}
 
 
 @lru_cache(maxsize=1)
@@ -49,36 +50,35 @@ def formula_value(formula: str, sizes: dict[str, int]) -> int:
     return total
 
 
-def _sizes(arch: dict) -> dict[str, int]:
-    V = arch["vocab_size"]
-    return {"d": arch["hidden_size"], "V": V, "K": arch.get("draft_vocab_size") or V,
-            "r": arch["markov_rank"], "I": arch["intermediate_size"], "H": arch["num_attention_heads"],
-            "KV": arch["num_key_value_heads"], "hd": arch["head_dim"], "taps": len(arch["tap_layer_ids"])}
+def _sizes(arch: DraftArch) -> dict[str, int]:
+    return {"d": arch.hidden_size, "V": arch.vocab_size, "K": arch.out_vocab_size, "r": arch.markov_rank,
+            "I": arch.intermediate_size, "H": arch.num_attention_heads, "KV": arch.num_key_value_heads,
+            "hd": arch.head_dim, "taps": len(arch.tap_layer_ids)}
 
 
-def reference_weights(fmt: str, arch: dict) -> dict[str, tuple[int, ...]]:
-    """Names and shapes the reference model of ``fmt`` declares for the draft ``arch`` (native arch kwargs),
+def reference_weights(fmt: str, arch: DraftArch) -> dict[str, tuple[int, ...]]:
+    """Names and shapes the reference model of ``fmt`` declares for the draft ``arch``,
     before anything is left out of the file."""
     ref = layouts()[fmt]["weights"]
-    kind, sizes = arch["sequential_head"], _sizes(arch)
+    kind, sizes = arch.sequential_head, _sizes(arch)
     parts = [ref["backbone"]]
     if kind != "none":
-        parts.append(ref["sequential_head"][HEAD_TYPE[kind]])
-    if arch["confidence_head"]:
+        parts.append(ref["sequential_head"][HEAD_TYPE_OF[kind]])
+    if arch.confidence_head:
         parts.append(ref["confidence_head"]["with_markov" if kind != "none" else "hidden_only"])
     out = {}
     for part in parts:
         for name, shape in part.items():
             dims = tuple(formula_value(f, sizes) for f in shape)
-            names = [name.format(i=i) for i in range(arch["num_layers"])] if "{i}" in name else [name]
+            names = [name.format(i=i) for i in range(arch.num_layers)] if "{i}" in name else [name]
             out.update(dict.fromkeys(names, dims))
     return out
 
 
-def expected_file_weights(fmt: str, arch: dict) -> dict[str, tuple[int, ...]]:
+def expected_file_weights(fmt: str, arch: DraftArch) -> dict[str, tuple[int, ...]]:
     """What an export file must hold for the reference to load every weight from the file or the verifier."""
     ref, want = layouts()[fmt], reference_weights(fmt, arch)
-    reduced = bool(arch.get("draft_vocab_size"))
+    reduced = arch.reduced_vocab
     if not reduced:
         for name in ref.get("only_with_reduced_vocab", []):
             want.pop(name, None)
@@ -87,7 +87,7 @@ def expected_file_weights(fmt: str, arch: dict) -> dict[str, tuple[int, ...]]:
     return want
 
 
-def reference_weight_problems(fmt: str, arch: dict, header: dict, embeddings_omitted: bool = False) -> list[str]:
+def reference_weight_problems(fmt: str, arch: DraftArch, header: dict, embeddings_omitted: bool = False) -> list[str]:
     """Differences between an export file's weights (``header``: name -> (shape, dtype)) and what the
     reference reads. ``embeddings_omitted``: a deepspec export written without the target's embed/lm_head on
     purpose (reported elsewhere)."""

@@ -26,10 +26,35 @@ from dspark_model.config import TargetSpec
 
 log = logging.getLogger(__name__)
 
-TAP_CONVENTION = "decoder_layer"  # tap id i = output of decoder layer i = hidden_states[i + 1]
+# The tap-layer convention, stated once: tap id i is the output of decoder layer i, i.e. hidden_states[i + 1]
+# in transformers (DeepSpec's ids); speculators / vLLM count hidden_states indices (id + 1). Every file that
+# records tap ids (config.json, the target cache manifest, the exports' provenance) writes TAP_CONVENTION, and
+# code converts only through the two functions below.
+TAP_CONVENTION = "decoder_layer"
+
+
+def hidden_states_index(tap_id: int) -> int:
+    """Decoder-layer tap id -> ``hidden_states`` index (transformers' output, speculators' aux layer ids)."""
+    return tap_id + 1
+
+
+def tap_id_of_hidden_states_index(index: int) -> int:
+    """Inverse of ``hidden_states_index``."""
+    return index - 1
+
 FINAL_HIDDEN_CONVENTION = "after_final_norm"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str, setting: str = "device", error: type[Exception] = ValueError) -> torch.device:
+    """The device every stage runs on (data_prep, train, eval): ``auto`` is the GPU when one is visible, else
+    the CPU; a CUDA device asked for where none is visible raises ``error`` naming ``setting`` and the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"{setting}={name} but no GPU is visible; use {setting}=cpu or {setting}=auto")
+    return torch.device(name)
 
 
 class TargetNotFoundError(RuntimeError):
@@ -259,7 +284,7 @@ class Target:
         out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    cache=past_key_values, use_cache=use_cache, output_hidden_states=True)
         # hidden_states = (embeddings, layer 0, ..., layer L-2, final-normed); taps never include L-1.
-        taps = torch.cat([out.hidden_states[i + 1] for i in self.tap_layer_ids], dim=-1)  # (B, T, k*d)
+        taps = torch.cat([out.hidden_states[hidden_states_index(i)] for i in self.tap_layer_ids], dim=-1)  # (B, T, k*d)
         return TargetOutput(taps, out.last_hidden_state, out.cache if use_cache else None)
 
     def new_cache(self):

@@ -38,14 +38,6 @@ def cli_args(argv: list[str]) -> list[str]:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
-    return torch.device(name)
-
-
 def load_models(cfg: EvalConfig, device: torch.device):
     """(target, draft, target spec, checkpoint dir or None)."""
     from dspark_model.draft import build_draft_for
@@ -108,13 +100,14 @@ def load_eval_prompts(cfg: EvalConfig) -> list:
 def run(cfg: EvalConfig) -> str:
     from dspark_model.atomic import file_sha256
     from dspark_model.calibration import WEIGHTS_NAME
+    from dspark_model.target import resolve_device
     from eval.baselines import RunSettings, compare_on_prompts
     from eval.metrics import acceptance_summary, throughput_summary
     from eval.report import build_report, calibrate, run_settings_record, write_outputs
     from eval.speculative import eos_token_ids_of
 
     validate(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "device", EvalConfigError)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     target, draft, spec, ckpt = load_models(cfg, device)
@@ -145,16 +138,16 @@ def run(cfg: EvalConfig) -> str:
     report = build_report(acceptance_summary(records, gamma), throughput_summary(rows),
                           run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt))
     if cfg.calibration.enabled and draft.confidence_head is not None:
-        report.update(calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed, spec, weights_sha256))
+        report = dataclasses.replace(report, **calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed,
+                                                         spec, weights_sha256))
     if cfg.scheduler_live.enabled:
         from eval.live import run_live_stage
 
-        report["scheduler_live"] = run_live_stage(target, draft, prompts, cfg.scheduler_live, settings, out_dir,
-                                                  report.get("calibration_dir"))
+        report.scheduler_live = run_live_stage(target, draft, prompts, cfg.scheduler_live, settings, out_dir,
+                                               report.calibration_dir)
     write_outputs(out_dir, report, records if cfg.save_rounds else None, rows, outputs)
-    log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report["tau"] or 0,
-             {k: round(v, 1) for k, v in report["tokens_per_s"].items() if v}, report["greedy_match_rate"],
-             out_dir)
+    log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report.tau or 0,
+             {k: round(v, 1) for k, v in report.tokens_per_s.items() if v}, report.greedy_match_rate, out_dir)
     return out_dir
 
 

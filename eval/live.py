@@ -22,10 +22,19 @@ the active requests (the packed form of ``crop_cache``). A plain ``DynamicCache`
 layer would trim across requests, so targets with sliding-window attention are refused when a request could
 outgrow the window (below it, full attention is the same computation).
 
-The draft keeps one context cache per request and proposes per request: ``DSparkDraft.propose`` takes one
-context length for its whole batch and no attention mask, so requests of different lengths cannot share a
-call. That costs N draft forwards per round, the same for every policy. The draft always proposes its full
-block (gamma tokens), which Algorithm 1 needs to see all confidences; a fixed length L verifies the first L.
+The draft keeps one context cache per request and proposes per request (``live_cost.draft_round``):
+``DSparkDraft.propose`` takes one context length for its whole batch and no attention mask, so requests of
+different lengths cannot share a call. That costs N draft forwards per round, the same for every policy. The
+draft always proposes its full block (gamma tokens), which Algorithm 1 needs to see all confidences; a fixed
+length L verifies the first L.
+
+What Algorithm 1 plans with (eval/live_cost.py): for each N, an SPS table profiled in this very layout (N
+packed contexts, the 4-D mask, logits at all B positions, the cleanup; warm-up, median of repeats) and, with
+``draft_cost`` (default), the profiled drafting time of a round, D(R) = R x one proposal, folded into the
+objective: Theta = tau* / (D(R) + 1 / SPS(B)), i.e. tau* x ``with_draft_cost(SPS, D(R))``. The paper's
+Algorithm 1 maximises tau* x SPS(B) (an engine whose drafting overlaps verification, or is negligible);
+here drafting is serial and on a CPU a good part of each round, so it is part of the round's cost.
+Lines 4-15 of the algorithm (sort, greedy admission, early stop) are unchanged.
 
 Sampling is fp32 with one ``torch.Generator`` per request, used in the same order as ``speculative_generate``
 (first token, then per round: propose, verify), so with a fixed length gamma a request draws exactly what it
@@ -48,7 +57,8 @@ import numpy as np
 import torch
 
 from eval.calibration import apply_sts, prefix_survival
-from eval.scheduler import SpsLike, SpsTable, schedule_algorithm1
+from eval.live_cost import draft_round, profile_draft_seconds, profile_packed_sps
+from eval.scheduler import SpsLike, SpsTable, describe_hardware, schedule_algorithm1, with_draft_cost
 from eval.speculative import SpecOutput, sample_token, target_distribution, verify_block
 
 log = logging.getLogger(__name__)
@@ -76,8 +86,10 @@ def fixed_policy(length: int) -> Policy:
     return choose
 
 
-def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike) -> Policy:
-    """Algorithm 1 on the STS-calibrated prefix survival of each request's confidences."""
+def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike, draft_seconds: float = 0.0) -> Policy:
+    """Algorithm 1 on the STS-calibrated prefix survival of each request's confidences. ``draft_seconds``: one
+    request's proposal time; a round of R requests is costed D(R) = R x that + 1 / SPS(B) (module docstring;
+    0 = the paper's tau* x SPS(B))."""
     temps = np.asarray(temperatures, dtype=np.float64)
 
     def choose(confidences, gamma: int) -> np.ndarray:
@@ -86,7 +98,7 @@ def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike) -> Policy:
         if gamma > temps.size:
             raise ValueError(f"the calibration has {temps.size} temperatures, fewer than gamma={gamma}")
         survival = prefix_survival(apply_sts(confidences, temps[:gamma]))  # (R, gamma)
-        return schedule_algorithm1(survival, sps)
+        return schedule_algorithm1(survival, with_draft_cost(sps, draft_seconds * survival.shape[0]))
 
     return choose
 
@@ -295,8 +307,8 @@ def batched_speculative_generate(target, draft, prompts: Sequence[Sequence[int]]
         if not active:
             break
         draft_start = time.perf_counter()
-        proposals = [draft.propose(r.context, torch.tensor([r.anchor], device=device), temperature,
-                                   r.generator, gamma) for r in active]
+        proposals = draft_round(draft, [r.context for r in active], [r.anchor for r in active], temperature,
+                                [r.generator for r in active], gamma)
         confidences = None
         if all(p.confidences is not None for p in proposals):
             confidences = torch.cat([p.confidences for p in proposals]).double().cpu().numpy()  # (R, gamma)
@@ -318,8 +330,8 @@ def batched_speculative_generate(target, draft, prompts: Sequence[Sequence[int]]
 # Measurement: Algorithm 1 vs every fixed length, N concurrent requests
 # ----------------------------------------------------------------------------------------------------
 
-def _policies(temperatures, sps, gamma: int) -> dict[str, Policy]:
-    return {"algorithm1": algorithm1_policy(temperatures, sps),
+def _policies(temperatures, sps, gamma: int, draft_seconds: float = 0.0) -> dict[str, Policy]:
+    return {"algorithm1": algorithm1_policy(temperatures, sps, draft_seconds),
             **{f"fixed_{length}": fixed_policy(length) for length in range(1, gamma + 1)}}
 
 
@@ -332,18 +344,37 @@ def _run_stats(out: BatchOutput) -> dict:
             "mean_batch_tokens": statistics.fmean(out.batch_tokens) if out.batch_tokens else None}
 
 
+def round_costs(target, draft, batch: Sequence[Sequence[int]], gamma: int, max_new_tokens: int,
+                temperature: float, sps: SpsLike | None, draft_cost: bool, warmup: int = 1,
+                repeats: int = 5) -> tuple[SpsLike, float]:
+    """(SPS, seconds of one proposal) Algorithm 1 plans with for the requests ``batch``: ``sps``, else a table
+    profiled in the packed layout (eval/live_cost.py) over len(batch) contexts of the batch's mean prompt
+    length + max_new_tokens / 2 (mid-generation); the proposal time is profiled likewise (0 without
+    ``draft_cost``)."""
+    context_len = max(1, round(statistics.fmean(len(p) for p in batch) + max_new_tokens / 2))
+    n = len(batch)
+    if sps is None:
+        sps = profile_packed_sps(target, n, gamma, context_len, temperature, warmup, repeats, describe_hardware())
+    seconds = (profile_draft_seconds(draft, target, n, gamma, context_len, temperature, warmup, repeats)
+               if draft_cost else 0.0)
+    return sps, seconds
+
+
 def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temperatures: Sequence[float],
-                           sps: SpsLike, requests: Sequence[int] = DEFAULT_REQUESTS, gamma: int | None = None,
-                           max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-                           eos_token_ids: Sequence[int] = (), repeats: int = 1,
+                           sps: SpsLike | None = None, requests: Sequence[int] = DEFAULT_REQUESTS,
+                           gamma: int | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                           seed: int = 0, eos_token_ids: Sequence[int] = (), repeats: int = 1,
                            reference: Callable[[list[int]], list[int]] | None = None,
-                           warmup: bool = True) -> dict:
+                           warmup: bool = True, draft_cost: bool = True, profile_warmup: int = 1,
+                           profile_repeats: int = 5) -> dict:
     """Tokens/s of Algorithm 1 and of every fixed length 1..gamma with N concurrent requests, N in ``requests``.
 
     Request i decodes ``prompts[i % len(prompts)]`` with its own generator (seeded from ``seed`` and i, the
     same for every policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefill,
     the same for every policy, is excluded and reported apart), median over ``repeats`` runs. At T = 0,
     ``reference(prompt ids)`` (plain greedy decoding) gives the tokens every request must match.
+    Algorithm 1's costs for each N come from ``round_costs``: ``sps`` None = profiled in the packed layout
+    (``profile_warmup`` / ``profile_repeats``), ``draft_cost`` = the profiled drafting time in the objective.
     Returns the ``scheduler_live`` record: requests, algorithm1_tokens_per_s, best_fixed_tokens_per_s,
     best_fixed_length, algorithm1_vs_best_fixed, fixed_tokens_per_s {L: [...]}, per-policy details, settings.
     """
@@ -351,16 +382,20 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
     prompts = [list(p) for p in prompts]
     if not prompts or repeats < 1 or not requests or min(requests) < 1:
         raise ValueError("measure_scheduler_live needs prompts, repeats >= 1 and request counts >= 1")
-    policies = _policies(temperatures, sps, gamma)
     eos = list(eos_token_ids)
     if warmup:
-        batched_speculative_generate(target, draft, prompts[:2], min(8, max_new_tokens), policies["algorithm1"],
+        batched_speculative_generate(target, draft, prompts[:2], min(8, max_new_tokens), fixed_policy(gamma),
                                      temperature, gamma, None, eos)
     expected: dict[tuple, list[int]] = {}
     checked = matched = 0
-    rows = []
+    rows, costs = [], {}
     for n_requests in requests:
         batch = [prompts[i % len(prompts)] for i in range(n_requests)]
+        table, seconds = round_costs(target, draft, batch, gamma, max_new_tokens, temperature, sps, draft_cost,
+                                     profile_warmup, profile_repeats)
+        costs[str(n_requests)] = {"sps": table.to_dict() if isinstance(table, SpsTable) else None,
+                                  "draft_seconds_per_request": seconds}
+        policies = _policies(temperatures, table, gamma, seconds)
         runs: dict[str, list[dict]] = {name: [] for name in policies}
         for _ in range(repeats):
             for name, policy in policies.items():
@@ -380,8 +415,8 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
         log.info("scheduler_live N=%d: algorithm1 %.1f tok/s, best fixed L=%d %.1f tok/s", n_requests,
                  rows[-1]["tokens_per_s"]["algorithm1"], rows[-1]["best_fixed_length"],
                  rows[-1]["best_fixed_tokens_per_s"])
-    return _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, sps,
-                    matched / checked if checked else None)
+    return _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, costs,
+                    draft_cost, matched / checked if checked else None)
 
 
 def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
@@ -395,7 +430,8 @@ def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
             "best_fixed_tokens_per_s": fixed[best], "details": details}
 
 
-def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, temperatures, sps, match) -> dict:
+def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, temperatures, costs, draft_cost,
+             match) -> dict:
     algorithm1 = [row["tokens_per_s"]["algorithm1"] for row in rows]
     best = [row["best_fixed_tokens_per_s"] for row in rows]
     return {
@@ -412,7 +448,9 @@ def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, tempe
                      "repeats": repeats, "distinct_prompts": n_prompts, "layout": "packed (one row, 4-D mask)",
                      "draft": "one propose() per request", "timed": "rounds only (prefill excluded)",
                      "sts_temperatures": [float(t) for t in temperatures],
-                     "sps": sps.to_dict() if isinstance(sps, SpsTable) else None},
+                     "objective": ("tau* / (R x draft_seconds_per_request + 1 / SPS(B))" if draft_cost
+                                   else "tau* x SPS(B) (paper)"),
+                     "round_costs": costs},
     }
 
 
@@ -449,13 +487,14 @@ def live_problem(draft, calibration_enabled: bool) -> str | None:
     if draft.confidence_head is None:
         return "the draft has no confidence head, so Algorithm 1 has no confidences to schedule on"
     if not calibration_enabled and getattr(draft, "calibration", None) is None:
-        return ("Algorithm 1 needs STS temperatures and an SPS table: keep calibration.enabled=true or evaluate "
-                "a checkpoint with a calibration.json beside its weights")
+        return ("Algorithm 1 needs STS temperatures: keep calibration.enabled=true or evaluate a checkpoint with "
+                "a calibration.json beside its weights")
     return None
 
 
-def live_calibration(draft, calibration_dir: str | None):
-    """(temperatures, SpsTable) for Algorithm 1: this eval's calibration, else the one beside the checkpoint."""
+def live_temperatures(draft, calibration_dir: str | None) -> list[float] | None:
+    """STS temperatures for Algorithm 1: this eval's calibration, else the one beside the checkpoint. (Its SPS
+    table, profiled on one plain row, is not used: the live stage profiles the packed layout it runs.)"""
     from pathlib import Path
 
     from dspark_model.calibration import CALIBRATION_NAME, Calibration
@@ -464,9 +503,7 @@ def live_calibration(draft, calibration_dir: str | None):
     if calibration_dir and (Path(calibration_dir) / CALIBRATION_NAME).is_file():
         record = Calibration.read(Path(calibration_dir) / CALIBRATION_NAME)
     record = record or getattr(draft, "calibration", None)
-    if record is None or not record.sps:
-        return None
-    return list(record.temperatures), SpsTable.from_dict(record.sps)
+    return None if record is None else list(record.temperatures)
 
 
 def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir: str,
@@ -482,9 +519,9 @@ def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir
     from eval.speculative import chat_prompt_ids
 
     problem = live_problem(draft, calibration_enabled=True)
-    calibration = None if problem else live_calibration(draft, calibration_dir)
-    if calibration is None:
-        problem = problem or "no calibration (STS temperatures + SPS table): this eval's calibration was skipped"
+    temperatures = None if problem else live_temperatures(draft, calibration_dir)
+    if temperatures is None:
+        problem = problem or "no calibration (STS temperatures): this eval's calibration was skipped"
         log.warning("scheduler_live skipped: %s", problem)
         return {"error": problem}
     n_prompts = live_cfg.num_prompts or max(live_cfg.requests)
@@ -497,10 +534,11 @@ def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir
     def reference(ids):
         return hf_generate(target, ids, max_new, 0.0, settings.eos_token_ids)
 
-    live = measure_scheduler_live(target, draft, prompt_ids, calibration[0], calibration[1], live_cfg.requests,
+    live = measure_scheduler_live(target, draft, prompt_ids, temperatures, None, live_cfg.requests,
                                   settings.gamma, max_new, settings.temperature, settings.seed,
                                   settings.eos_token_ids, live_cfg.repeats,
-                                  reference if live_cfg.check_greedy else None, settings.warmup)
+                                  reference if live_cfg.check_greedy else None, settings.warmup,
+                                  live_cfg.draft_cost, live_cfg.profile_warmup, live_cfg.profile_repeats)
     os.makedirs(out_dir, exist_ok=True)
     live["figure"] = os.path.basename(plot_live(live, os.path.join(out_dir, PLOT_NAME)))
     return live

@@ -2,7 +2,7 @@
 
 Layout of an output folder (default ``runs/eval/<name>``)::
 
-    report.json               every number of the run (keys listed in ``build_report``), strict JSON
+    report.json               every number of the run: the ``EvalReport`` record below, strict JSON
     report.md                 the same as readable tables
     rounds.jsonl              one record per speculative round (input of calibration / scheduling)
     prompts.jsonl             per-prompt timing rows (tokens and seconds per method, greedy match)
@@ -17,14 +17,18 @@ All files are written atomically (temporary file in the same folder, then ``os.r
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from dspark_model.atomic import atomic_write_text
 from dspark_model.calibration import CALIBRATION_NAME
+from dspark_model.record import JsonRecord
 from eval.metrics import DEFINITIONS
 
 PLOTS = {"acceptance": "acceptance_by_position.png", "histogram": "accepted_length_histogram.png"}
@@ -61,9 +65,58 @@ def write_jsonl(path: str, rows: Iterable[Mapping]) -> None:
     _atomic_write(path, write)
 
 
-def build_report(acceptance: Mapping, throughput: Mapping, settings: Mapping) -> dict:
+@dataclass
+class EvalReport(JsonRecord):
+    """``report.json``: one eval run's numbers, written by ``eval`` (``write_outputs``), read by the model card
+    (``dspark_model/card.py``) and ``benchmarks/reference_report.py``.
+
+    Acceptance (``metrics.acceptance_summary``; per position lists have gamma entries, ``pooled`` and
+    ``by_dataset``): tau, tau_by_dataset, conditional_acceptance, prefix_survival, accepted_length_histogram,
+    num_rounds, num_rounds_by_dataset. Wall clock (``metrics.throughput_summary``): tokens_per_s {spec,
+    generate, prompt_lookup}, timing_totals, the speed-ups and match rates. ``definitions``: what each number
+    means; ``settings``: what produced them (``run_settings_record``). Calibration (``calibrate``): its headline
+    numbers and where it was written, or ``calibration_error``. ``scheduler_live``: eval/live.py's record.
+    Reports written before the record had no ``format`` key; they are read as this version."""
+
+    FORMAT = "dspark-eval-report/1"
+    WHAT = "eval report"
+    FIX = "re-run eval (`python -m eval draft=<checkpoint>`) to write a current one"
+    UNVERSIONED_IS_CURRENT = True
+
+    tau: float | None
+    tau_by_dataset: dict
+    conditional_acceptance: dict
+    prefix_survival: dict
+    accepted_length_histogram: dict
+    num_rounds: int
+    num_rounds_by_dataset: dict
+    tokens_per_s: dict
+    timing_totals: dict
+    speedup_vs_generate: float | None
+    speedup_vs_prompt_lookup: float | None
+    greedy_match_rate: float | None
+    prompt_lookup_match_rate: float | None
+    settings: dict
+    definitions: dict = dataclasses.field(default_factory=lambda: dict(DEFINITIONS))
+    ece_before: float | None = None
+    ece_after: float | None = None
+    auroc: float | None = None
+    brier: float | None = None
+    scheduler_vs_best_fixed: float | None = None
+    calibration_dir: str | None = None
+    calibration_figures: list | None = None
+    calibration_written_to: str | None = None
+    calibration_error: str | None = None
+    scheduler_live: dict | None = None
+
+    def write(self, path: str | Path) -> None:
+        """Strict JSON: NaN and infinities become null."""
+        write_json(str(path), self.to_dict())
+
+
+def build_report(acceptance: Mapping, throughput: Mapping, settings: Mapping) -> EvalReport:
     """report.json content: acceptance metrics + wall clock + the settings that produced them."""
-    return {**acceptance, **throughput, "definitions": DEFINITIONS, "settings": dict(settings)}
+    return EvalReport(**acceptance, **throughput, settings=dict(settings))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +229,7 @@ def render_markdown(report: Mapping) -> str:
               f"- speed-up vs prompt lookup: {_fmt(report.get('speedup_vs_prompt_lookup'))}",
               f"- greedy match rate (spec == plain greedy, token for token): {_fmt(report.get('greedy_match_rate'))}",
               ""]
-    if "ece_before" in report:
+    if report.get("calibration_dir"):  # the calibration stage ran
         lines += ["## Calibration (held-out rounds)", ""]
         lines += _table(["ece_before", "ece_after", "auroc", "brier", "scheduler_vs_best_fixed"],
                         [[report.get(k) for k in ("ece_before", "ece_after", "auroc", "brier",
@@ -193,13 +246,13 @@ def render_markdown(report: Mapping) -> str:
                   f"{_fmt(live.get('greedy_match_rate'))}", ""]
     elif live:
         lines += ["## Algorithm 1 live", "", f"Skipped: {live['error']}", ""]
-    figures = list(PLOTS.values()) + list(report.get("calibration_figures", []))
+    figures = list(PLOTS.values()) + list(report.get("calibration_figures") or [])
     figures += [live["figure"]] if live and live.get("figure") else []
     lines += ["Figures: " + ", ".join(f"`{f}`" for f in figures), ""]
     return "\n".join(lines)
 
 
-def write_outputs(out_dir: str, report: Mapping, records: Sequence[Mapping] | None = None,
+def write_outputs(out_dir: str, report: EvalReport, records: Sequence[Mapping] | None = None,
                   rows: Sequence[Mapping] | None = None, outputs: Sequence[Mapping] | None = None) -> dict:
     """Write every file of the output folder; returns {kind: path}."""
     os.makedirs(out_dir, exist_ok=True)
@@ -209,11 +262,12 @@ def write_outputs(out_dir: str, report: Mapping, records: Sequence[Mapping] | No
         if items is not None:
             paths[key] = os.path.join(out_dir, name)
             write_jsonl(paths[key], items)
-    if report.get("num_rounds"):
-        paths["acceptance_plot"] = plot_acceptance(report, os.path.join(out_dir, PLOTS["acceptance"]))
-        paths["histogram_plot"] = plot_histogram(report, os.path.join(out_dir, PLOTS["histogram"]))
-    write_json(paths["report_json"], report)
-    _atomic_write(paths["report_md"], lambda h: h.write(render_markdown(jsonable(report))))
+    doc = jsonable(report.to_dict())
+    if report.num_rounds:
+        paths["acceptance_plot"] = plot_acceptance(doc, os.path.join(out_dir, PLOTS["acceptance"]))
+        paths["histogram_plot"] = plot_histogram(doc, os.path.join(out_dir, PLOTS["histogram"]))
+    report.write(paths["report_json"])
+    _atomic_write(paths["report_md"], lambda h: h.write(render_markdown(doc)))
     return paths
 
 

@@ -214,6 +214,22 @@ def schedule_practical(current_survival, stale_survival, sps: SpsLike) -> np.nda
     return _lengths_from_prefix(matrix.shape[0], req, pos, min(capacity, req.size))
 
 
+def with_draft_cost(sps: SpsLike, draft_seconds: float) -> Callable:
+    """Whole rounds per second when each round also spends ``draft_seconds`` drafting before it is scheduled:
+    B -> 1 / (1 / SPS(B) + D). Algorithm 1 on this rate maximises expected tokens per second of whole rounds
+    (eval/live_cost.py); D does not depend on the lengths chosen, so the early stop keeps it lossless.
+    D <= 0 returns ``sps`` itself (the paper's objective)."""
+    if draft_seconds <= 0:
+        return sps
+    base = as_sps(sps)
+
+    def rate(batch_tokens):
+        values = 1.0 / (1.0 / sps_values(base, np.atleast_1d(np.asarray(batch_tokens))) + draft_seconds)
+        return float(values[0]) if np.ndim(batch_tokens) == 0 else values
+
+    return rate
+
+
 def expected_throughput(survival, lengths: Sequence[int], sps: SpsLike) -> tuple[float, float]:
     """(tau*, Theta): expected tokens emitted this step and tau* * SPS(B) with B = sum(1 + l_r)."""
     matrix = as_survival_matrix(survival)  # (R, gamma)
@@ -236,20 +252,23 @@ def profile_sps(step_fn: Callable[[int], object], batch_sizes: Sequence[int], wa
     """Measure steps/s of ``step_fn(B)`` (one target forward over B new tokens) for each batch size.
 
     ``warmup`` calls per B are not timed; steps/s = 1 / median of ``repeats`` timed calls, timed with
-    ``clock`` (seconds). ``step_fn`` must block until the work is done (e.g. synchronise CUDA).
+    ``clock`` (seconds). The timed calls go round-robin over the sizes, so that a change in background load
+    while profiling spreads over every size instead of bending the curve at a few (a dip between neighbouring
+    sizes is a cliff to Algorithm 1). ``step_fn`` must block until the work is done (e.g. synchronise CUDA).
     """
     if repeats < 1:
         raise ValueError("profile_sps: repeats must be >= 1")
-    points = {}
-    for batch in sorted({int(b) for b in batch_sizes}):
+    sizes = sorted({int(b) for b in batch_sizes})
+    for batch in sizes:
         for _ in range(warmup):
             step_fn(batch)
-        durations = []
-        for _ in range(repeats):
+    durations: dict[int, list[float]] = {batch: [] for batch in sizes}
+    for _ in range(repeats):
+        for batch in sizes:
             start = clock()
             step_fn(batch)
-            durations.append(clock() - start)
-        points[batch] = 1.0 / max(statistics.median(durations), 1e-9)
+            durations[batch].append(clock() - start)
+    points = {batch: 1.0 / max(statistics.median(times), 1e-9) for batch, times in durations.items()}
     return SpsTable(points, hardware=hardware)
 
 

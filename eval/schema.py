@@ -56,6 +56,12 @@ class SchedulerLiveConfig:
     max_new_tokens: int | None = None  # per request; None = the eval's max_new_tokens
     repeats: int = 1  # timed runs per (N, policy); the median tokens/s is reported
     check_greedy: bool = True  # at T = 0, every request's output must equal plain greedy generate
+    # Algorithm 1's costs, profiled per N in the packed layout the live loop runs (eval/live_cost.py):
+    profile_warmup: int = 1  # untimed calls per batch size
+    profile_repeats: int = 5  # timed calls per batch size (median)
+    # true: each round's drafting time (profiled) is part of the objective, tau* / (D(R) + 1/SPS(B));
+    # false: the paper's tau* x SPS(B)
+    draft_cost: bool = True
 
 
 @dataclass
@@ -107,6 +113,8 @@ def validate(cfg: EvalConfig) -> None:
             (live.max_new_tokens is None or live.max_new_tokens >= 1,
              f"scheduler_live.max_new_tokens={live.max_new_tokens} must be >= 1 or null"),
             (live.repeats >= 1, f"scheduler_live.repeats={live.repeats} must be >= 1"),
+            (live.profile_repeats >= 1 and live.profile_warmup >= 0,
+             "scheduler_live.profile_repeats must be >= 1 and scheduler_live.profile_warmup >= 0"),
         ]
     for ok, message in checks:
         if not ok:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data_prep.chat import generation_prompt_ids, stop_token_ids
 from dspark_model.target import crop_cache
 
 
@@ -202,15 +203,9 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, temperat
 # Chat prompts and multi-turn conversations (shared by speculative decoding and the baselines)
 # ----------------------------------------------------------------------------------------------------
 
-def chat_prompt_ids(tokenizer, messages: list[dict], chat_template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of a conversation ending with a user turn, ready for the assistant's answer."""
-    if getattr(tokenizer, "chat_template", None) is None:  # base models: plain concatenation
-        text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-        return list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            return_dict=True, **(chat_template_kwargs or {}))
-    ids = encoded["input_ids"]
-    return ids.tolist() if torch.is_tensor(ids) else list(ids)
+# Token ids of a conversation ending with a user turn, ready for the assistant's answer: data_prep's function,
+# so eval conditions the target exactly as the training data did (one implementation, in data_prep/chat.py).
+chat_prompt_ids = generation_prompt_ids
 
 
 @dataclass
@@ -240,13 +235,6 @@ def run_conversation(tokenizer, turns: Sequence[str], generate_turn: Callable[[l
 
 
 def eos_token_ids_of(target) -> list[int]:
-    """EOS ids used to stop: the tokenizer's EOS plus the model's generation-config EOS id(s)."""
-    ids = set()
-    tok_eos = getattr(target.tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    gen = getattr(target.model, "generation_config", None)
-    gen_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if gen_eos is not None:
-        ids.update(int(e) for e in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
-    return sorted(ids)
+    """EOS ids used to stop: ``data_prep.chat.stop_token_ids`` of the target (tokenizer EOS + the model's
+    generation-config EOS ids), the ids data_prep stopped its generations at."""
+    return sorted(stop_token_ids(target.tokenizer, getattr(target.model, "generation_config", None)))

@@ -108,9 +108,11 @@ def eval_figures(out_dir: Path) -> dict:
     path = out_dir / "report.json"
     if not path.is_file():
         return {}
-    r = json.loads(path.read_text())
-    return {"greedy_match_rate": r.get("greedy_match_rate"), "tau": r.get("tau"),
-            "tokens_per_s": r.get("tokens_per_s"), "speedup_vs_generate": r.get("speedup_vs_generate")}
+    from eval.report import EvalReport
+
+    r = EvalReport.read(path)
+    return {"greedy_match_rate": r.greedy_match_rate, "tau": r.tau, "tokens_per_s": r.tokens_per_s,
+            "speedup_vs_generate": r.speedup_vs_generate}
 
 
 def summarize(work: Path, results: dict[str, dict], device: str) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from eval.report import write_outputs
 from tests.test_configs import _compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,9 +64,13 @@ def _metrics(folder: Path, losses: list[float]) -> None:
 
 
 def _report(folder: Path, greedy: float) -> None:
-    folder.mkdir(parents=True)
-    (folder / "report.json").write_text(json.dumps({"greedy_match_rate": greedy, "tau": 1.4,
-                                                    "tokens_per_s": {"spec": 90.0}, "speedup_vs_generate": 1.1}))
+    from eval.metrics import acceptance_summary, throughput_summary
+    from eval.report import build_report
+
+    rows = [{"spec_tokens": 90, "spec_s": 1.0, "generate_tokens": 90, "generate_s": 1.1, "greedy_match": greedy == 1}]
+    report = build_report(acceptance_summary([], 4), throughput_summary(rows), {})
+    report.greedy_match_rate, report.tau = greedy, 1.4  # as measured over more prompts than one row
+    write_outputs(str(folder), report)
 
 
 @pytest.mark.parametrize("greedy, changed, ok", [(1.0, None, True), (0.95, None, False), (1.0, "failed", False),

@@ -40,6 +40,15 @@ def main(cfg: DictConfig) -> None:
     from train.schema import TrainConfigError
 
     job: TrainJob = OmegaConf.to_object(cfg)
+    if job.train.estimate_memory:  # config only: no weights, no data, no output folder
+        from train.memory import estimate_memory
+        from train.schema import validate
+
+        def estimate():
+            validate(job)
+            print(estimate_memory(job, job.train.estimate_processes).format())
+
+        return run_stage(estimate, (TargetNotFoundError, TrainConfigError), folder=".", resume="nothing to resume")
     out = output_dir(job)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     user_errors = (TargetNotFoundError, DataError, DataPrepError, TrainConfigError, CheckpointMismatchError,

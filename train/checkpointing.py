@@ -160,7 +160,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != want["bytes"]:
             return f"{name} has {p.stat().st_size} bytes, {want['bytes']} were written"
-        if file_sha256(p) != want["sha256"]:
+        if file_sha256(p, memo=False) != want["sha256"]:  # a damage check reads the bytes
             return f"{name} does not match its recorded sha256"
     return None
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.manifest import DataManifest
 from train.anchors import anchor_candidates
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class TrainData:
     fingerprint: str
     origin: str  # the data folder, or "synthetic"
     cache: object | None = None  # data_prep.cache.TargetCache in offline mode
-    manifest: dict = field(default_factory=dict)
+    manifest: DataManifest | None = None  # None for synthetic rows
     starts: list[int] = field(default_factory=list)  # per row: tokens cut from its start (cache offset); [] = 0
 
     def __len__(self) -> int:
@@ -82,19 +83,16 @@ def load_data_dir(path: Path, max_length: int, limit: int | None) -> TrainData:
     if any(starts):
         log.info("data: %d rows longer than data.max_length=%d keep their last %d tokens (prompt start cut)",
                  sum(1 for x in starts if x), max_length, max_length)
-    return TrainData(ids_out, mask_out, rows, manifest.get("fingerprint", ""), str(path), None, manifest, starts)
+    return TrainData(ids_out, mask_out, rows, manifest.fingerprint, str(path), None, manifest, starts)
 
 
-def check_data_target(manifest: dict, path: Path, spec, target, allow_mismatch: bool) -> None:
+def check_data_target(manifest: DataManifest, path: Path, spec, target, allow_mismatch: bool) -> None:
     """Refuse data that data_prep made for another target: its manifest's target id, revision (when both
     are known) and tokenizer hash must match the target trained against. ``allow_mismatch`` warns instead."""
     from data_prep.chat import tokenizer_sha256
     from dspark_model.identity import refuse_mismatch
 
-    made = manifest.get("target")
-    if not isinstance(made, dict):
-        log.warning("%s/manifest.json records no target; cannot check that the data fits %s", path, spec.id)
-        return
+    made = manifest.target
     problems = []
     if made.get("id") != spec.id:
         problems.append(f"id {made.get('id')!r} there, {spec.id!r} here")
@@ -153,7 +151,7 @@ def open_cache(data: TrainData, path: Path, target, target_id: str) -> None:
 
     cache = TargetCache(path)
     cache.check_compatible(target_id, target.tap_layer_ids, target.hidden_size)
-    fp = cache.manifest.get("dataset_fingerprint")
+    fp = cache.manifest.dataset_fingerprint
     if fp and data.fingerprint and fp != data.fingerprint:
         raise DataError(f"target cache {path} was built for other data (fingerprint {fp[:12]} vs "
                         f"{data.fingerprint[:12]}); rebuild it with python -m data_prep cache.enabled=true")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dspark_model.target import resolve_device
 from train.schema import TrainConfigError
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,6 @@ def launch_rank() -> int:
         if key in os.environ:
             return int(os.environ[key])
     return 0
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainConfigError("train.device=cuda but no GPU is visible; use train.device=cpu or auto")
-    return name
 
 
 def torch_autocast_section(user: dict | None, bf16_autocast: bool) -> dict:
@@ -142,7 +135,7 @@ def setup(stage: str, ds_user_config: dict, micro: int, global_batch: int, grad_
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    device = pick_device(device)
+    device = str(resolve_device(device, "train.device", TrainConfigError))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if global_batch % (micro * world):
         raise TrainConfigError(f"train.global_batch_size={global_batch} is not a multiple of micro_batch_size x "

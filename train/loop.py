@@ -28,7 +28,7 @@ from dspark_model.atomic import atomic_write_text
 from dspark_model.block_attention import flex_available
 from dspark_model.draft import build_draft_for, count_parameters
 from dspark_model.output_lock import output_lock
-from dspark_model.target import load_target, resolve_weights
+from dspark_model.target import load_target, resolve_device, resolve_weights
 from dspark_model.vocab import answer_token_counts, top_k_vocab
 from train import checkpointing, distributed
 from train.anchors import batch_anchors, slot_mask
@@ -307,7 +307,7 @@ def train(job: TrainJob, output_dir: str | Path | None = None, resolved: dict | 
 def _train(job: TrainJob, out: Path, resolved: dict | None) -> dict:
     t = job.train
     resolved = resolved if resolved is not None else dataclasses.asdict(job)
-    device = torch.device(distributed.pick_device(t.device))
+    device = resolve_device(t.device, "train.device", TrainConfigError)
     rt, accum = distributed.setup(str(job.deepspeed.stage), job.deepspeed.config, t.micro_batch_size,
                                   t.global_batch_size, t.grad_clip, device.type,
                                   bf16_autocast=uses_bf16(device, t.precision))

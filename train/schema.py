@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from dspark_model.arch import ARCHITECTURES
 from dspark_model.config import DraftConfig, TargetSpec
 
 
@@ -78,6 +79,10 @@ class OptimConfig:
     keep_last: int = 3  # checkpoints kept on disk
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | /path/to/step-dir
     output_dir: str | None = None  # None: Hydra's run dir (runs/train/<target>)
+    # Print the per-process peak memory of this config (train/memory.py: real modules on fake tensors, no weights
+    # loaded) and exit without training; estimate_processes: the world size to shard over (None = WORLD_SIZE or 1).
+    estimate_memory: bool = False
+    estimate_processes: int | None = None
 
 
 @dataclass
@@ -139,11 +144,12 @@ def validate(job: TrainJob) -> None:
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
         (1 <= t.min_anchors <= t.max_anchors, "need 1 <= train.min_anchors <= train.max_anchors"),
         (t.position_decay > 0, "train.position_decay must be > 0"),
-        (d.architecture in ("dspark", "eagle3"), f"draft.architecture must be dspark or eagle3, got "
-                                                 f"{d.architecture!r}"),
+        (d.architecture in ARCHITECTURES, f"draft.architecture must be one of {ARCHITECTURES}, got "
+                                          f"{d.architecture!r}"),
         (d.architecture != "eagle3" or d.num_layers == 1, "draft=eagle3 has one decoder layer: draft.num_layers=1"),
         (0 < t.eagle3_step_weight <= 1, f"train.eagle3_step_weight must be in (0, 1], got {t.eagle3_step_weight}"),
         (t.save_every >= 1 and t.keep_last >= 1, "train.save_every and train.keep_last must be >= 1"),
+        (t.estimate_processes is None or t.estimate_processes >= 1, "train.estimate_processes must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

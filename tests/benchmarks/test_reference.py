@@ -11,6 +11,11 @@ import pytest
 
 from benchmarks.reference import Budget, State, main, run_stage, stage_commands
 from benchmarks.reference_report import BEGIN, END, collect
+from dspark_model.calibration import CALIBRATION_NAME, Calibration
+from dspark_model.checkpoint import save_pretrained
+from dspark_model.draft import build_draft_for
+from eval.report import EvalReport
+from tests.conftest import tiny_draft_config
 
 
 def _arg(cmd: list[str], key: str) -> str:
@@ -95,17 +100,19 @@ def test_other_sizes_on_a_started_run_are_refused_and_redo_starts_a_stage_afresh
     assert rec == {"done": False, "attempts": 0, "wall_s": 0.0, "discarded_wall_s": 30.0}
 
 
-def _report(tau: dict, cond: list, spec: float, gen: float | None, lookup: float | None, extra=None) -> dict:
+def _report(tau: dict, cond: list, spec: float, gen: float | None, lookup: float | None, extra=None) -> EvalReport:
+    """The eval report record with chosen numbers (eval's writer computes them from rounds)."""
     tps = {"spec": spec, "generate": gen, "prompt_lookup": lookup}
-    return {"tau": tau["pooled"], "tau_by_dataset": {k: v for k, v in tau.items() if k != "pooled"},
-            "conditional_acceptance": {"pooled": cond, "by_dataset": {}}, "tokens_per_s": tps,
-            "accepted_length_histogram": {"pooled": [6, 3, 1]},  # rounds accepting 0, 1, 2 tokens
-            "speedup_vs_generate": spec / gen if gen else None,
-            "speedup_vs_prompt_lookup": spec / lookup if lookup else None,
-            "greedy_match_rate": 1.0 if gen else None, "settings": {"target": "t"}, **(extra or {})}
+    return EvalReport(tau=tau["pooled"], tau_by_dataset={k: v for k, v in tau.items() if k != "pooled"},
+                      conditional_acceptance={"pooled": cond, "by_dataset": {}}, tokens_per_s=tps,
+                      prefix_survival={"pooled": [], "by_dataset": {}}, num_rounds=10, num_rounds_by_dataset={},
+                      accepted_length_histogram={"pooled": [6, 3, 1]},  # rounds accepting 0, 1, 2 tokens
+                      timing_totals={}, speedup_vs_generate=spec / gen if gen else None,
+                      speedup_vs_prompt_lookup=spec / lookup if lookup else None, prompt_lookup_match_rate=None,
+                      greedy_match_rate=1.0 if gen else None, settings={"target": "t"}, **(extra or {}))
 
 
-def _write_run(run: Path) -> None:
+def _write_run(run: Path, tiny_target) -> None:
     cal = {"ece_before": 0.05, "ece_after": 0.01, "auroc": 0.9, "brier": 0.1, "scheduler_vs_best_fixed": 0.98}
     reports = {
         "dspark-t0": _report({"a": 1.5, "b": 1.2, "pooled": 1.4}, [0.5, 0.4], 10.0, 5.0, 8.0, cal),
@@ -117,22 +124,22 @@ def _write_run(run: Path) -> None:
     }
     for name, rep in reports.items():
         (run / "eval" / name).mkdir(parents=True)
-        (run / "eval" / name / "report.json").write_text(json.dumps(rep))
+        rep.write(run / "eval" / name / "report.json")
     table = [{"concurrency": c, "throughput": {"algorithm1": a}, "best_fixed_length": 2,
               "best_fixed_throughput": f, "algorithm1_vs_best_fixed": a / f} for c, a, f in ((1, 10, 10), (4, 30, 32))]
     (run / "eval" / "dspark-t0" / "calibration").mkdir()
-    (run / "eval" / "dspark-t0" / "calibration" / "calibration.json").write_text(
-        json.dumps({"simulation": {"table": table}}))
+    Calibration(gamma=2, temperatures=[1.0, 1.0], weights_sha256=None, simulation={"table": table},
+                sps={"batch_tokens": [1, 8]}).write(run / "eval" / "dspark-t0" / "calibration" / CALIBRATION_NAME)
     (run / "eval" / "dspark-fullvocab-t0").mkdir(parents=True)
-    (run / "eval" / "dspark-fullvocab-t0" / "report.json").write_text(
-        json.dumps(_report({"a": 1.2, "pooled": 1.2}, [0.3], 4.0, 5.0, None)))
+    _report({"a": 1.2, "pooled": 1.2}, [0.3], 4.0, 5.0, None).write(run / "eval" / "dspark-fullvocab-t0" /
+                                                                     "report.json")
     (run / "heldout_tau.json").write_text(json.dumps({"drafts": {
         "dspark": {"tau": 1.45, "vocab_mass_in_draft": 0.93, "argmax_outside_vocab": 0.05},
         "dspark-fullvocab": {"tau": 1.25}}}))
     (run / "train_throughput.json").write_text(json.dumps(
         {"train_throughput": {"positions_per_s": {"before": 100.0, "after": 600.0}}}))
-    (run / "train-dspark" / "final").mkdir(parents=True)
-    (run / "train-dspark" / "final" / "config.json").write_text(json.dumps({"arch": {"draft_vocab_size": 8192}}))
+    save_pretrained(build_draft_for(tiny_target, tiny_draft_config(draft_vocab_size=64)),
+                    run / "train-dspark" / "final")  # the draft's config.json as training writes it
     for d in ("dspark", "dflash", "eagle3", "dspark-fullvocab"):
         (run / f"train-{d}").mkdir(exist_ok=True)
         lines = [json.dumps({"step": s, "loss": 3.0 - s, "top1": 0.1 * s, "expected_accept": 0.1 * s,
@@ -141,9 +148,9 @@ def _write_run(run: Path) -> None:
         (run / f"train-{d}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
-def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path):
+def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path, tiny_target):
     run = tmp_path / "run"
-    _write_run(run)
+    _write_run(run, tiny_target)
     md = tmp_path / "BENCHMARKS.md"
     md.write_text(f"# Benchmarks\n\nintro stays\n\n{BEGIN}\nold table\n{END}\n\n## after stays\n")
     state = {"budget": {"train_steps": 2}, "stages": {"train-dspark": {"wall_s": 60.0, "done": True},
@@ -170,7 +177,8 @@ def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path):
     assert g["tau_pooled_t0_dspark"] == {"measured": 1.4, "target": 2.0, "met": False}
     assert g["conditional_acceptance_k1_t0_dspark"]["measured"] == 0.5
     assert g["conditional_acceptance_k1_t0_dspark"]["met"] is True
-    assert r["draft_vocab_size"] == 8192 and r["vocab_mass_in_draft"] == 0.93
+    assert r["draft_vocab_size"] == 64 and r["vocab_mass_in_draft"] == 0.93
+    assert r["sps"] == {"batch_tokens": [1, 8]}
     assert r["train_throughput"]["positions_per_s"] == {"before": 100.0, "after": 600.0}
     ab = r["ablation_full_vs_reduced_vocab"]
     assert ab["reduced"]["positions_per_s"] == pytest.approx(50 / 2.0) and ab["full"]["positions_per_s"] == 50 / 8
@@ -228,7 +236,7 @@ def test_two_partial_runners_keep_each_others_stage_records(tmp_path):
     assert stages["train-dspark"]["wall_s"] == 5.0 and stages["train-dflash"]["wall_s"] == 7.0
 
 
-def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path):
+def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path, tiny_target):
     cmds = stage_commands(tmp_path, Budget())
     assert list(cmds)[-1] == "scheduler-live"
     live = cmds["scheduler-live"]
@@ -236,12 +244,13 @@ def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path):
     assert _arg(live, "draft") == str(tmp_path / "train-dspark" / "final")
     assert _arg(live, "calibration.write_to_checkpoint") == "false"  # calibrates itself, leaves the draft's file
     run = tmp_path / "run"
-    _write_run(run)
+    _write_run(run, tiny_target)
     record = {"requests": [1, 4], "algorithm1_tokens_per_s": [10.0, 30.0], "best_fixed_tokens_per_s": [9.0, 31.0],
               "best_fixed_length": [3, 2], "algorithm1_vs_best_fixed": [10 / 9, 30 / 31], "greedy_match_rate": 1.0,
               "fixed_tokens_per_s": {"1": [5.0, 20.0]}, "settings": {"gamma": 4}}
     (run / "eval" / "scheduler-live").mkdir()
-    (run / "eval" / "scheduler-live" / "report.json").write_text(json.dumps({"scheduler_live": record}))
+    _report({"pooled": 1.0}, [], 1.0, None, None, {"scheduler_live": record}).write(
+        run / "eval" / "scheduler-live" / "report.json")
     (run / "eval" / "scheduler-live" / "scheduler_live.png").write_bytes(b"png")
     md = tmp_path / "B.md"
     r = collect(run, {"stages": {}}, tmp_path / "results" / "reference.json", md)
@@ -250,3 +259,13 @@ def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path):
     assert goal["measured"] == pytest.approx(30 / 31) and goal["met"] is False
     assert (tmp_path / "results" / "reference" / "scheduler_live.png").is_file()
     assert "| 4 | 30.00 | fixed_2 | 31.00 | 0.968 |" in md.read_text()
+
+
+def test_throughput_after_is_the_variant_the_reference_recipe_trains_with():
+    from benchmarks.train_throughput import after_variant
+
+    measured = ["baseline", "full", "vocab-8192", "vocab-8192-bf16"]
+    assert after_variant(measured, native_bf16=True) == "vocab-8192-bf16"  # precision=native -> bf16 here
+    assert after_variant(measured, native_bf16=False) == "vocab-8192"  # AVX2-only: native means fp32
+    assert after_variant(["baseline", "full"], native_bf16=True) == "full"
+    assert "--bf16" in stage_commands(Path("/tmp/x"), Budget())["train-throughput"]

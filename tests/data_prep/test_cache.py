@@ -7,6 +7,8 @@ divided by absmax / 448 first, so in original units |error| <= 2^-4 |x| + 2^-10 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 
@@ -51,7 +53,7 @@ def _write(target, path, dtype, **kw):
 def _shard_absmax(manifest, reference, groups: dict[str, int]) -> list[dict[str, torch.Tensor]]:
     """Per row: the absmax of its shard, per group, expanded to the row's shape (float8's scales)."""
     out = []
-    for s in manifest["shards"]:
+    for s in manifest.shards:
         rows = reference[s["row_start"]: s["row_end"]]
         absmax = {}
         for j, name in enumerate(("tap_hidden", "final_hidden")):
@@ -66,7 +68,7 @@ def _shard_absmax(manifest, reference, groups: dict[str, int]) -> list[dict[str,
 def test_round_trip_within_dtype_tolerance(target, reference, tmp_path, dtype):
     manifest = _write(target, tmp_path / "c", dtype)
     shard_absmax = _shard_absmax(manifest, reference, {"tap_hidden": len(target.tap_layer_ids), "final_hidden": 1})
-    assert len(manifest["shards"]) > 2  # rows spread over several shards
+    assert len(manifest.shards) > 2  # rows spread over several shards
     cache = TargetCache(tmp_path / "c")
     assert len(cache) == len(ROWS)
     k = len(target.tap_layer_ids)
@@ -87,8 +89,8 @@ def test_round_trip_within_dtype_tolerance(target, reference, tmp_path, dtype):
             else:
                 rel = {"float32": 1e-5, "bfloat16": 2 ** -8, "float16": 2 ** -11}[dtype]
                 assert (err <= ref.abs() * rel + 1e-5).all()
-    assert manifest["tap_layer_convention"] == "decoder_layer"
-    assert manifest["final_hidden"] == "after_final_norm"
+    assert manifest.tap_layer_convention == "decoder_layer"
+    assert manifest.final_hidden == "after_final_norm"
 
 
 def test_int8_needs_about_half_the_bytes_of_bf16(target, tmp_path):
@@ -111,13 +113,13 @@ def test_float8_needs_at_most_half_the_bytes_of_bf16(target, tmp_path):
         assert bytes_per_shard(taps, "float8") == 4 * (taps + 1)  # fp32 scales, once per shard
     assert bytes_per_token(5, 576, "int8") > 0.5 * bytes_per_token(5, 576, "bfloat16")  # why float8 exists
     manifest = _write(target, tmp_path / "f8", "float8")
-    assert manifest["bytes_per_token"] == (k + 1) * d and manifest["bytes_per_shard"] == 4 * (k + 1)
+    assert manifest.bytes_per_token == (k + 1) * d and manifest.bytes_per_shard == 4 * (k + 1)
     _write(target, tmp_path / "bf16", "bfloat16")
     size = {n: sum(f.stat().st_size for f in (tmp_path / n).glob("*.safetensors")) for n in ("f8", "bf16")}
     # Both files carry the same offsets and similar headers; the payload difference is exactly half of bf16.
-    payload_bf16 = manifest["tokens"] * bytes_per_token(k, d, "bfloat16")
-    scales = len(manifest["shards"]) * bytes_per_shard(k, "float8")
-    assert size["bf16"] - size["f8"] >= payload_bf16 // 2 - scales - 200 * len(manifest["shards"])
+    payload_bf16 = manifest.tokens * bytes_per_token(k, d, "bfloat16")
+    scales = len(manifest.shards) * bytes_per_shard(k, "float8")
+    assert size["bf16"] - size["f8"] >= payload_bf16 // 2 - scales - 200 * len(manifest.shards)
 
 
 def test_float8_quantiser_bound_on_outliers():
@@ -154,11 +156,11 @@ def test_int8_quantiser_is_exact_on_representable_rows():
 def test_resume_rewrites_only_missing_shards(target, tmp_path, dtype):
     path = tmp_path / "c"
     manifest = _write(target, path, dtype)
-    files = [path / s["file"] for s in manifest["shards"]]
+    files = [path / s["file"] for s in manifest.shards]
     before = {f: f.stat().st_mtime_ns for f in files}
     reference = [TargetCache(path)[i] for i in range(len(ROWS))]
     os.remove(files[1])
-    (path / (manifest["shards"][2]["file"] + ".tmp")).write_bytes(b"partial")  # a crashed write
+    (path / (manifest.shards[2]["file"] + ".tmp")).write_bytes(b"partial")  # a crashed write
     _write(target, path, dtype)
     assert files[1].exists()
     assert all(f.stat().st_mtime_ns == before[f] for f in files if f != files[1])
@@ -172,7 +174,7 @@ def test_other_data_in_cache_dir_is_refused(target, tmp_path):
     with pytest.raises(CacheError, match="another dtype"):
         _write(target, tmp_path / "c", "int8")
     _write(target, tmp_path / "c", "int8", overwrite=True)
-    assert TargetCache(tmp_path / "c").manifest["dtype"] == "int8"
+    assert TargetCache(tmp_path / "c").manifest.dtype == "int8"
 
 
 def test_disk_check_stops_before_writing(target, tmp_path, monkeypatch):
@@ -190,10 +192,15 @@ def test_manifest_mismatch_and_incomplete_cache_are_refused(target, tmp_path):
         cache.check_compatible("tiny-random-llama", [0, 1], target.hidden_size)
     with pytest.raises(CacheMismatchError, match="target 'tiny-random-llama' != 'other'.*hidden_size"):
         cache.check_compatible("other", target.tap_layer_ids, 99)
-    manifest = cache.manifest | {"complete": False}
-    cache_mod.atomic_write_json(tmp_path / "c" / "manifest.json", manifest)
+    dataclasses.replace(cache.manifest, complete=False).write(tmp_path / "c" / "manifest.json")
     with pytest.raises(CacheError, match="incomplete"):
         TargetCache(tmp_path / "c")
+    doc = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(dict(doc, format="dspark-target-cache/2")))
+    with pytest.raises(CacheError, match=r"manifest.json is a target cache manifest of another version .*"
+                                         r"rebuild the cache") as err:
+        TargetCache(tmp_path / "c")
+    assert "\n" not in str(err.value)
     with pytest.raises(CacheError, match="no target cache"):
         TargetCache(tmp_path / "missing")
 
@@ -204,8 +211,8 @@ def test_worker_threads_write_the_same_cache(target, tmp_path, dtype):
     from safetensors.torch import load_file
 
     one, two = _write(target, tmp_path / "w1", dtype), _write(target, tmp_path / "w2", dtype, workers=3)
-    assert one["shards"] == two["shards"]
-    for s in one["shards"]:
+    assert one.shards == two.shards
+    for s in one.shards:
         a, b = load_file(tmp_path / "w1" / s["file"]), load_file(tmp_path / "w2" / s["file"])
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -218,8 +225,8 @@ def test_shards_are_sized_in_bytes_and_read_back_identically(target, tmp_path, d
     kw = dict(target_id="tiny-random-llama", dataset_fingerprint="fp", batch_tokens=1)
     split = write_cache(target, ROWS, tmp_path / "split", dtype, shard_bytes=25 * bpt, **kw)
     whole = write_cache(target, ROWS, tmp_path / "whole", dtype, shard_bytes=1 << 40, **kw)
-    assert len(whole["shards"]) == 1 and len(split["shards"]) > 2
-    for s in split["shards"]:
+    assert len(whole.shards) == 1 and len(split.shards) > 2
+    for s in split.shards:
         assert s["tokens"] * bpt <= 25 * bpt or s["row_end"] - s["row_start"] == 1
     a, b = TargetCache(tmp_path / "split"), TargetCache(tmp_path / "whole")
     for i in range(len(ROWS)):
@@ -234,9 +241,9 @@ def test_shard_size_counts_the_width_of_each_token(target, tmp_path):
     kw = dict(target_id="tiny-random-llama", dataset_fingerprint="fp", shard_bytes=budget)
     wide = write_cache(target, ROWS, tmp_path / "f32", "float32", **kw)
     narrow = write_cache(target, ROWS, tmp_path / "bf16", "bfloat16", **kw)
-    assert all(s["tokens"] <= 20 or s["row_end"] - s["row_start"] == 1 for s in wide["shards"])
-    assert all(s["tokens"] <= 40 or s["row_end"] - s["row_start"] == 1 for s in narrow["shards"])
-    assert len(wide["shards"]) > len(narrow["shards"])
+    assert all(s["tokens"] <= 20 or s["row_end"] - s["row_start"] == 1 for s in wide.shards)
+    assert all(s["tokens"] <= 40 or s["row_end"] - s["row_start"] == 1 for s in narrow.shards)
+    assert len(wide.shards) > len(narrow.shards)
 
 
 def test_each_batch_is_encoded_in_the_storage_dtype(target):
@@ -255,9 +262,9 @@ def test_a_cache_started_with_another_shard_layout_finishes_and_loads(target, tm
     path = tmp_path / "c"
     old = _write(target, path, "bfloat16")  # shard_tokens=25: four shards
     before = [TargetCache(path).row(i, upcast=False)["tap_hidden"] for i in range(len(ROWS))]
-    os.remove(path / old["shards"][1]["file"])
+    os.remove(path / old.shards[1]["file"])
     again = write_cache(target, ROWS, path, "bfloat16", target_id="tiny-random-llama", dataset_fingerprint="fp")
-    assert again["shards"] == old["shards"]
+    assert again.shards == old.shards
     cache = TargetCache(path)
     assert all(torch.equal(cache.row(i, upcast=False)["tap_hidden"], before[i]) for i in range(len(ROWS)))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from data_prep.manifest import CacheManifest
 from data_prep.schema import DataPrepConfig, register
 from data_prep.store import load_tokenized
 
@@ -30,12 +30,14 @@ def test_cli_smoke_tiny_demo(tmp_path):
                  "generation.batch_size=4", "num_threads=1", "cache.enabled=true", "cache.dtype=int8", f"out_dir={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ds, manifest = load_tokenized(out)
-    assert len(ds) == manifest["counts"]["rows"] == manifest["counts"]["prompts"] == 4
-    assert manifest["tokens"]["total"] == sum(len(r) for r in ds["input_ids"])
-    assert len(manifest["target"]["tokenizer_sha256"]) == 64  # what train compares with its own tokenizer
-    cache_manifest = json.loads((out / "cache" / "manifest.json").read_text())
-    assert cache_manifest["complete"] and cache_manifest["rows"] == 4 and cache_manifest["dtype"] == "int8"
-    assert cache_manifest["dataset_fingerprint"] == manifest["fingerprint"]
+    assert len(ds) == manifest.counts["rows"] == manifest.counts["prompts"] == 4
+    assert manifest.tokens["total"] == sum(len(r) for r in ds["input_ids"])
+    assert len(manifest.target["tokenizer_sha256"]) == 64  # what train compares with its own tokenizer
+    cache_manifest = CacheManifest.read(out / "cache" / "manifest.json")
+    assert cache_manifest.complete and cache_manifest.rows == 4 and cache_manifest.dtype == "int8"
+    assert cache_manifest.dataset_fingerprint == manifest.fingerprint
+    assert manifest.cache == {"dir": str(out / "cache"), "dtype": "int8",
+                              "bytes_per_token": cache_manifest.bytes_per_token, "shards": 1}
     assert not list(tmp_path.glob("outputs")) and not list(tmp_path.glob("*.log"))  # hydra leaves nothing
 
 

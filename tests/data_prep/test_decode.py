@@ -78,7 +78,7 @@ def test_pipeline_greedy_rows_equal_hand_greedy_and_manifest_records_sampling(pr
 
     monkeypatch.setattr(tiny, "build_tiny_model", build)
     manifest = run(make_cfg(prompt_file, tmp_path / "g", max_new_tokens=8, batch_size=3))
-    assert manifest["generation"]["sampling"] == {
+    assert manifest.generation["sampling"] == {
         "decoding": "greedy", "temperature": 0.0, "top_p": None, "top_k": None, "repetition_penalty": None,
         "model_generation_config": "not applied"}
     model = build(**make_cfg(prompt_file, tmp_path).target.random)

@@ -10,6 +10,7 @@ import torch
 from data_prep.chat import build_messages, generation_prompt_ids, stop_token_ids
 from data_prep.errors import GenerationError
 from data_prep.generate import derive_seed, generate_ids
+from data_prep.manifest import DataManifest
 from data_prep.pipeline import run
 from data_prep.store import check_settings, load_tokenized
 from dspark_model.target import load_target
@@ -34,7 +35,7 @@ def test_resume_after_interruption_gives_identical_dataset(prompt_file, tmp_path
     for name in ("manifest.json",):
         (out / name).unlink()
     resumed = run(cfg)
-    assert resumed["fingerprint"] == ref["fingerprint"]
+    assert resumed.fingerprint == ref.fingerprint
     new_lines = _lines(log)
     assert new_lines[:3] == lines[:3] and len(new_lines) == 5  # only missing rows were appended
     assert sorted(json.loads(x)["row_id"] for x in new_lines) == sorted(json.loads(x)["row_id"] for x in lines)
@@ -47,7 +48,7 @@ def test_different_seed_changes_samples(prompt_file, tmp_path):
     a = make_cfg(prompt_file, tmp_path / "a", temperature=1.0)
     b = make_cfg(prompt_file, tmp_path / "b", temperature=1.0)
     b.seed = 1
-    assert run(a)["fingerprint"] != run(b)["fingerprint"]
+    assert run(a).fingerprint != run(b).fingerprint
 
 
 def test_multi_turn_is_conditioned_on_generated_turns(prompt_file, tmp_path):
@@ -71,7 +72,7 @@ def test_multi_turn_is_conditioned_on_generated_turns(prompt_file, tmp_path):
 def test_greedy_is_independent_of_batch_size(prompt_file, tmp_path):
     one = run(make_cfg(prompt_file, tmp_path / "b1", batch_size=1, max_new_tokens=5))
     three = run(make_cfg(prompt_file, tmp_path / "b3", batch_size=3, max_new_tokens=5))
-    assert one["fingerprint"] == three["fingerprint"]  # left padding + attention mask are right
+    assert one.fingerprint == three.fingerprint  # left padding + attention mask are right
 
 
 def test_loss_mask_covers_exactly_the_generated_responses(prompt_file, tmp_path):
@@ -84,8 +85,8 @@ def test_loss_mask_covers_exactly_the_generated_responses(prompt_file, tmp_path)
         want = "".join(r + ("<|im_end|>" if f == "stop" else "") for r, f in
                        zip(rec["responses"], rec["finish_reasons"]))
         assert tok.decode([i for i, m in zip(row["input_ids"], row["loss_mask"]) if m]) == want
-    assert manifest["counts"]["rows"] == len(ds) == 5
-    assert manifest["tokens"]["loss"] == sum(sum(r["loss_mask"]) for r in ds)
+    assert manifest.counts["rows"] == len(ds) == 5
+    assert manifest.tokens["loss"] == sum(sum(r["loss_mask"]) for r in ds)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -106,7 +107,7 @@ def test_worker_threads_give_the_same_dataset(prompt_file, tmp_path, temperature
     cfg = make_cfg(prompt_file, tmp_path / "w2", batch_size=1, temperature=temperature)
     cfg.workers = 2
     two = run(cfg)
-    assert one["fingerprint"] == two["fingerprint"]
+    assert one.fingerprint == two.fingerprint
     assert load_tokenized(tmp_path / "w1")[0].to_dict() == load_tokenized(tmp_path / "w2")[0].to_dict()
 
 
@@ -116,9 +117,9 @@ def test_model_card_data_table_reads_the_manifest_data_prep_writes(prompt_file, 
     from dspark_model.card import _data_section
 
     run(make_cfg(prompt_file, tmp_path / "d"))
-    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    manifest = DataManifest.read(tmp_path / "d" / "manifest.json")
     rows = [line for line in _data_section(manifest).splitlines() if line.startswith("| p |")]
-    (source,) = manifest["sources"]
+    (source,) = manifest.sources
     assert rows == [f"| p | {source['location']} | {source['rows_used']} of {source['rows_read']} | "
                     f"sha256={source['sha256']} |"]
     assert source["location"] and source["rows_used"] > 0

@@ -93,7 +93,7 @@ def test_openai_backend_with_retries_concurrency_and_multi_turn(prompt_file, tmp
     assert row["row_id"] == "p:2"
     masked = tok.decode([i for i, m in zip(row["input_ids"], row["loss_mask"]) if m])
     assert masked == first_reply + "<|im_end|>" + reply_for(second[0]["messages"]) + "<|im_end|>"
-    assert manifest["counts"]["rows"] == 5
+    assert manifest.counts["rows"] == 5
 
 
 def test_openai_resume_only_requests_missing_rows(prompt_file, tmp_path):
@@ -107,7 +107,7 @@ def test_openai_resume_only_requests_missing_rows(prompt_file, tmp_path):
         again = run(_openai_cfg(prompt_file, out, server.url))
         missing = [json.loads(x) for x in lines[2:]]
         assert len(server.requests) - before == sum(len(r["turns"]) for r in missing)
-    assert again["fingerprint"] == first["fingerprint"]
+    assert again.fingerprint == first.fingerprint
 
 
 def _closed_port() -> int:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 from contextlib import closing
 
 import pytest
 
+from data_prep import threads
 from data_prep.threads import run_on_threads
 
 
@@ -18,19 +18,31 @@ def test_every_result_once_and_in_order_when_asked(workers):
     assert sorted(run_on_threads(lambda x: x * x, items, workers, "t")) == [x * x for x in items]
 
 
-def test_stopping_early_cancels_the_items_not_started():
-    """100 items of 0.2 s on 2 threads would take 10 s; stopping at the first result leaves most never run."""
-    started = []
+def test_stopping_early_cancels_the_items_not_started(monkeypatch):
+    """Item 0 returns at once, every other item waits at a gate that opens only once the pool has cancelled
+    what was not started: whatever the timing, only items 1 and 2 (one more per thread) ever start.
+
+    (This test used to let items sleep 0.2 s and count the items started within that wall time; a busy CPU
+    could delay the caller's cancel long enough for more to start.)"""
+    started, gate = [], threading.Event()
+
+    class GatedPool(threads.ThreadPoolExecutor):
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            super().shutdown(wait=False, cancel_futures=cancel_futures)  # cancel first, then let items finish
+            gate.set()
+            super().shutdown(wait=wait)
 
     def work(x):
         started.append(x)
-        time.sleep(0.2)
+        if x:
+            assert gate.wait(timeout=60), "the pool was never shut down"
         return x
 
+    monkeypatch.setattr(threads, "ThreadPoolExecutor", GatedPool)
     with pytest.raises(KeyboardInterrupt), closing(run_on_threads(work, range(100), 2, "t")) as out:
         for _ in out:
             raise KeyboardInterrupt  # e.g. Ctrl-C while the first result is handled
-    assert len(started) < 20
+    assert set(started) <= {0, 1, 2} and 0 in started
     assert not any(t.name.startswith("t_") and t.is_alive() for t in threading.enumerate())
 
 

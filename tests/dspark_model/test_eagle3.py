@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from dspark_model.checkpoint import load_draft, save_pretrained
+from dspark_model.arch import DraftArch
+from dspark_model.checkpoint import CheckpointMismatchError, load_draft, read_draft_arch, save_pretrained
 from dspark_model.draft import build_draft_for
 from dspark_model.eagle3 import Eagle3Draft, eagle3_tap_layer_ids
 from dspark_model.target import Target
@@ -89,6 +92,28 @@ def test_reduced_vocabulary_proposes_only_its_tokens_and_round_trips(tiny_target
     prop2 = again.propose(cache2, torch.tensor([150]), 1.0, torch.Generator().manual_seed(0))
     assert prop2.tokens.tolist() == prop.tokens.tolist()
     torch.testing.assert_close(prop2.probs, prop.probs)
+
+
+def test_config_json_names_the_architecture_and_dspark_configs_stay_version_1(tiny_target, tmp_path):
+    """One DraftArch record for both drafts: an EAGLE-3 config.json says model_type / arch.architecture
+    "eagle3" at format_version 2 (an older toolkit refuses it instead of building a DSpark draft); a DSpark
+    config.json is unchanged (version 1, no architecture field)."""
+    draft = _eagle3(tiny_target, k=40)
+    assert isinstance(draft.arch, DraftArch) and draft.arch.architecture == "eagle3"
+    assert draft.arch.num_layers == 1 and draft.arch.mask_token_id is None and draft.arch.train_draft_head
+    config = json.loads((save_pretrained(draft, tmp_path / "e3") / "config.json").read_text())
+    assert config["model_type"] == "eagle3" and config["format_version"] == 2
+    assert config["architecture"] == config["arch"]["architecture"] == "eagle3"
+    assert read_draft_arch(tmp_path / "e3")[1] == draft.arch
+    dspark = json.loads((save_pretrained(build_draft_for(tiny_target, tiny_draft_config()), tmp_path / "ds")
+                         / "config.json").read_text())
+    assert dspark["model_type"] == "dspark" and dspark["format_version"] == 1
+    assert "architecture" not in dspark and "architecture" not in dspark["arch"]
+    with pytest.raises(CheckpointMismatchError, match="describes a 'eagle3' draft"):  # the two must agree
+        (tmp_path / "e3" / "config.json").write_text(json.dumps(dict(config, model_type="dspark")))
+        read_draft_arch(tmp_path / "e3")
+    with pytest.raises(ValueError, match="sequential_head='markov'"):
+        build_draft_for(tiny_target, eagle3_config(sequential_head="markov"))
 
 
 def test_a_target_loaded_with_only_the_three_taps_serves_the_same_draft(tiny_target):

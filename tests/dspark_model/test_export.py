@@ -9,14 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from data_prep.pipeline import run as run_data_prep
 from dspark_model.card import CardSources
 from dspark_model.checkpoint import load_draft, save_pretrained
 from dspark_model.draft import build_draft_for
 from dspark_model.export import ExportError, export_draft, load_export
 from dspark_model.export_schema import ExportSchemaError, validate_export
 from dspark_model.target import load_target
+from eval.report import EvalReport
 from tests.calibrated import calibrate_checkpoint
 from tests.conftest import tiny_draft_config, tiny_spec
+from tests.data_prep.conftest import PROMPT_ROWS, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -241,17 +244,20 @@ def test_files_are_safetensors_only_and_written_atomically(tmp_path, targets):
 def test_card_metadata_report_provenance_and_redaction(tmp_path, targets):
     target = targets["qwen3"]
     ckpt = make_ckpt(tmp_path / "ckpt", target, "qwen3")
-    report = {"tau": 3.21, "tau_by_dataset": {"gsm8k": 3.5, "mt-bench": 2.9},
-              "conditional_acceptance": {"pooled": [0.9, 0.8, 0.7, 0.6], "by_dataset": {}},
-              "prefix_survival": [0.9, 0.72, 0.5, 0.3], "settings": {"temperature": 0.0, "gamma": 4},
-              "tokens_per_s": {"spec": 30.0, "generate": 12.0, "prompt_lookup": 15.0},
-              "speedup_vs_generate": 2.5, "greedy_match_rate": 1.0}
-    (tmp_path / "report.json").write_text(json.dumps(report))
-    (tmp_path / "manifest.json").write_text(json.dumps({
-        "sources": [{"name": "gsm8k", "location": "data/gsm8k.jsonl", "sha256": "abc123", "rows_read": 9, "rows_used": 8}],
-        "fingerprint": "f00d", "api_key": "sk-SECRET"}))
+    EvalReport(tau=3.21, tau_by_dataset={"gsm8k": 3.5, "mt-bench": 2.9},
+               conditional_acceptance={"pooled": [0.9, 0.8, 0.7, 0.6], "by_dataset": {}},
+               prefix_survival={"pooled": [0.9, 0.72, 0.5, 0.3], "by_dataset": {}},
+               accepted_length_histogram={"pooled": [1, 1, 1, 1, 1], "by_dataset": {}}, num_rounds=5,
+               num_rounds_by_dataset={}, settings={"temperature": 0.0, "gamma": 4},
+               tokens_per_s={"spec": 30.0, "generate": 12.0, "prompt_lookup": 15.0}, timing_totals={},
+               speedup_vs_generate=2.5, speedup_vs_prompt_lookup=2.0, greedy_match_rate=1.0,
+               prompt_lookup_match_rate=None).write(tmp_path / "report.json")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in PROMPT_ROWS))
+    data = run_data_prep(make_cfg(str(prompts), tmp_path / "data", max_new_tokens=4))  # the manifest it writes
+    (source,) = data.sources
     (tmp_path / "train.yaml").write_text("train:\n  lr: 0.0006\n  wandb_api_key: SECRET2\n")
-    sources = CardSources(report=str(tmp_path / "report.json"), data_manifest=str(tmp_path / "manifest.json"),
+    sources = CardSources(report=str(tmp_path / "report.json"), data_manifest=str(tmp_path / "data" / "manifest.json"),
                           train_config=str(tmp_path / "train.yaml"), repo_id="me/draft")
     out = export_draft(ckpt, tmp_path / "out", "speculators", target=target, card_sources=sources)
     card = (out / "README.md").read_text()
@@ -260,8 +266,8 @@ def test_card_metadata_report_provenance_and_redaction(tmp_path, targets):
     assert "license: apache-2.0" in meta and "- speculative-decoding" in meta and "- dspark" in meta
     assert "| gsm8k | 3.500 |" in card and "**3.210**" in card and "2.00x" in card  # 30 / 15 vs prompt lookup
     assert "0.900, 0.800, 0.700, 0.600" in card and "temperature = 0.0" in card
-    assert "abc123" in card and "f00d" in card and "train.lr: 0.0006" in card
-    assert "| gsm8k | data/gsm8k.jsonl | 8 of 9 |" in card
+    assert source["sha256"] in card and data.fingerprint in card and "train.lr: 0.0006" in card
+    assert f"| p | {source['location']} | {source['rows_used']} of {source['rows_read']} |" in card
     assert "SECRET" not in card and "<redacted>" in card
     assert "[1, 2, 3]" in card and "[0, 1, 2]" in card  # both layer-id conventions stated
     assert "vllm serve me/draft" in card

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from dspark_model.arch import DraftArch
 from dspark_model.draft import DSparkDraft, build_draft_for
 from dspark_model.export import export_draft, load_export
 from dspark_model.rope import target_rope_parameters
@@ -43,7 +44,7 @@ def test_draft_takes_the_full_attention_set_explicitly(gemma3, caplog):
     assert gemma3.config.rope_parameters["sliding_attention"] == SLIDING  # the target really has two sets
     with caplog.at_level(logging.WARNING):
         draft = build_draft_for(gemma3, tiny_draft_config())
-    assert draft.arch["rope_config"]["rope_parameters"] == FULL
+    assert draft.arch.rope_config["rope_parameters"] == FULL
     assert not [r for r in caplog.records if "rope" in r.getMessage().lower()]
     assert_rotates_like_full_attention(draft, gemma3)
 
@@ -99,11 +100,11 @@ def test_target_without_a_full_attention_set_is_refused():
 
 def test_draft_config_from_before_the_fix_keeps_the_rope_it_was_trained_with(gemma3, caplog):
     """Older drafts stored the target's per-type dict and trained with transformers' fallback (default θ)."""
-    arch = dict(build_draft_for(gemma3, tiny_draft_config()).arch)
+    arch = build_draft_for(gemma3, tiny_draft_config()).arch.to_dict()
     arch["rope_config"] = dict(arch["rope_config"], rope_parameters=dict(gemma3.config.rope_parameters))
     with caplog.at_level(logging.WARNING):
-        old = DSparkDraft(**arch)
-    assert old.arch["rope_config"]["rope_parameters"] == {"rope_type": "default", "rope_theta": 10_000.0}
+        old = DSparkDraft(DraftArch.from_config({"format_version": 1, "arch": arch}, "config.json"))
+    assert old.arch.rope_config["rope_parameters"] == {"rope_type": "default", "rope_theta": 10_000.0}
     assert any("per-layer-type RoPE" in r.getMessage() for r in caplog.records)
 
 

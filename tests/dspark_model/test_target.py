@@ -170,3 +170,15 @@ def test_smollm2_gguf_loads_through_device_map():
     mapped = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, device_map={"": "cpu"})
     a, b = plain.state_dict(), mapped.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_stage_resolves_its_device_with_one_helper(monkeypatch):
+    from data_prep.errors import DataPrepError
+    from dspark_model.target import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(DataPrepError, match=r"^train.device=cuda:1 but no GPU is visible; use train.device=cpu"):
+        resolve_device("cuda:1", "train.device", DataPrepError)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")

@@ -161,7 +161,7 @@ def test_measure_scheduler_live_record_and_plot(tmp_path):
         return hf_generate(target, ids, 6, 0.0, eos_token_ids=[256])
 
     record = measure_scheduler_live(target, draft, prompts, [1.0] * 4, sps_power(0.2), requests=(1, 2, 4),
-                                    max_new_tokens=6, eos_token_ids=[256], reference=greedy)
+                                    max_new_tokens=6, eos_token_ids=[256], reference=greedy, draft_cost=False)
     assert record["requests"] == [1, 2, 4]
     assert record["greedy_match_rate"] == 1.0
     assert set(record["fixed_tokens_per_s"]) == {"1", "2", "3", "4"}
@@ -174,6 +174,43 @@ def test_measure_scheduler_live_record_and_plot(tmp_path):
     json.dumps(record)  # strict-JSON ready
     path = live.plot_live(record, str(tmp_path / "live.png"))
     assert (tmp_path / "live.png").stat().st_size > 0 and path.endswith("live.png")
+
+
+def test_packed_profile_runs_the_live_layout_and_leaves_the_cache_as_it_was(monkeypatch):
+    from eval import live_cost
+
+    target = _target(1)
+    calls = []
+    forward = PackedContext.forward
+
+    def spy(self, target_, ids, owner, position):
+        calls.append((ids.numel(), self.length, owner.tolist(), position.tolist()))
+        return forward(self, target_, ids, owner, position)
+
+    monkeypatch.setattr(PackedContext, "forward", spy)
+    step = live_cost.packed_step_fn(target, requests=3, context_len=5)
+    for batch in (7, 2, 7):
+        step(batch)
+    assert calls[0][:2] == (15, 0)  # the prefill: 3 contexts of 5 tokens
+    assert calls[1] == (7, 15, [0, 0, 0, 1, 1, 2, 2], [5, 6, 7, 5, 6, 5, 6])  # own positions, packed
+    assert calls[2][:3] == (2, 15, [0, 1]) and calls[3][1] == 15  # the new columns were dropped each time
+    assert live_cost.live_batch_sizes(2, 3) == [2, 4, 6, 8]
+    assert live_cost.live_batch_sizes(16, 7) == [16, 32, 48, 64, 80, 96, 112, 128]
+
+
+def test_algorithm1_with_profiled_costs_stays_greedy_identical_per_request():
+    target = _target(2, init=0.3)
+    draft = _draft(target, block_size=4)
+    prompts = _prompts(3, seed=4)
+
+    def greedy(ids):
+        return hf_generate(target, ids, 6, 0.0, eos_token_ids=[256])
+
+    record = measure_scheduler_live(target, draft, prompts, [1.0] * 4, requests=(2, 3), max_new_tokens=6,
+                                    eos_token_ids=[256], reference=greedy, profile_repeats=1)
+    assert record["greedy_match_rate"] == 1.0
+    assert record["settings"]["objective"].startswith("tau* / (R x draft_seconds")
+    assert set(record["settings"]["round_costs"]) == {"2", "3"}
 
 
 def test_live_stage_uses_the_calibration_beside_the_draft_and_takes_prompts_round_robin(tmp_path):
@@ -198,6 +235,9 @@ def test_live_stage_uses_the_calibration_beside_the_draft_and_takes_prompts_roun
     record = live.run_live_stage(target, draft, prompts, cfg, settings, str(tmp_path), None)
     assert record["requests"] == [1, 3] and record["greedy_match_rate"] == 1.0
     assert record["settings"]["distinct_prompts"] == 2 and record["settings"]["sts_temperatures"] == [1.0, 2.0, 1.5]
+    costs = record["settings"]["round_costs"]  # profiled in the packed layout per N, not the calibration's table
+    assert costs["3"]["sps"]["batch_tokens"] == [3, 6, 9, 12] and costs["3"]["draft_seconds_per_request"] > 0
+    assert costs["1"]["sps"]["batch_tokens"] == [1, 2, 3, 4]
     assert (tmp_path / record["figure"]).is_file()
 
 

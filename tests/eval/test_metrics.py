@@ -14,7 +14,7 @@ from eval.metrics import (
     tau,
     throughput_summary,
 )
-from eval.report import write_outputs
+from eval.report import EvalReport, build_report, write_outputs
 
 
 def _rec(accepted: int, dataset: str = "a", gamma: int = 3, eos: bool = False, emitted: int | None = None) -> dict:
@@ -77,11 +77,13 @@ def test_throughput_summary():
 
 
 def test_report_files_are_strict_json_and_readable_markdown(tmp_path):
-    report = {**acceptance_summary(RECORDS, 3), **throughput_summary([]),
-              "settings": {"draft": "d", "target": "t", "temperature": 0.0, "gamma": 3}, "nan": float("nan")}
+    report = build_report(acceptance_summary(RECORDS, 3), throughput_summary([]),
+                          {"draft": "d", "target": "t", "temperature": 0.0, "gamma": 3})
+    report.ece_after = float("nan")
     paths = write_outputs(str(tmp_path), report, records=RECORDS, rows=[], outputs=[])
     data = json.loads((tmp_path / "report.json").read_text())  # allow_nan=False upstream: NaN became null
-    assert data["nan"] is None and data["prefix_survival"]["pooled"] == pytest.approx([5 / 6, 0.5, 1 / 3])
+    assert data["format"] == EvalReport.FORMAT and EvalReport.read(tmp_path / "report.json").ece_after is None
+    assert data["ece_after"] is None and data["prefix_survival"]["pooled"] == pytest.approx([5 / 6, 0.5, 1 / 3])
     md = (tmp_path / "report.md").read_text()
     assert "| pooled | 0.833 | 0.600 | 0.667 |" in md and "| pooled | 0.833 | 0.500 | 0.333 |" in md
     assert len((tmp_path / "rounds.jsonl").read_text().splitlines()) == len(RECORDS)

@@ -12,6 +12,7 @@ from eval.scheduler import (
     schedule_algorithm1,
     schedule_global,
     schedule_practical,
+    with_draft_cost,
 )
 
 APPENDIX_SPS = SpsTable({1: 1.0, 2: 0.5, 3: 0.45})
@@ -243,3 +244,23 @@ def test_target_step_fn_keeps_the_context_length_fixed():
         assert step_fn.cache.get_seq_length() == 16
     table = profile_sps(step_fn, [1, 4], warmup=1, repeats=2)
     assert np.all(table.steps_per_s > 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The round's drafting time in the objective (eval/live_cost.py)
+# ----------------------------------------------------------------------------------------------------
+
+def test_draft_cost_makes_algorithm1_verify_longer_in_a_hand_computed_case():
+    """One request, survival (0.9, 0.5, 0.2), SPS {1: 10, 2: 9, 3: 8, 4: 7} steps/s.
+
+    Paper objective tau* x SPS(B): 10, 1.9 x 9 = 17.1, 2.4 x 8 = 19.2, 2.6 x 7 = 18.2 -> stop, l = 2.
+    With 0.1 s of drafting per round, rounds/s = 1 / (1/SPS + 0.1) = 5, 4.737, 4.444, 4.118 and
+    Theta = 5, 9.0, 10.667, 10.706 -> the third token still pays, l = 3."""
+    sps = SpsTable({1: 10.0, 2: 9.0, 3: 8.0, 4: 7.0})
+    survival = [[0.9, 0.5, 0.2]]
+    assert schedule_algorithm1(survival, sps).tolist() == [2]
+    rate = with_draft_cost(sps, 0.1)
+    assert rate(3) == pytest.approx(1 / (1 / 8 + 0.1)) and rate(np.array([1, 4])) == pytest.approx([5.0, 1 / (1 / 7 + 0.1)])
+    assert expected_throughput(survival, [3], rate)[1] == pytest.approx(2.6 / (1 / 7 + 0.1))
+    assert schedule_algorithm1(survival, rate).tolist() == [3]
+    assert with_draft_cost(sps, 0.0) is sps  # no drafting time: the paper's objective, unchanged

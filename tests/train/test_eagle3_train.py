@@ -89,6 +89,7 @@ def test_cli_trains_resumes_exactly_and_eval_reads_the_draft(tmp_path):
     assert {"loss", "kl", "expected_accept", "top1", "accept_k7", "grad_norm"} <= set(record)
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["arch"]["architecture"] == "eagle3" and config["arch"]["draft_vocab_size"] == 64
+    assert config["model_type"] == "eagle3" and config["format_version"] == 2  # never read as a DSpark draft
     # exact resume: drop the last checkpoint and the final draft, run again from step 2
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     shutil.rmtree(out / "final")
@@ -130,3 +131,16 @@ def test_a_few_steps_on_one_batch_lower_the_kl_and_raise_every_step_s_acceptance
         first = first or (float(loss.detach()), metrics["accept_per_slot"].clone())
     assert float(loss.detach()) < 0.7 * first[0]
     assert bool((metrics["accept_per_slot"] > first[1]).all())
+
+
+def test_the_memory_estimate_refuses_an_eagle3_job_instead_of_tracing_dspark_s_step():
+    import dataclasses
+
+    from tests.train.test_memory import _job as memory_job
+    from train.memory import estimate_memory
+    from train.schema import TrainConfigError
+
+    job = memory_job()
+    job = dataclasses.replace(job, draft=eagle3_config(draft_vocab_size=64))
+    with pytest.raises(TrainConfigError, match="draft.architecture=eagle3 is not estimated"):
+        estimate_memory(job, world=1)

@@ -8,7 +8,9 @@ import pytest
 
 from data_prep.cache import write_cache
 from data_prep.errors import CacheMismatchError
-from data_prep.store import MANIFEST_FORMAT, dataset_fingerprint, save_tokenized
+from data_prep.manifest import DataManifest
+from data_prep.pipeline import TRUNCATION_POLICY
+from data_prep.store import dataset_fingerprint, save_tokenized
 from dspark_model.config import DraftConfig
 from dspark_model.target import load_target
 from tests.conftest import tiny_spec
@@ -28,6 +30,18 @@ def _job(data_dir, out, mode, target_id):
         logger=LoggerConfig(tensorboard=False, progress_bar=False))
 
 
+def save_synthetic(root, cols: dict, target: dict | None = None) -> str:
+    """Rows sampled from the tiny target saved as data_prep saves its output (dataset + DataManifest record);
+    returns the fingerprint."""
+    fingerprint = dataset_fingerprint(cols)
+    tokens = {"total": sum(map(len, cols["input_ids"])), "loss": sum(map(sum, cols["loss_mask"])), "generated": 0}
+    save_tokenized(root, cols, DataManifest(
+        name="synthetic", target=target or {"id": "tiny-llama", "revision": None}, sources=[], prompts_config=None,
+        generation={}, max_length=4096, min_loss_tokens=2, truncation_policy=TRUNCATION_POLICY,
+        counts={"rows": len(cols["input_ids"])}, tokens=tokens, fingerprint=fingerprint))
+    return fingerprint
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """A data_prep-style folder (dataset + manifest) with a float32 target cache."""
@@ -36,8 +50,7 @@ def prepared(tmp_path_factory):
     rows = synthesize(target, rows=8, response_tokens=24, seed=3)
     cols = {"input_ids": [r.tolist() for r in rows.input_ids], "loss_mask": [m.tolist() for m in rows.loss_mask],
             "source": ["t"] * len(rows), "row_id": [str(i) for i in range(len(rows))]}
-    fingerprint = dataset_fingerprint(cols)
-    save_tokenized(root, cols, {"format": MANIFEST_FORMAT, "fingerprint": fingerprint})
+    fingerprint = save_synthetic(root, cols)
     write_cache(target, cols["input_ids"], root / "cache", dtype="float32", target_id="tiny-llama",
                 dataset_fingerprint=fingerprint)
     return root
@@ -58,8 +71,10 @@ def test_offline_cache_gives_online_losses(prepared, tmp_path):
 
 
 def test_cache_for_another_target_is_refused(prepared, tmp_path):
+    job = _job(prepared, tmp_path / "bad", "offline", "some-other-model")
+    job.data.allow_target_mismatch = True  # past the data manifest's own target check, to the cache's
     with pytest.raises(CacheMismatchError, match="target"):
-        train(_job(prepared, tmp_path / "bad", "offline", "some-other-model"))
+        train(job)
 
 
 def test_long_rows_keep_their_answer_and_cache_alignment(prepared):
@@ -96,7 +111,7 @@ def test_collate_keeps_the_cache_storage_dtype(tmp_path, prepared):
 
     ds, manifest = load_tokenized(prepared)
     write_cache(load_target(tiny_spec()), ds["input_ids"], tmp_path / "cache", dtype="bfloat16",
-                target_id="tiny-llama", dataset_fingerprint=manifest["fingerprint"])
+                target_id="tiny-llama", dataset_fingerprint=manifest.fingerprint)
     data = load_data_dir(prepared, 10_000, None)
     data.cache = TargetCache(tmp_path / "cache")
     batch = collate(data, [0], pad_id=0)

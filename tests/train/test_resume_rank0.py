@@ -41,9 +41,9 @@ def _worker(rank: int, port: int, ckpts: str, out: str) -> None:
     hashed = []
     real = checkpointing.file_sha256
 
-    def counting(path):
+    def counting(path, **kwargs):
         hashed.append(str(path))
-        return real(path)
+        return real(path, **kwargs)
 
     checkpointing.file_sha256 = counting
     try:
