@@ -52,7 +52,10 @@ REEXPORT_HINT = "re-run eval calibration on the checkpoint (`python -m eval draf
 
 
 def recalibrate_hint(folder: str | Path) -> str:
-    return f"re-run eval calibration on these weights (`python -m eval draft={folder}`)"
+    """How to refit: ``folder`` is named as the draft only when it is a checkpoint (has a config.json); an eval
+    report's calibration folder is not one."""
+    draft = folder if (Path(folder) / "config.json").is_file() else "<the draft checkpoint these were fitted on>"
+    return f"re-run eval calibration on these weights (`python -m eval draft={draft}`)"
 
 
 @dataclass

@@ -152,3 +152,14 @@ def test_card_from_a_real_eval_report_carries_tau_per_eval_set_as_model_index(ev
         assert f"| {name} | {tau:.3f} |" in card.text
     temps = Calibration.read(ckpt / "calibration.json").temperatures
     assert ", ".join(f"{t:.3f}" for t in temps) in card.text
+
+
+def test_an_old_calibration_outside_a_checkpoint_does_not_name_its_folder_as_the_draft(tmp_path):
+    """An eval report's calibration folder is not a checkpoint: the fix must not say draft=<that folder>."""
+    path = tmp_path / "calibration" / "calibration.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"schema_version": 1, "gamma": 2, "temperatures": [1.0, 1.0]}))
+    with pytest.raises(CalibrationError) as err:
+        Calibration.read(path)
+    assert f"draft={path.parent}`" not in str(err.value)
+    _one_line(str(err.value), str(path), "an older calibration schema", "<the draft checkpoint")
