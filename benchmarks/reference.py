@@ -11,8 +11,12 @@ Stages, each a plain command of the toolkit (printed before it runs) that resume
 2. ``train-dspark`` / ``train-dflash``: ``python -m train train=reference data=demo-offline`` for the DSpark
    draft (Markov head + confidence head) and the DFlash draft (no sequential head, no confidence head):
    same data, steps, seed, anchors and backbone.
-3. ``eval-<draft>-t<T>``: ``python -m eval`` on the three sets of ``../shared/datasets/eval`` at T=0 and
-   T=1. DSpark runs with both baselines (plain ``generate`` and prompt lookup, measured in the same run) and
+   ``train-eagle3``: the EAGLE-3 baseline (``draft=eagle3 draft.num_layers=1``), same command, data, seed,
+   rows per step and draft vocabulary, for the same TRAINING WALL CLOCK as train-dspark:
+   ``benchmarks/equal_wall_train.py`` probes 12 EAGLE-3 steps and trains round(DSpark's summed step time /
+   the probe's median step time) steps (the count is written beside the run; ``--eagle3-steps N`` fixes it).
+3. ``eval-<draft>-t<T>`` (dspark, dflash, eagle3): ``python -m eval`` on the three sets of
+   ``../shared/datasets/eval`` at T=0 and T=1 (EAGLE-3: chain drafting of gamma = 7 tokens, no tree). DSpark runs with both baselines (plain ``generate`` and prompt lookup, measured in the same run) and
    is calibrated; DFlash at T=0 runs with ``generate`` (for its greedy-identity check and its own speed-up).
 4. ``heldout-data`` + ``heldout-tau``: the eval prompts regenerated greedily by the target (``data_prep``) and
    ``benchmarks/heldout_tau.py`` on them: the target's probability mass inside the draft vocabulary (the
@@ -50,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reference_report import ABLATION, DRAFT_NAMES, TEMPERATURES, collect  # noqa: E402
+from benchmarks.reference_report import ABLATION, DRAFT_NAMES, EAGLE3, TEMPERATURES, collect  # noqa: E402
 from dspark_model.atomic import atomic_write_json  # noqa: E402
 
 TRAIN_SOURCES = ("gsm8k-train", "livecodebench", "arena-hard-train")  # order of conf/prompts/shared-train.yaml
@@ -67,6 +71,7 @@ class Budget:
     train_steps: int = 700
     draft_vocab_size: int = 8192  # both drafts; 0 = the full vocabulary
     ablation_steps: int = 334  # the full-vocabulary DSpark ablation (equal wall-clock, see above); 0 skips it
+    eagle3_steps: int = 0  # EAGLE-3 baseline: 0 = DSpark's training wall clock (equal_wall_train.py); -1 skips it
     throughput_rows: int = 8  # rows per variant in the train-throughput stage; 0 skips it
     eval_prompts_per_source: int = 5
     eval_tokens: int = 96
@@ -96,10 +101,17 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
 
     for name in DRAFT_NAMES:
         cmds[f"train-{name}"] = train(name, name, vocab, b.train_steps)
+    if b.eagle3_steps >= 0:  # after train-dspark: its step times set EAGLE-3's step count
+        eagle3 = train(EAGLE3, EAGLE3, vocab, b.eagle3_steps or b.train_steps) + ["draft.num_layers=1"]
+        if not b.eagle3_steps:
+            eagle3 = [py, str(ROOT / "benchmarks" / "equal_wall_train.py"), "--reference",
+                      str(run / "train-dspark" / "metrics.jsonl"), "--", *eagle3[1:]]
+        cmds[f"train-{EAGLE3}"] = eagle3
     if b.ablation_steps:
         cmds[f"train-{ABLATION}"] = train(ABLATION, "dspark", "draft.draft_vocab_size=null", b.ablation_steps)
-    for name in (*DRAFT_NAMES, *([ABLATION] if b.ablation_steps else [])):
-        for t in (TEMPERATURES if name in DRAFT_NAMES else (0.0,)):
+    baseline = [EAGLE3] if b.eagle3_steps >= 0 else []
+    for name in (*DRAFT_NAMES, *baseline, *([ABLATION] if b.ablation_steps else [])):
+        for t in (TEMPERATURES if name in (*DRAFT_NAMES, EAGLE3) else (0.0,)):
             first = name == "dspark"
             cmds[f"eval-{name}-t{t:g}"] = [
                 py, "-m", "eval", f"draft={run / ('train-' + name) / 'final'}", "prompts=shared-eval",
@@ -213,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
     run.mkdir(parents=True, exist_ok=True)
     state = State(run / "state.json")
     recorded = state.data.get("budget")
+    if recorded:  # a field added since that run started (e.g. eagle3_steps) counts as its default
+        recorded = {**asdict(Budget()), **recorded}
     if recorded and recorded != asdict(budget) and not args.collect_only:
         raise SystemExit(f"[reference] {run} was started with {recorded}; this call asks for {asdict(budget)}. "
                          f"Pass the same sizes to resume, or use another --run-dir for a new run.")

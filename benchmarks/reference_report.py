@@ -20,10 +20,11 @@ from eval.report import EvalReport
 from eval.scheduler import describe_hardware
 
 DRAFT_NAMES = ("dspark", "dflash")  # conf/draft choices, trained with identical settings
+EAGLE3 = "eagle3"  # the EAGLE-3 baseline: same data, DSpark's training wall clock, same evals
 ABLATION = "dspark-fullvocab"  # DSpark over the full vocabulary, at about the reduced draft's wall time
 TEMPERATURES = (0.0, 1.0)
 TEMPS = tuple(f"{t:g}" for t in TEMPERATURES)  # as in the eval folder names: eval/<draft>-t<T>
-GOALS = {"tau_ratio": 1.20, "speedup_vs_generate": 1.0, "ece_after": 0.015, "auroc": 0.85,
+GOALS = {"tau_ratio": 1.20, "tau_ratio_eagle3": 1.35, "speedup_vs_generate": 1.0, "ece_after": 0.015, "auroc": 0.85,
          "scheduler_vs_best_fixed": 1.0, "tau_pooled_t0": 2.0, "acceptance_k1_t0": 0.5}
 LIVE_DIR = "scheduler-live"  # eval/<LIVE_DIR>: the scheduler-live stage's eval folder
 LIVE_KEYS = ("requests", "algorithm1_tokens_per_s", "best_fixed_tokens_per_s", "best_fixed_length",
@@ -89,10 +90,11 @@ def _scheduler_live(run: Path) -> dict | None:
 
 def build(run: Path, state: dict) -> tuple[dict, dict]:
     """(reference.json content, per-draft training summaries with their curves)."""
-    reports = {(d, t): _report(run / "eval" / f"{d}-t{t}" / "report.json") for d in DRAFT_NAMES for t in TEMPS}
+    drafts = (*DRAFT_NAMES, EAGLE3)
+    reports = {(d, t): _report(run / "eval" / f"{d}-t{t}" / "report.json") for d in drafts for t in TEMPS}
     missing = [f"eval-{d}-t{t}" for (d, t), r in reports.items() if r is None]
-    tau: dict = {d: {} for d in DRAFT_NAMES}
-    cond: dict = {d: {} for d in DRAFT_NAMES}
+    tau: dict = {d: {} for d in drafts}
+    cond: dict = {d: {} for d in drafts}
     for (d, t), r in reports.items():
         if r is None:
             continue
@@ -101,9 +103,12 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         hist = r.accepted_length_histogram["pooled"]  # rounds by accepted length 0..gamma
         cond[d][f"T={t}"] = {**r.conditional_acceptance,
                              "rounds_reaching": [sum(hist[k:]) for k in range(len(hist) - 1)]}
-    ratio = {ds: {T: (tau["dspark"][ds][T] / tau["dflash"][ds][T])
-                  for T in tau["dspark"][ds] if T in tau["dflash"].get(ds, {})}
-             for ds in tau["dspark"] if ds in tau["dflash"]}
+    def over(other):  # DSpark's tau / the other draft's, per eval set and temperature
+        return {ds: {T: (tau["dspark"][ds][T] / tau[other][ds][T])
+                     for T in tau["dspark"][ds] if T in tau[other].get(ds, {})}
+                for ds in tau["dspark"] if ds in tau[other]}
+
+    ratio = over("dflash")
 
     def per(key):
         return {d: {f"T={t}": getattr(reports[d, t], key) for t in TEMPS if reports[d, t]} for d in DRAFT_NAMES}
@@ -115,18 +120,19 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
     stages = state.get("stages", {})
     data_path = run / "data" / "manifest.json"
     data_manifest = DataManifest.read(data_path) if data_path.is_file() else None
-    train = {d: _train_summary(run, d, stages) for d in DRAFT_NAMES}
+    train = {d: _train_summary(run, d, stages) for d in drafts}
     d0 = reports.get(("dspark", "0"))
     result = {
         "target": d0.settings.get("target") if d0 else None,
         "tau": tau,
         "tau_ratio_dspark_over_dflash": ratio,
+        "tau_ratio_dspark_over_eagle3": over(EAGLE3),
+        "eagle3_equal_wall_clock": _equal_wall(run, train),
         "conditional_acceptance": cond,
         "tokens_per_s": per("tokens_per_s"),
         "speedup_vs_generate": per("speedup_vs_generate"),
         "speedup_vs_prompt_lookup": {"dspark": per("speedup_vs_prompt_lookup")["dspark"]},
-        "greedy_match_rate": {d: reports[d, "0"].greedy_match_rate if reports[d, "0"] else None
-                              for d in DRAFT_NAMES},
+        "greedy_match_rate": {d: reports[d, "0"].greedy_match_rate if reports[d, "0"] else None for d in drafts},
         "ece_before": calib.get("T=0", {}).get("ece_before"),
         "ece_after": calib.get("T=0", {}).get("ece_after"),
         "auroc": calib.get("T=0", {}).get("auroc"),
@@ -155,6 +161,18 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
     }
     result["goals"] = goals(result)
     return result, train
+
+
+def _equal_wall(run: Path, train: dict) -> dict | None:
+    """EAGLE-3's training budget next to DSpark's: steps, summed step time, and the step-count record."""
+    a, b = train.get("dspark"), train.get(EAGLE3)
+    if not a or not b:
+        return None
+    secs = {d: s["step_time_s_mean"] * s["steps"] for d, s in (("dspark", a), (EAGLE3, b))}
+    return {"dspark": {"steps": a["steps"], "train_step_s_total": round(secs["dspark"], 1), "wall_s": a["wall_s"]},
+            EAGLE3: {"steps": b["steps"], "train_step_s_total": round(secs[EAGLE3], 1), "wall_s": b["wall_s"]},
+            "step_time_ratio_eagle3_over_dspark": secs[EAGLE3] / secs["dspark"] if secs["dspark"] else None,
+            "step_count_rule": _read(run / f"train-{EAGLE3}.steps.json")}
 
 
 def _vocab_and_speed(run: Path, stages: dict, train: dict) -> dict:
@@ -194,6 +212,7 @@ def _vocab_and_speed(run: Path, stages: dict, train: dict) -> dict:
 def goals(r: dict) -> dict:
     """Each goal of the benchmark with its measured value and whether it is met."""
     ratios = [v for ds in r["tau_ratio_dspark_over_dflash"].values() for v in ds.values()]
+    over_eagle3 = [v for ds in r.get("tau_ratio_dspark_over_eagle3", {}).values() for v in ds.values()]
     speed = [v for v in r["speedup_vs_generate"].get("dspark", {}).values() if v is not None]
     sched = [row["ratio"] for row in r["scheduler_by_load"] or []]
     live = [v for v in (r.get("scheduler_live") or {}).get("algorithm1_vs_best_fixed") or [] if v is not None]
@@ -204,6 +223,8 @@ def goals(r: dict) -> dict:
 
     return {
         "tau_ratio_dspark_over_dflash_min": rec(min(ratios) if ratios else None, GOALS["tau_ratio"]),
+        "tau_ratio_dspark_over_eagle3_min": rec(min(over_eagle3) if over_eagle3 else None,
+                                                GOALS["tau_ratio_eagle3"]),
         "speedup_vs_generate_min_dspark": rec(min(speed) if speed else None, GOALS["speedup_vs_generate"]),
         "greedy_match_rate_min": rec(min((v for v in r["greedy_match_rate"].values() if v is not None),
                                          default=None), 1.0),
@@ -336,11 +357,15 @@ def markdown(r: dict, figs: list[str], fig_rel: str) -> str:
                          f"{_f(s['last_10pct']['top1'])}, expected acceptance {_f(s['last_10pct']['expected_accept'])}")
     lines += _vocab_markdown(r)
     lines += ["", "**τ (tokens per target verification)** and the DSpark/DFlash ratio (goal ≥ "
-              f"{GOALS['tau_ratio']:.2f}):", "", "| eval set | T | DSpark | DFlash | ratio |", "| --- | --- | --- | --- | --- |"]
+              f"{GOALS['tau_ratio']:.2f}), EAGLE-3 (same data, DSpark's training wall clock) and the DSpark/EAGLE-3 "
+              f"ratio (goal ≥ {GOALS['tau_ratio_eagle3']:.2f}):", "",
+              "| eval set | T | DSpark | DFlash | ratio | EAGLE-3 | ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    e3, e3_ratio = r["tau"].get(EAGLE3, {}), r.get("tau_ratio_dspark_over_eagle3", {})
     for ds in sorted(r["tau"]["dspark"], key=lambda k: (k == "pooled", k)):
         for T in ("T=0", "T=1"):
             a, c = r["tau"]["dspark"][ds].get(T), r["tau"]["dflash"].get(ds, {}).get(T)
-            lines.append(f"| {ds} | {T[2:]} | {_f(a)} | {_f(c)} | {_f(r['tau_ratio_dspark_over_dflash'].get(ds, {}).get(T))} |")
+            lines.append(f"| {ds} | {T[2:]} | {_f(a)} | {_f(c)} | {_f(r['tau_ratio_dspark_over_dflash'].get(ds, {}).get(T))} "
+                         f"| {_f(e3.get(ds, {}).get(T))} | {_f(e3_ratio.get(ds, {}).get(T))} |")
     lines += ["", "**Conditional acceptance by block position** (pooled over the three sets; in brackets the "
               "number of rounds that reached the position):", "",
               "| draft | T | " + " | ".join(f"k={k}" for k in range(1, 8)) + " |", "|" + " --- |" * 9]

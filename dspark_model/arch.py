@@ -7,8 +7,17 @@ and every other reader of a native config (``export_schema.native_config``: the 
 config, and the deepspec / speculators converters go through ``layer_keys`` / ``head_keys`` (writing) and
 ``from_public`` (reading), so no architecture field is spelled out anywhere else.
 
-Version 1 is the layout config.json has had since the first release, so every checkpoint written so far reads
-as it is. A config of any other version is refused with one line naming the file and the fix.
+One record serves both draft architectures (``architecture``): ``dspark`` (DSpark / DFlash, ``DSparkDraft``)
+and ``eagle3`` (the EAGLE-3 baseline, ``eagle3.Eagle3Draft``: one layer over the low / mid / high taps, its
+own LM head, no mask token or sequential / confidence head). ``draft.draft_from_arch`` builds the module the
+record names, and config.json's ``model_type`` is the architecture, so a reader is never told an EAGLE-3
+draft is a DSpark one.
+
+Versions (``format_version``): 1 is the layout config.json has had since the first release (no
+``architecture`` field: a DSpark draft), so every checkpoint written so far reads as it is, and a DSpark draft
+is still written as version 1 (byte for byte what older toolkits read). Version 2 adds ``arch.architecture``;
+an EAGLE-3 draft is written as version 2, so an older toolkit refuses it with "upgrade" instead of building a
+DSpark draft from it. A config of any other version is refused with one line naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ from dspark_model.rope import draft_rope_parameters
 
 log = logging.getLogger(__name__)
 
-ARCH_VERSION = 1  # config.json's ``format_version``
+ARCH_VERSIONS = (1, 2)  # config.json's ``format_version``s this toolkit reads (see the module docstring)
+ARCH_VERSION = ARCH_VERSIONS[-1]  # the newest
+ARCHITECTURES = ("dspark", "eagle3")
 # markov_head_type in the public formats <-> our sequential_head names.
 HEAD_TYPE_OF = {"markov": "vanilla", "gated": "gated", "rnn": "rnn"}
 HEAD_KIND_OF = {v: k for k, v in HEAD_TYPE_OF.items()}
@@ -60,8 +71,13 @@ class DraftArch:
     initializer_range: float = 0.02
     draft_vocab_size: int | None = None
     train_draft_head: bool = False
+    architecture: str = "dspark"  # one of ARCHITECTURES; absent from version-1 configs
 
     def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"draft.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture == "eagle3":
+            _check_eagle3(self)
         if self.sequential_head not in HEAD_KINDS:
             raise ValueError(f"draft.sequential_head must be one of {HEAD_KINDS}, got {self.sequential_head!r}")
         if self.block_size < 1:
@@ -75,7 +91,8 @@ class DraftArch:
                          K, self.vocab_size)
             K = None  # K >= V is the full vocabulary: no mapping, the target's own head
         rope = dict(self.rope_config, rope_parameters=draft_rope_parameters(self.rope_config["rope_parameters"]))
-        for name, value in (("draft_vocab_size", K), ("train_draft_head", bool(self.train_draft_head and K)),
+        own_head = self.train_draft_head or self.architecture == "eagle3"  # EAGLE-3 always trains its head
+        for name, value in (("draft_vocab_size", K), ("train_draft_head", bool(own_head and K)),
                             ("tap_layer_ids", list(self.tap_layer_ids)), ("rope_config", rope)):
             object.__setattr__(self, name, value)
 
@@ -99,12 +116,21 @@ class DraftArch:
         return self.draft_vocab_size or self.vocab_size
 
     # ---- native config.json -----------------------------------------------------------------------------------
+    @property
+    def format_version(self) -> int:
+        """The oldest config version that holds this record: 1 for DSpark (no ``architecture``), else 2."""
+        return 1 if self.architecture == "dspark" else 2
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        doc = dataclasses.asdict(self)
+        if self.format_version == 1:
+            del doc["architecture"]
+        return doc
 
     def native_keys(self) -> dict:
         """The summary keys config.json states beside ``arch`` (read by people, the card and the schema check)."""
-        return {"format_version": ARCH_VERSION, "tap_layer_ids": list(self.tap_layer_ids),
+        named = {} if self.format_version == 1 else {"architecture": self.architecture}
+        return {"format_version": self.format_version, **named, "tap_layer_ids": list(self.tap_layer_ids),
                 "block_size": self.block_size, "mask_token_id": self.mask_token_id,
                 "sequential_head": self.sequential_head, "markov_rank": self.markov_width,
                 "confidence_head": self.confidence_head, "confidence_head_with_markov": self.confidence_with_markov,
@@ -114,18 +140,23 @@ class DraftArch:
     def from_config(cls, config, source: str | Path) -> DraftArch:
         """The record in a native config.json (parsed); ``source`` names the file in every error."""
         check_version(config, source)
-        doc = config.get("arch")
-        names = {f.name for f in dataclasses.fields(cls)}
+        version, doc = config["format_version"], config.get("arch")
+        names = {f.name for f in dataclasses.fields(cls)} - ({"architecture"} if version == 1 else set())
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        required |= {"architecture"} if version > 1 else set()
         if not isinstance(doc, dict) or set(doc) - names or required - set(doc):
             found = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
-            raise DraftArchError(f"{source}: 'arch' does not match draft config version {ARCH_VERSION} (fields "
+            raise DraftArchError(f"{source}: 'arch' does not match draft config version {version} (fields "
                                  f"{found}); re-save the draft with save_pretrained, or retrain it")
         try:
-            return cls(**doc)
+            arch = cls(**doc)
         except (TypeError, ValueError, KeyError) as exc:
             raise DraftArchError(f"{source}: 'arch' is invalid ({exc}); re-save the draft with save_pretrained, "
                                  f"or retrain it") from None
+        if config.get("model_type", arch.architecture) != arch.architecture:
+            raise DraftArchError(f"{source}: model_type {config.get('model_type')!r} but 'arch' describes a "
+                                 f"{arch.architecture!r} draft; re-save the draft with save_pretrained")
+        return arch
 
     # ---- the public formats (deepspec, speculators) ---------------------------------------------------------------
     def layer_keys(self) -> dict:
@@ -165,6 +196,27 @@ class DraftArch:
                    train_draft_head=reduced)
 
 
+def eagle3_tap_layer_ids(target_taps: list[int]) -> list[int]:
+    """Low / mid / high of the target's tap layers (decoder-layer ids, ascending): the taps an EAGLE-3 draft
+    fuses. A very shallow (test) target with fewer than 3 taps repeats one: [0, 1] -> [0, 1, 1]."""
+    taps = sorted(target_taps)
+    if not taps:
+        raise ValueError("an EAGLE-3 draft needs tapped target layers; the target taps none")
+    return [taps[0], taps[len(taps) // 2], taps[-1]]
+
+
+def _check_eagle3(a: DraftArch) -> None:
+    """An EAGLE-3 record states one layer over 3 taps and none of DSpark's mask token or extra heads."""
+    wrong = [f"{name}={value!r}" for name, value, ok in (
+        ("num_layers", a.num_layers, a.num_layers == 1), ("tap_layer_ids", a.tap_layer_ids, len(a.tap_layer_ids) == 3),
+        ("mask_token_id", a.mask_token_id, a.mask_token_id is None),
+        ("sequential_head", a.sequential_head, a.sequential_head == "none"),
+        ("confidence_head", a.confidence_head, not a.confidence_head)) if not ok]
+    if wrong:
+        raise ValueError(f"an EAGLE-3 draft has num_layers=1, 3 tap layers, no mask token, sequential_head=none "
+                         f"and confidence_head=false; got {', '.join(wrong)}")
+
+
 def public_head(config: dict) -> tuple[str, int]:
     """(our sequential_head, rank) of a public config's ``markov_rank`` / ``markov_head_type`` ('?': unknown)."""
     rank = int(config.get("markov_rank") or 0)
@@ -176,11 +228,11 @@ def public_head(config: dict) -> tuple[str, int]:
 def check_version(config, source: str | Path) -> None:
     """Refuse a native config.json of another layout version, in one line naming the file and the fix."""
     version = config.get("format_version") if isinstance(config, dict) else None
-    if version == ARCH_VERSION:
+    if version in ARCH_VERSIONS and not isinstance(version, bool):
         return
     if isinstance(version, int) and not isinstance(version, bool) and version > ARCH_VERSION:
         fix = "upgrade dspark-toolkit to read it"
     else:
         fix = "re-save it with save_pretrained of this toolkit, or retrain the draft"
     raise DraftArchError(f"{source} has an unknown draft config version (format_version {version!r}; this "
-                         f"toolkit reads version {ARCH_VERSION}); {fix}")
+                         f"toolkit reads versions {', '.join(map(str, ARCH_VERSIONS))}); {fix}")

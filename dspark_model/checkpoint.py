@@ -30,11 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
-from dspark_model.arch import DraftArch, DraftArchError, check_version
+from dspark_model.arch import ARCHITECTURES, DraftArch, DraftArchError, check_version
 from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.calibration import CALIBRATION_NAME, WEIGHTS_NAME, CalibrationError, load_beside
 from dspark_model.config import TargetSpec
-from dspark_model.draft import DSparkDraft
+from dspark_model.draft import DSparkDraft, draft_from_arch
 from dspark_model.heads import LegacyHeadError
 from dspark_model.identity import weights_fingerprint
 from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
@@ -67,7 +67,8 @@ def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None,
                     architectures=getattr(target.model.config, "architectures", None),
                     fingerprint=weights_fingerprint(target))  # compared by eval, never used to load
     keys = draft.arch.native_keys()
-    return {"model_type": "dspark", "format_version": keys.pop("format_version"), "toolkit_version": __version__,
+    return {"model_type": draft.arch.architecture, "format_version": keys.pop("format_version"),
+            "toolkit_version": __version__,
             "target": spec, "tap_layer_convention": TAP_CONVENTION, "final_hidden": FINAL_HIDDEN_CONVENTION,
             **keys, "dtype": str(dtype or next(draft.parameters()).dtype).replace("torch.", ""),
             "includes_target_embeddings": False}
@@ -117,9 +118,10 @@ def read_draft_config(ckpt_dir: str | Path) -> dict:
         raise CheckpointMismatchError(f"{ckpt_dir} is not a draft checkpoint: {CONFIG_NAME} is missing "
                                       f"(expected the output of save_pretrained, e.g. runs/train/<name>/final)")
     config = json.loads(path.read_text())
-    if not isinstance(config, dict) or config.get("model_type") != "dspark":
+    if not isinstance(config, dict) or config.get("model_type") not in ARCHITECTURES:
         found = config.get("model_type") if isinstance(config, dict) else None
-        raise CheckpointMismatchError(f"{path} has model_type {found!r}, not 'dspark'")
+        raise CheckpointMismatchError(f"{path} has model_type {found!r}, not one of this toolkit's drafts "
+                                      f"{ARCHITECTURES}")
     try:
         check_version(config, path)
     except DraftArchError as exc:
@@ -231,7 +233,7 @@ def load_draft(ckpt_dir: str | Path, target=None, device=None) -> DSparkDraft:
     config, arch = read_draft_arch(ckpt_dir)
     if target is not None:
         check_against_target(config, arch, target)
-    draft = DSparkDraft(arch)
+    draft = draft_from_arch(arch)  # a DSparkDraft, or an Eagle3Draft for architecture "eagle3"
     weights = Path(ckpt_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointMismatchError(f"{ckpt_dir}: {WEIGHTS_NAME} is missing")

@@ -42,6 +42,9 @@ class TargetSpec:
 class DraftConfig:
     """Architecture of a DSpark draft. Sizes not listed here come from the target's config."""
 
+    # dspark (DSpark / DFlash: the block backbone of draft.py) | eagle3 (the EAGLE-3 baseline, eagle3.py;
+    # block_size is then its number of chain / training-time-test steps)
+    architecture: str = "dspark"
     num_layers: int = 5
     block_size: int = 7  # gamma: anchor + (gamma - 1) mask slots, gamma predictions per block
     sequential_head: str = "markov"  # none (= DFlash) | markov | gated | rnn

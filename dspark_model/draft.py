@@ -27,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dspark_model.arch import DraftArch
+from dspark_model.arch import DraftArch, eagle3_tap_layer_ids
 from dspark_model.block_attention import attend, block_mask
 from dspark_model.config import DraftConfig
 from dspark_model.heads import ConfidenceHead, SequentialHead
 from dspark_model.rope import DraftRotary, target_rope_parameters
+from dspark_model.vocab import DraftVocabMixin
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class DraftContextCache:
         self.v = [None if t is None else t[:, :, :length] for t in self.v]
 
 
-class DSparkDraft(nn.Module):
+class DSparkDraft(DraftVocabMixin, nn.Module):
     """Parallel block backbone + sequential head + confidence head. See the module docstring."""
 
     def __init__(self, arch: DraftArch):
@@ -160,7 +161,7 @@ class DSparkDraft(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    # ---- the frozen, shared target pieces ------------------------------------------------------------
+    # ---- the frozen, shared target pieces (the draft vocabulary: vocab.DraftVocabMixin) ---------------
     def attach_target(self, target) -> DSparkDraft:
         """Share the target's embedding and LM head (kept out of this module's parameters and state)."""
         if target.hidden_size != self.arch.hidden_size or target.vocab_size != self.arch.vocab_size:
@@ -169,37 +170,6 @@ class DSparkDraft(nn.Module):
         self.__dict__["target"] = target  # plain attribute: not a submodule, not in state_dict
         self._refresh_head()
         return self
-
-    # ---- the draft vocabulary ----------------------------------------------------------------------------
-    @property
-    def reduced_vocab(self) -> bool:
-        return self.arch.reduced_vocab
-
-    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
-        """Set the K target ids the draft predicts (stored ascending); a trainable head starts from their
-        target LM-head rows."""
-        ids = torch.as_tensor(target_ids, dtype=torch.long).flatten().sort().values
-        if not self.reduced_vocab or ids.numel() != self.out_vocab_size:
-            raise ValueError(f"this draft predicts {self.out_vocab_size} tokens; got {ids.numel()} ids "
-                             f"(build it with draft.draft_vocab_size={ids.numel()})")
-        if ids.unique().numel() != ids.numel() or ids[0] < 0 or ids[-1] >= self.arch.vocab_size:
-            raise ValueError("draft vocabulary ids must be distinct target token ids")
-        self.draft_to_target.copy_(ids.to(self.draft_to_target.device))
-        if "target" in self.__dict__:
-            self._refresh_head()
-            if self.arch.train_draft_head:
-                with torch.no_grad():
-                    self.lm_head.weight.copy_(self.target.head_rows(ids)[0].to(self.lm_head.weight))
-
-    def _refresh_head(self) -> None:
-        """Cache the frozen K-row head and the target -> draft index table (plain attributes, not state)."""
-        if not self.reduced_vocab:
-            return
-        ids = self.draft_to_target
-        self.__dict__["_head_rows"] = self.target.head_rows(ids)  # the target's own K rows (teacher, frozen head)
-        t2d = torch.full((self.arch.vocab_size,), -1, dtype=torch.long, device=ids.device)
-        t2d[ids] = torch.arange(ids.numel(), device=ids.device)
-        self.__dict__["target_to_draft"] = t2d
 
     def output_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight (K, d), bias) of a reduced vocabulary's head: the trained copy, or the target's frozen rows."""
@@ -214,23 +184,6 @@ class DSparkDraft(nn.Module):
             return self.target.logits(h).float()
         weight, bias = self.output_head()
         return self.target.logits(h, weight.to(h.dtype), bias).float()
-
-    @torch.no_grad()
-    def teacher_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
-        """(…, d) target final states -> (…, K) fp32 target logits at the draft's K tokens (reduced only)."""
-        weight, bias = self.__dict__["_head_rows"]
-        return self.target.logits(final_hidden.to(weight.dtype), weight, bias).float()
-
-    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        """Draft-vocabulary indices -> target token ids (identity for the full vocabulary)."""
-        return self.draft_to_target[draft_ids] if self.reduced_vocab else draft_ids
-
-    def to_target_probs(self, probs: torch.Tensor) -> torch.Tensor:
-        """(…, K) draft distributions -> (…, V) target-vocabulary distributions, zero outside the K tokens."""
-        if not self.reduced_vocab:
-            return probs
-        out = probs.new_zeros(*probs.shape[:-1], self.arch.vocab_size)
-        return out.index_copy_(-1, self.draft_to_target, probs)
 
     @property
     def num_layers(self) -> int:
@@ -378,8 +331,11 @@ def sample_from_logits(logits: torch.Tensor, temperature: float, generator=None)
 
 def build_arch(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask_token_id: int | None,
                vocab_size: int | None = None) -> DraftArch:
-    """Map the draft config + the target's config to the draft's ``DraftArch``."""
+    """Map the draft config + the target's config to the draft's ``DraftArch``. ``tap_layer_ids`` are the
+    target's; an EAGLE-3 draft reads their low / mid / high and has no mask token."""
     tc = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    if cfg.architecture == "eagle3":
+        tap_layer_ids, mask_token_id = eagle3_tap_layer_ids(tap_layer_ids), None
     n_heads = cfg.num_attention_heads or tc.num_attention_heads
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     return DraftArch(
@@ -393,18 +349,27 @@ def build_arch(cfg: DraftConfig, target_config, tap_layer_ids: list[int], mask_t
         rope_config={"rope_parameters": target_rope_parameters(tc),
                      "max_position_embeddings": tc.max_position_embeddings},
         initializer_range=cfg.initializer_range, draft_vocab_size=cfg.draft_vocab_size,
-        train_draft_head=cfg.train_draft_head,
+        train_draft_head=cfg.train_draft_head, architecture=cfg.architecture,
     )
 
 
+def draft_from_arch(arch: DraftArch) -> nn.Module:
+    """The draft module ``arch`` describes: a ``DSparkDraft``, or an ``eagle3.Eagle3Draft``."""
+    if arch.architecture == "eagle3":
+        from dspark_model.eagle3 import Eagle3Draft
+
+        return Eagle3Draft(arch)
+    return DSparkDraft(arch)
+
+
 def build_draft(cfg: DraftConfig, target_config, tap_layer_ids: list[int] | None = None,
-                mask_token_id: int | None = None) -> DSparkDraft:
+                mask_token_id: int | None = None) -> nn.Module:
     """Config -> draft module (no target attached; works on the meta device for sizing)."""
     from dspark_model.target import default_tap_layer_ids, text_config
 
     tc = text_config(target_config)
     taps = tap_layer_ids or default_tap_layer_ids(tc.num_hidden_layers)
-    return DSparkDraft(build_arch(cfg, tc, taps, cfg.mask_token_id if mask_token_id is None else mask_token_id))
+    return draft_from_arch(build_arch(cfg, tc, taps, cfg.mask_token_id if mask_token_id is None else mask_token_id))
 
 
 def choose_mask_token_id(tokenizer, embedding_rows: int) -> int:
@@ -423,6 +388,10 @@ def choose_mask_token_id(tokenizer, embedding_rows: int) -> int:
 
 def build_draft_for(target, cfg: DraftConfig) -> DSparkDraft:
     """Build a draft for a loaded target (tap layers and mask token derived) and attach the target."""
+    if cfg.architecture == "eagle3":
+        from dspark_model.eagle3 import build_eagle3_for
+
+        return build_eagle3_for(target, cfg)
     mask = cfg.mask_token_id if cfg.mask_token_id is not None else choose_mask_token_id(target.tokenizer,
                                                                                          target.vocab_size)
     draft = DSparkDraft(build_arch(cfg, target.config, target.tap_layer_ids, mask, target.vocab_size))

@@ -69,6 +69,7 @@ from dspark_model.checkpoint import (
     WEIGHTS_NAME,
     CheckpointMismatchError,
     load_draft,
+    read_draft_arch,
     read_draft_config,
     target_spec_from_checkpoint,
 )
@@ -348,6 +349,9 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     _check_verify_request(format, verify)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     _check_out_dir(ckpt_dir, out_dir)
+    if read_draft_arch(ckpt_dir)[1].architecture == "eagle3":  # the EAGLE-3 baseline: export_eagle3.py
+        return _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite,
+                              device, verify)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
     ckpt_config = read_draft_config(ckpt_dir)
@@ -388,6 +392,18 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s export (%s, %d tensors) to %s", format, _dtype_name(torch_dtype), len(tensors), out_dir)
     return out_dir
+
+
+def _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite, device, verify):
+    """An EAGLE-3 checkpoint: speculators -> vLLM's eagle3 format, deepspec -> SGLang's EAGLE-3 format."""
+    from dspark_model.export_eagle3 import export_eagle3_checkpoint
+
+    if format == "native" or verify:
+        raise ExportError("an EAGLE-3 draft exports as --format speculators (vLLM) or deepspec (SGLang's EAGLE-3 "
+                          "layout), without --verify; its checkpoint folder is already the native format")
+    fmt = "speculators" if format == "speculators" else "sglang"
+    return export_eagle3_checkpoint(ckpt_dir, out_dir, fmt, dtype, target, target_spec, verifier_path, overwrite,
+                                    device)
 
 
 def _check_calibration(ckpt_dir: Path) -> None:

@@ -41,3 +41,59 @@ def d2t_t2d(draft_to_target: torch.Tensor, vocab_size: int) -> tuple[torch.Tenso
 def mass_in_vocab(target_probs: torch.Tensor, draft_to_target: torch.Tensor) -> torch.Tensor:
     """Per-position target probability mass inside the draft vocabulary: (N, V) -> (N,)."""
     return target_probs[:, draft_to_target.to(target_probs.device)].sum(-1)
+
+
+class DraftVocabMixin:
+    """The draft vocabulary on a draft module (``DSparkDraft``, ``Eagle3Draft``): the ``draft_to_target`` map
+    (a buffer of K ids, ascending), the target's frozen K head rows and the target -> draft index table.
+
+    Needs ``self.arch`` (a ``DraftArch``: ``reduced_vocab``, ``out_vocab_size``, ``vocab_size``,
+    ``train_draft_head``), the ``draft_to_target`` buffer when reduced, ``lm_head`` when the head is trained,
+    and ``self.target`` once attached."""
+
+    @property
+    def reduced_vocab(self) -> bool:
+        return self.arch.reduced_vocab
+
+    def set_draft_vocab(self, target_ids: torch.Tensor) -> None:
+        """Set the K target ids the draft predicts (stored ascending); a trainable head starts from their
+        target LM-head rows."""
+        ids = torch.as_tensor(target_ids, dtype=torch.long).flatten().sort().values
+        if not self.reduced_vocab or ids.numel() != self.out_vocab_size:
+            raise ValueError(f"this draft predicts {self.out_vocab_size} tokens; got {ids.numel()} ids "
+                             f"(build it with draft.draft_vocab_size={ids.numel()})")
+        if ids.unique().numel() != ids.numel() or ids[0] < 0 or ids[-1] >= self.arch.vocab_size:
+            raise ValueError("draft vocabulary ids must be distinct target token ids")
+        self.draft_to_target.copy_(ids.to(self.draft_to_target.device))
+        if "target" in self.__dict__:
+            self._refresh_head()
+            if self.arch.train_draft_head:
+                with torch.no_grad():
+                    self.lm_head.weight.copy_(self.target.head_rows(ids)[0].to(self.lm_head.weight))
+
+    def _refresh_head(self) -> None:
+        """Cache the frozen K-row head and the target -> draft index table (plain attributes, not state)."""
+        if not self.reduced_vocab:
+            return
+        ids = self.draft_to_target
+        self.__dict__["_head_rows"] = self.target.head_rows(ids)  # the target's own K rows (teacher, frozen head)
+        t2d = torch.full((self.arch.vocab_size,), -1, dtype=torch.long, device=ids.device)
+        t2d[ids] = torch.arange(ids.numel(), device=ids.device)
+        self.__dict__["target_to_draft"] = t2d
+
+    @torch.no_grad()
+    def teacher_logits(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """(…, d) target final states -> (…, K) fp32 target logits at the draft's K tokens (reduced only)."""
+        weight, bias = self.__dict__["_head_rows"]
+        return self.target.logits(final_hidden.to(weight.dtype), weight, bias).float()
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices -> target token ids (identity for the full vocabulary)."""
+        return self.draft_to_target[draft_ids] if self.reduced_vocab else draft_ids
+
+    def to_target_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """(…, K) draft distributions -> (…, V) target-vocabulary distributions, zero outside the K tokens."""
+        if not self.reduced_vocab:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], self.arch.vocab_size)
+        return out.index_copy_(-1, self.draft_to_target, probs)

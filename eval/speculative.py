@@ -124,10 +124,18 @@ def _first_token(target, input_ids: torch.Tensor, draft, temperature: float, gen
     cache = target.new_cache()
     out = target.forward(input_ids, past_key_values=cache, use_cache=True)  # taps (1, T, k*d)
     context = draft.new_cache()
-    draft.extend_context(context, out.tap_hidden)
+    _extend(draft, context, out.tap_hidden, input_ids)
     probs = target_distribution(target.logits(out.final_hidden[0, -1:]), temperature)[0]  # (V,)
     token = int(probs.argmax()) if temperature <= 0 else sample_token(probs, generator)
     return cache, context, token
+
+
+def _extend(draft, context, tap_hidden: torch.Tensor, token_ids: torch.Tensor) -> None:
+    """Grow the draft's context; a draft that pairs features with tokens (EAGLE-3) also gets their ids."""
+    if getattr(draft, "context_needs_tokens", False):
+        draft.extend_context(context, tap_hidden, token_ids)
+    else:
+        draft.extend_context(context, tap_hidden)
 
 
 def _round_record(index: int, gamma: int, proposal, verdict: Verdict) -> dict:
@@ -181,7 +189,7 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, temperat
         if out.stopped_by_eos or len(out.tokens) >= max_new_tokens:
             break
         crop_cache(cache, position + n + 1)  # keep the anchor and the n accepted tokens
-        draft.extend_context(context, verified.tap_hidden[:, : n + 1])  # positions p .. p+n
+        _extend(draft, context, verified.tap_hidden[:, : n + 1], block[:, : n + 1])  # positions p .. p+n
         position += n + 1
         anchor = verdict.next_token
     if len(out.tokens) > max_new_tokens:

@@ -71,7 +71,8 @@ class DraftObjective(nn.Module):
         self.draft, self.weights, self.chunk_size, self.recompute = draft, weights, chunk_size, recompute
         self.feature_noise, self.attention = feature_noise, attention
 
-    def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask, teacher_lse=None, teacher_argmax=None):
+    def forward(self, tap_hidden, final_hidden, input_ids, anchors, mask, teacher_lse=None, teacher_argmax=None,
+                loss_mask=None):  # loss_mask: read by the EAGLE-3 objective only
         if self.training and self.feature_noise > 0:
             tap_hidden = noisy_taps(tap_hidden, self.feature_noise, len(self.draft.tap_layer_ids))
         h = self.draft.forward_train(tap_hidden, input_ids, anchors, self.attention)  # (B, A, G, d)
@@ -181,7 +182,7 @@ def train_step(model, optimizer, scheduler, target, data: TrainData, batches: li
             tap, fin = b.tap_hidden.to(**copy).float(), b.final_hidden.to(**copy).float()  # cache dtype -> fp32
         stats = (None, None) if memo is None else memo.lookup(target, indices, fin, lm, [m.numel() for m in b.masks])
         with acc.accumulate(model), _autocast(rt.device, t.precision):
-            loss, metrics = model(tap, fin, ids, anchors, mask, *stats)
+            loss, metrics = model(tap, fin, ids, anchors, mask, *stats, loss_mask=lm)
             acc.backward(loss)
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
@@ -318,7 +319,13 @@ def _train(job: TrainJob, out: Path, resolved: dict | None) -> dict:
     sampler = StepSampler(len(data), t.global_batch_size, t.seed)
     optimizer, scheduler = make_optimizer(draft, t)
     weights = LossWeights(t.alpha_ce, t.alpha_tv, t.alpha_conf, t.position_decay)
-    objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks, t.feature_noise, kernel)
+    if job.draft.architecture == "eagle3":
+        from train.eagle3_loss import Eagle3Objective
+
+        objective = Eagle3Objective(draft, t.eagle3_step_weight, t.logits_chunk_size, t.recompute_chunks,
+                                    t.feature_noise, kernel)
+    else:
+        objective = DraftObjective(draft, weights, t.logits_chunk_size, t.recompute_chunks, t.feature_noise, kernel)
     root = out / "checkpoints"
     checkpointing.start_run(root, rank=rt.rank, barrier=rt.barrier)  # run.json: resume only from our checkpoints
     model, optimizer, engine, start = _prepare_and_resume(rt, objective, optimizer, scheduler, root, t.resume,

@@ -295,7 +295,11 @@ def estimate_memory(job, world: int | None = None) -> MemoryEstimate:
     from dspark_model.draft import build_draft
     from train.anchors import anchor_count
     from train.loop import uses_bf16
+    from train.schema import TrainConfigError
 
+    if job.draft.architecture != "dspark":  # the traced step is DraftObjective's, not the EAGLE-3 objective's
+        raise TrainConfigError(f"train.estimate_memory models DSpark / DFlash drafts; draft.architecture="
+                               f"{job.draft.architecture} is not estimated yet")
     t, stage = job.train, str(job.deepspeed.stage)
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda" if t.device == "auto" and torch.cuda.is_available() else

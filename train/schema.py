@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from dspark_model.arch import ARCHITECTURES
 from dspark_model.config import DraftConfig, TargetSpec
 
 
@@ -58,6 +59,9 @@ class OptimConfig:
     alpha_tv: float = 0.9
     alpha_conf: float = 1.0
     position_decay: float = 4.0
+    # draft=eagle3 only: its loss is sum_k w_k * mean KL of unrolled step k with w_k = eagle3_step_weight^k
+    # (EAGLE-3's public trainers: 0.8); position_decay and alpha_* apply to DSpark / DFlash drafts.
+    eagle3_step_weight: float = 0.8
     logits_chunk_size: int = 2048  # block positions whose full-vocab logits are alive at once (<= 0: no chunks)
     recompute_chunks: bool = True  # checkpoint each chunk: recompute its logits in backward instead of storing
     # Std of Gaussian noise added to the tapped target states while training, relative to each state's RMS
@@ -140,6 +144,10 @@ def validate(job: TrainJob) -> None:
         (t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"),
         (1 <= t.min_anchors <= t.max_anchors, "need 1 <= train.min_anchors <= train.max_anchors"),
         (t.position_decay > 0, "train.position_decay must be > 0"),
+        (d.architecture in ARCHITECTURES, f"draft.architecture must be one of {ARCHITECTURES}, got "
+                                          f"{d.architecture!r}"),
+        (d.architecture != "eagle3" or d.num_layers == 1, "draft=eagle3 has one decoder layer: draft.num_layers=1"),
+        (0 < t.eagle3_step_weight <= 1, f"train.eagle3_step_weight must be in (0, 1], got {t.eagle3_step_weight}"),
         (t.save_every >= 1 and t.keep_last >= 1, "train.save_every and train.keep_last must be >= 1"),
         (t.estimate_processes is None or t.estimate_processes >= 1, "train.estimate_processes must be >= 1"),
     ]

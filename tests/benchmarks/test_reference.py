@@ -40,13 +40,31 @@ def test_both_drafts_train_with_identical_settings(tmp_path):
                                                               "train.output_dir"]
     assert _arg(full, "draft.draft_vocab_size") == "null"
     evals = [k for k in cmds if k.startswith("eval-")]
-    assert evals == ["eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1",
-                     "eval-dspark-fullvocab-t0"]
+    assert evals == ["eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1", "eval-eagle3-t0",
+                     "eval-eagle3-t1", "eval-dspark-fullvocab-t0"]
     assert cmds["heldout-tau"][-3:] == [f"{n}={tmp_path / ('train-' + n) / 'final'}"
                                         for n in ("dspark", "dflash", "dspark-fullvocab")]
     assert all(_arg(cmds[k], "prompts") == "shared-eval" for k in evals)
     assert _arg(cmds["eval-dflash-t0"], "baselines.generate") == "true"  # its greedy-identity check
     assert _arg(cmds["eval-dspark-t1"], "calibration.write_to_checkpoint") == "false"
+
+
+def test_eagle3_trains_on_the_same_data_for_dspark_s_wall_clock(tmp_path):
+    from benchmarks.equal_wall_train import equal_wall_steps
+
+    cmds = stage_commands(tmp_path, Budget(train_steps=7))
+    a, e = cmds["train-dspark"], cmds["train-eagle3"]
+    assert e[1].endswith("equal_wall_train.py")
+    assert e[e.index("--reference") + 1] == str(tmp_path / "train-dspark" / "metrics.jsonl")
+    inner = e[e.index("--") + 1:]
+    differ = [(x.split("=")[0], y) for x, y in zip(a[1:], inner) if x != y]
+    assert [k for k, _ in differ] == ["draft", "train.output_dir"] and inner[-1] == "draft.num_layers=1"
+    assert _arg(inner, "draft") == "eagle3" and _arg(inner, "data.path") == str(tmp_path / "data")
+    fixed = stage_commands(tmp_path, Budget(train_steps=7, eagle3_steps=30))["train-eagle3"]
+    assert fixed[1:3] == ["-m", "train"] and _arg(fixed, "train.max_steps") == "30"
+    assert "train-eagle3" not in stage_commands(tmp_path, Budget(eagle3_steps=-1))
+    assert equal_wall_steps(700 * 2.0, 0.5, 5000) == 2800 and equal_wall_steps(10.0, 100.0, 50) == 1
+    assert equal_wall_steps(1e9, 1.0, 50) == 50
 
 
 def test_stage_resumes_after_failure_and_is_skipped_once_done(tmp_path, capsys):
@@ -101,6 +119,8 @@ def _write_run(run: Path, tiny_target) -> None:
         "dspark-t1": _report({"a": 1.3, "b": 1.1, "pooled": 1.2}, [0.3, 0.2], 9.0, 4.5, 6.0, cal),
         "dflash-t0": _report({"a": 1.25, "b": 1.2, "pooled": 1.25}, [0.5, 0.2], 8.0, 5.0, None),
         "dflash-t1": _report({"a": 1.3, "b": 1.0, "pooled": 1.1}, [0.3, 0.1], 7.0, None, None),
+        "eagle3-t0": _report({"a": 1.0, "b": 1.0, "pooled": 1.0}, [0.4, 0.1], 8.0, 5.0, None),
+        "eagle3-t1": _report({"a": 1.3, "b": 1.1, "pooled": 1.2}, [0.3, 0.1], 7.0, None, None),
     }
     for name, rep in reports.items():
         (run / "eval" / name).mkdir(parents=True)
@@ -120,7 +140,7 @@ def _write_run(run: Path, tiny_target) -> None:
         {"train_throughput": {"positions_per_s": {"before": 100.0, "after": 600.0}}}))
     save_pretrained(build_draft_for(tiny_target, tiny_draft_config(draft_vocab_size=64)),
                     run / "train-dspark" / "final")  # the draft's config.json as training writes it
-    for d in ("dspark", "dflash", "dspark-fullvocab"):
+    for d in ("dspark", "dflash", "eagle3", "dspark-fullvocab"):
         (run / f"train-{d}").mkdir(exist_ok=True)
         lines = [json.dumps({"step": s, "loss": 3.0 - s, "top1": 0.1 * s, "expected_accept": 0.1 * s,
                              "tokens_per_s": 100.0, "step_time_s": 2.0 if d != "dspark-fullvocab" else 8.0,
@@ -141,7 +161,12 @@ def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path, t
     assert r["tau_ratio_dspark_over_dflash"]["a"]["T=0"] == pytest.approx(1.2)
     assert r["tau_ratio_dspark_over_dflash"]["b"]["T=1"] == pytest.approx(1.1)
     assert r["speedup_vs_generate"]["dspark"] == {"T=0": 2.0, "T=1": 2.0}
-    assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0}
+    assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0, "eagle3": 1.0}
+    assert r["tau"]["eagle3"]["pooled"] == {"T=0": 1.0, "T=1": 1.2}  # the same layout as the other drafts
+    assert r["tau_ratio_dspark_over_eagle3"]["a"] == {"T=0": pytest.approx(1.5), "T=1": pytest.approx(1.0)}
+    assert r["goals"]["tau_ratio_dspark_over_eagle3_min"] == {"measured": pytest.approx(1.0), "target": 1.35,
+                                                              "met": False}
+    assert r["eagle3_equal_wall_clock"]["eagle3"]["steps"] == 2
     assert r["conditional_acceptance"]["dflash"]["T=1"]["rounds_reaching"] == [10, 4]
     assert r["ece_after"] == 0.01 and r["auroc"] == 0.9
     g = r["goals"]
@@ -184,7 +209,12 @@ def test_whole_benchmark_on_a_tiny_target(tmp_path):
             "heldout-tau", "cache-dtypes"]
     main(args)
     r = json.loads((tmp_path / "reference.json").read_text())
-    assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0}
+    assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0, "eagle3": 1.0}
+    assert r["tau"]["eagle3"]["pooled"] == {"T=0": 1.0, "T=1": 1.2}  # the same layout as the other drafts
+    assert r["tau_ratio_dspark_over_eagle3"]["a"] == {"T=0": pytest.approx(1.5), "T=1": pytest.approx(1.0)}
+    assert r["goals"]["tau_ratio_dspark_over_eagle3_min"] == {"measured": pytest.approx(1.0), "target": 1.35,
+                                                              "met": False}
+    assert r["eagle3_equal_wall_clock"]["eagle3"]["steps"] == 2
     assert set(r["tau"]["dspark"]) == {"gsm8k-test", "humaneval", "mt-bench", "pooled"}
     assert r["tau"]["dflash"]["pooled"]["T=1"] >= 1.0
     assert r["cache_dtypes"]["dtypes"]["float8"]["bytes_ratio_to_bfloat16"] == 0.5

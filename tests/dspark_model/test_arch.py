@@ -40,7 +40,7 @@ def test_a_config_written_before_the_record_reads_and_is_written_the_same_today(
     assert new["tap_layer_convention"] == "decoder_layer"  # the one statement (target.TAP_CONVENTION)
 
 
-@pytest.mark.parametrize("version, fix", [(2, "upgrade dspark-toolkit"), (None, "re-save it"), (0, "re-save it")])
+@pytest.mark.parametrize("version, fix", [(3, "upgrade dspark-toolkit"), (None, "re-save it"), (0, "re-save it")])
 def test_another_version_is_refused_in_one_line_naming_file_and_fix(tmp_path, tiny_target, version, fix):
     ckpt = save_pretrained(_gated(tiny_target), tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
@@ -50,7 +50,7 @@ def test_another_version_is_refused_in_one_line_naming_file_and_fix(tmp_path, ti
         load_draft(ckpt, tiny_target)
     message = str(err.value)
     assert "\n" not in message and str(ckpt / "config.json") in message and fix in message
-    assert f"reads version {ARCH_VERSION}" in message
+    assert f"reads versions 1, {ARCH_VERSION}" in message
 
 
 def test_unknown_or_missing_arch_fields_are_refused_with_the_file_named(tmp_path, tiny_target):
