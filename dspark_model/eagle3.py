@@ -89,7 +89,7 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def _causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Causal attention and its log-sum-exp per query with flex_attention (compiled on CUDA): no T x T scores
     are kept. -> out (B, H, T, hd), lse (B, H, T) fp32 (natural log)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
     from dspark_model.block_attention import _compiled_flex
 
@@ -98,8 +98,8 @@ def _causal_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     dev = q.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
     fn = _compiled_flex() if q.is_cuda else flex_attention  # eager flex (CPU): a forward-only reference
-    out, lse = fn(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=mask, return_lse=True)
-    return out, lse.float()
+    out, aux = fn(q.to(dtype), k.to(dtype), v.to(dtype), block_mask=mask, return_aux=AuxRequest(lse=True))
+    return out, aux.lse.float()
 
 
 def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor],
