@@ -203,17 +203,17 @@ def test_whole_benchmark_on_a_tiny_target(tmp_path):
     args = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "reference.json"), "--benchmarks-md",
             str(tmp_path / "B.md"), "--target", "tiny", "--prompts-per-source", "5", "--gen-tokens", "8",
             "--train-steps", "3", "--eval-prompts-per-source", "1", "--eval-tokens", "8", "--threads", "1",
-            "--draft-vocab-size", "64", "--ablation-steps", "2",
+            "--draft-vocab-size", "64", "--ablation-steps", "2", "--eagle3-steps", "2",
             "--only", "data", "heldout-data", "train-dspark", "train-dflash", "train-dspark-fullvocab",
-            "eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1", "eval-dspark-fullvocab-t0",
-            "heldout-tau", "cache-dtypes"]
+            "train-eagle3", "eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1",
+            "eval-eagle3-t0", "eval-eagle3-t1", "eval-dspark-fullvocab-t0", "heldout-tau", "cache-dtypes"]
     main(args)
     r = json.loads((tmp_path / "reference.json").read_text())
     assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0, "eagle3": 1.0}
-    assert r["tau"]["eagle3"]["pooled"] == {"T=0": 1.0, "T=1": 1.2}  # the same layout as the other drafts
-    assert r["tau_ratio_dspark_over_eagle3"]["a"] == {"T=0": pytest.approx(1.5), "T=1": pytest.approx(1.0)}
-    assert r["goals"]["tau_ratio_dspark_over_eagle3_min"] == {"measured": pytest.approx(1.0), "target": 1.35,
-                                                              "met": False}
+    assert set(r["tau"]["eagle3"]) == set(r["tau"]["dspark"])  # the same layout as the other drafts
+    assert r["tau"]["eagle3"]["pooled"]["T=0"] >= 1.0 and r["tau"]["eagle3"]["pooled"]["T=1"] >= 1.0
+    assert r["tau_ratio_dspark_over_eagle3"]["pooled"]["T=0"] == pytest.approx(
+        r["tau"]["dspark"]["pooled"]["T=0"] / r["tau"]["eagle3"]["pooled"]["T=0"])
     assert r["eagle3_equal_wall_clock"]["eagle3"]["steps"] == 2
     assert set(r["tau"]["dspark"]) == {"gsm8k-test", "humaneval", "mt-bench", "pooled"}
     assert r["tau"]["dflash"]["pooled"]["T=1"] >= 1.0
