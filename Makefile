@@ -28,7 +28,7 @@ demo: $(STAMP)
 eval: $(STAMP)
 	bash scripts/eval_latest.sh $(DRAFT)
 
-# The CPU reference benchmark (DSpark vs DFlash on SmolLM2, ~2.3 h on 2 cores, resumable): BENCHMARKS.md.
+# The CPU reference benchmark (DSpark vs DFlash vs EAGLE-3 on SmolLM2, ~2.8 h on 2 cores, resumable): BENCHMARKS.md.
 benchmark: $(STAMP)
 	$(PY) benchmarks/reference.py
 
