@@ -14,7 +14,8 @@ Supervision: index i (anchor p = i+1 in DSpark's words) counts at step k when x_
 x_{i+2} .. x_{i+k+2} are all answer tokens (the same cumulative rule as a DSpark block's slot mask).
 Total: sum_k w_k * mean_i KL_k(i) with w_k = base^k (EAGLE-3: 0.8). Metrics per step: 1 - TV against p_K
 (= sum_K min(p, q), the expected acceptance of step k at T=1, as DSpark's accept_k) and top-1 agreement.
-Logits are computed in chunks of ``chunk_size`` positions, each recomputed in backward (``recompute``).
+Logits are computed only at supervised indices, in chunks of ``chunk_size`` of them, each recomputed in
+backward (``recompute``).
 """
 
 from __future__ import annotations
@@ -61,15 +62,19 @@ def eagle3_loss(draft, target, states: list[torch.Tensor], final_hidden: torch.T
     idx = torch.arange(T, device=final_hidden.device)
     loss, accept, hits, outside = 0.0, [], [], 0.0
     counts = masks.sum((1, 2))  # (G,)
+    # Teacher and head only where step 0 supervises (every later step's mask is a subset): prompt and padding
+    # positions, most of a chat row, cost nothing. One host sync per call, for the index.
+    sel = masks[0].reshape(-1).nonzero().squeeze(-1)  # (M,)
+    M = int(sel.numel())
     for k, h in enumerate(states):
         pos = (idx + k + 1).clamp(max=T - 1)  # teacher position of index i
-        fh = final_hidden[:, pos].reshape(B * T, d)
-        lse = None if teacher_lse is None else teacher_lse[:, pos].reshape(-1)
-        arg = None if teacher_argmax is None else teacher_argmax[:, pos].reshape(-1)
-        hk, mk = h.reshape(B * T, -1), masks[k].reshape(-1)
-        step = B * T if chunk_size <= 0 else chunk_size
-        kl_sum, extra = 0.0, 0.0
-        for s in range(0, B * T, step):
+        fh = final_hidden[:, pos].reshape(B * T, d)[sel]
+        lse = None if teacher_lse is None else teacher_lse[:, pos].reshape(-1)[sel]
+        arg = None if teacher_argmax is None else teacher_argmax[:, pos].reshape(-1)[sel]
+        hk, mk = h.reshape(B * T, -1)[sel], masks[k].reshape(-1)[sel]
+        step = max(M, 1) if chunk_size <= 0 else chunk_size
+        kl_sum, extra = hk.sum() * 0.0, hk.new_zeros(2, dtype=torch.float32)  # no supervised index: zeros
+        for s in range(0, M, step):
             sl = slice(s, s + step)
             t_prob, out_k = teacher_probs(draft, target, fh[sl], None if lse is None else lse[sl],
                                           None if arg is None else arg[sl])

@@ -62,6 +62,43 @@ def test_chunked_recomputed_and_memoised_loss_equals_the_whole_one(tiny_target, 
     assert metrics["supervised"] == step_masks(lm, 3).sum()
 
 
+def _naive_loss(draft, target, states, final_hidden, lm, weight):
+    """The loss written out over every position, masks applied by multiplication (the definition)."""
+    masks = step_masks(lm, len(states))
+    T = lm.shape[1]
+    total = 0.0
+    for k, h in enumerate(states):
+        pos = (torch.arange(T) + k + 1).clamp(max=T - 1)
+        p = torch.softmax(target.logits(final_hidden[:, pos]).float(), -1)[..., draft.draft_to_target]
+        logq = torch.log_softmax(draft.logits(h), -1)
+        s = p.sum(-1)
+        kl = (torch.xlogy(p, p) - p * logq).sum(-1) - torch.xlogy(s, s)
+        total = total + weight ** k * (masks[k] * kl).sum() / masks[k].sum().clamp_min(1.0)
+    return total
+
+
+def test_the_loss_skips_unsupervised_positions_without_changing_value_or_gradient(tiny_target):
+    """Teacher and head run only where supervised; prompt rows and an all-prompt row change nothing."""
+    torch.manual_seed(1)
+    draft = build_draft_for(tiny_target, eagle3_config(draft_vocab_size=48, initializer_range=0.1))
+    draft.set_draft_vocab(top_k_vocab(torch.arange(tiny_target.vocab_size).flip(0), 48))
+    ids = torch.randint(0, 250, (3, 20), generator=torch.Generator().manual_seed(1))
+    lm = torch.zeros(3, 20, dtype=torch.long)
+    lm[0, 12:], lm[1, 4:9] = 1, 1  # row 2: prompt only
+    got, _, g_got = _loss_and_grads(draft, tiny_target, ids, lm, chunk_size=5, recompute=True)
+    draft.zero_grad()
+    out = tiny_target.forward(ids)
+    ref = _naive_loss(draft, tiny_target, draft.forward_steps(out.tap_hidden, ids, steps=3), out.final_hidden,
+                      lm, 0.8)
+    ref.backward()
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in draft.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g_got[name], p.grad, rtol=1e-4, atol=1e-6)
+    none, metrics, _ = _loss_and_grads(draft, tiny_target, ids, torch.zeros_like(lm), chunk_size=5)
+    assert float(none) == 0.0 and float(metrics["supervised"]) == 0.0
+
+
 def test_offline_cache_trains_eagle3_like_online_mode(prepared, tmp_path):  # noqa: F811
     """The cache holds the target's 5-tap features (DSpark's); the EAGLE-3 draft picks low / mid / high of them."""
     from train.loop import train
