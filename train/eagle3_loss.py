@@ -57,21 +57,20 @@ def eagle3_loss(draft, target, states: list[torch.Tensor], final_hidden: torch.T
     norm; loss_mask (B, T); teacher_lse / teacher_argmax (B, T) from ``train.teacher.TeacherMemo`` (reduced
     vocabulary). Returns (loss, metrics) with DSpark's metric keys (accept_per_slot = per step)."""
     G = len(states)
-    B, T, d = final_hidden.shape
+    T = final_hidden.shape[1]
     masks = step_masks(loss_mask, G)  # (G, B, T)
-    idx = torch.arange(T, device=final_hidden.device)
     loss, accept, hits, outside = 0.0, [], [], 0.0
     counts = masks.sum((1, 2))  # (G,)
     # Teacher and head only where step 0 supervises (every later step's mask is a subset): prompt and padding
     # positions, most of a chat row, cost nothing. One host sync per call, for the index.
-    sel = masks[0].reshape(-1).nonzero().squeeze(-1)  # (M,)
-    M = int(sel.numel())
+    row, col = masks[0].nonzero(as_tuple=True)  # (M,) each: the supervised (b, i)
+    M = int(row.numel())
     for k, h in enumerate(states):
-        pos = (idx + k + 1).clamp(max=T - 1)  # teacher position of index i
-        fh = final_hidden[:, pos].reshape(B * T, d)[sel]
-        lse = None if teacher_lse is None else teacher_lse[:, pos].reshape(-1)[sel]
-        arg = None if teacher_argmax is None else teacher_argmax[:, pos].reshape(-1)[sel]
-        hk, mk = h.reshape(B * T, -1)[sel], masks[k].reshape(-1)[sel]
+        pos = (col + k + 1).clamp(max=T - 1)  # teacher position of index i
+        fh = final_hidden[row, pos]  # (M, d)
+        lse = None if teacher_lse is None else teacher_lse[row, pos]
+        arg = None if teacher_argmax is None else teacher_argmax[row, pos]
+        hk, mk = h[row, col], masks[k][row, col]
         step = max(M, 1) if chunk_size <= 0 else chunk_size
         kl_sum, extra = hk.sum() * 0.0, hk.new_zeros(2, dtype=torch.float32)  # no supervised index: zeros
         for s in range(0, M, step):
