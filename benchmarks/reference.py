@@ -7,7 +7,9 @@ Stages, each a plain command of the toolkit (printed before it runs) that resume
 
 1. ``data``: ``python -m data_prep`` on the three training sets of ``../shared/datasets/train`` (the same
    number of prompts from each), responses regenerated greedily by SmolLM2, with the target cache
-   (``cache.enabled=true``) so training runs no target forward.
+   (``cache.enabled=true``) so training runs no target forward. The target computes in bfloat16 there where
+   the machine does so natively (``data_dtype``; the recorded run used float32). Eval always verifies with
+   the target in its own dtype.
 2. ``train-dspark`` / ``train-dflash``: ``python -m train train=reference data=demo-offline`` for the DSpark
    draft (Markov head + confidence head) and the DFlash draft (no sequential head, no confidence head):
    same data, steps, seed, anchors and backbone.
@@ -68,6 +70,9 @@ class Budget:
     prompts_per_source: int = 400
     gen_tokens: int = 192
     cache_dtype: str = "bfloat16"
+    # the target's dtype while it generates the training data and fills the cache: native = bfloat16 where this
+    # CPU computes it natively (AMX / AVX512-BF16) or on a GPU, else the target's own (data_prep_throughput.py)
+    data_dtype: str = "native"
     train_steps: int = 700
     draft_vocab_size: int = 8192  # both drafts; 0 = the full vocabulary
     ablation_steps: int = 334  # the full-vocabulary DSpark ablation (equal wall-clock, see above); 0 skips it
@@ -79,6 +84,17 @@ class Budget:
     threads: int = 2  # torch threads of train / eval stages; data_prep runs this many one-thread workers
 
 
+def data_dtype_override(data_dtype: str) -> list[str]:
+    """Budget.data_dtype -> the data stage's ``target.dtype`` override (none: the target's own dtype)."""
+    if data_dtype == "native":
+        import torch
+
+        from dspark_model.target import cpu_has_native_bf16
+
+        return ["target.dtype=bfloat16"] if torch.cuda.is_available() or cpu_has_native_bf16() else []
+    return [f"target.dtype={data_dtype}"]
+
+
 def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
     """Every stage's command line, in run order (``collect`` is not a subprocess)."""
     py = sys.executable
@@ -86,7 +102,8 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
     cmds = {
         "data": [py, "-m", "data_prep", f"target={b.target}", "prompts=shared-train", *sources,
                  f"generation.max_new_tokens={b.gen_tokens}", "num_threads=1", f"workers={b.threads}", f"seed={b.seed}",
-                 "cache.enabled=true", f"cache.dtype={b.cache_dtype}", f"out_dir={run / 'data'}"],
+                 "cache.enabled=true", f"cache.dtype={b.cache_dtype}", *data_dtype_override(b.data_dtype),
+                 f"out_dir={run / 'data'}"],
     }
     vocab = f"draft.draft_vocab_size={b.draft_vocab_size or 'null'}"
     heldout = [f"prompts.sources.{i}.num_samples={b.eval_prompts_per_source}" for i in range(3)]

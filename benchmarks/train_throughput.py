@@ -197,8 +197,8 @@ def main() -> None:
     med = {v: statistics.median(x["positions_per_s"] for x in r) for v, r in runs.items()}
     sys.path.insert(0, str(ROOT))
     from dspark_model.atomic import atomic_write_json
+    from dspark_model.target import cpu_has_native_bf16
     from eval.scheduler import describe_hardware
-    from train.loop import cpu_has_native_bf16
 
     best = after_variant(variants, cpu_has_native_bf16())
 

@@ -58,7 +58,7 @@ from data_prep.manifest import CacheManifest
 from data_prep.store import read_json
 from data_prep.threads import run_on_threads
 from dspark_model.record import RecordError
-from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
+from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def write_cache(target, rows: Sequence[Sequence[int]], cache_dir: str | Path, dt
         tokens=sum(lengths), bytes_per_token=bpt, bytes_per_shard=bps,
         int8_scales="per token and tap, fp16" if dtype == "int8" else None,
         float8_scales="per shard and tap, fp32 absmax" if dtype == "float8" else None,
-        dataset_fingerprint=dataset_fingerprint,
+        dataset_fingerprint=dataset_fingerprint, compute_dtype=dtype_name(target.dtype),
         shards=[{"file": _shard_name(s), "row_start": a, "row_end": b, "tokens": sum(lengths[a:b])}
                 for s, (a, b) in enumerate(shards)])
     manifest.shards = _started_layout(cache_dir, manifest.to_dict())
@@ -372,6 +372,7 @@ def _started_layout(cache_dir: Path, manifest: dict) -> list[dict]:
     old = read_json(path)
     same = all(old.get(key) == manifest.get(key)
                for key in ("dataset_fingerprint", "dtype", "target", "tap_layer_ids", "hidden_size", "rows"))
+    same = same and old.get("compute_dtype") in (None, manifest.get("compute_dtype"))
     if not same or not old.get("shards") or old["shards"] == manifest["shards"]:
         return manifest["shards"]
     log.info("target cache: keeping the %d-shard layout this cache was started with", len(old["shards"]))
@@ -384,8 +385,9 @@ def _check_existing(cache_dir: Path, manifest: dict) -> None:
     if not path.exists():
         return
     old = read_json(path)
-    for key in ("dataset_fingerprint", "dtype", "target", "tap_layer_ids", "hidden_size", "shards"):
-        if old.get(key) != manifest.get(key):
+    for key in ("dataset_fingerprint", "dtype", "target", "tap_layer_ids", "hidden_size", "shards",
+                "compute_dtype"):
+        if old.get(key) != manifest.get(key) and not (key == "compute_dtype" and old.get(key) is None):
             raise CacheError(f"{cache_dir} holds a cache with another {key} ({json.dumps(old.get(key))[:80]}); "
                              f"delete it or set cache.overwrite=true to rebuild it")
 

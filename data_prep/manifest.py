@@ -54,7 +54,9 @@ class DataManifest(JsonRecord):
 @dataclass
 class CacheManifest(JsonRecord):
     """The offline target cache (layout: data_prep/cache.py). ``target``: id and revision it was made with;
-    ``shards``: [{file, row_start, row_end, tokens}]; ``complete``: every shard written."""
+    ``shards``: [{file, row_start, row_end, tokens}]; ``compute_dtype``: the dtype the target ran in (bfloat16
+    on a bf16 target: its states differ from a float32 forward's by more than the storage rounding);
+    ``complete``: every shard written."""
 
     FORMAT = CACHE_FORMAT
     WHAT = "target cache manifest"
@@ -75,4 +77,5 @@ class CacheManifest(JsonRecord):
     final_hidden: str = FINAL_HIDDEN_CONVENTION
     int8_scales: str | None = None
     float8_scales: str | None = None
+    compute_dtype: str | None = None  # the target's dtype in the forward that made the states; None: before it
     complete: bool = False

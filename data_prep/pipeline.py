@@ -29,6 +29,7 @@ from data_prep.store import (
 from dspark_model.chat_template import is_plain, template_source
 from dspark_model.output_lock import output_lock
 from dspark_model.redact import redact_url
+from dspark_model.target import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def sampling_settings(cfg: DataPrepConfig) -> dict:
     return out
 
 
-def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict) -> dict:
+def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict, target=None) -> dict:
     g = cfg.generation
     settings = {"backend": g.backend, "target_id": cfg.target.id, "target_revision": cfg.target.revision,
                 "chat_template_sha256": template_sha256(tokenizer), "chat_template_kwargs": kwargs,
@@ -79,7 +80,8 @@ def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict) -> dict:
                 "max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
                 "sampling": sampling_settings(cfg), "seed": cfg.seed}
     if g.backend == "local":
-        settings.update(batch_size=g.batch_size, max_batch_tokens=g.max_batch_tokens)
+        settings.update(batch_size=g.batch_size, max_batch_tokens=g.max_batch_tokens,
+                        target_dtype=dtype_name(target.dtype) if target is not None else cfg.target.dtype)
     else:
         settings["model"] = g.model or cfg.target.id
     return settings
@@ -156,7 +158,7 @@ def _run(cfg: DataPrepConfig, out_dir: Path) -> DataManifest:
     skipped.update({"too_long": n_long} if n_long else {})
     if not prompts:
         raise DataPrepError(f"no prompt fits in max_length={cfg.max_length} tokens; raise max_length")
-    settings = generation_settings(cfg, tokenizer, kwargs)
+    settings = generation_settings(cfg, tokenizer, kwargs, target)
     check_settings(out_dir, settings, cfg.overwrite)
     stop_ids = stop_token_ids(tokenizer, getattr(target.model, "generation_config", None) if target else None)
     done = _generate(cfg, prompts, lengths, target, tokenizer, out_dir, kwargs, stop_ids)
@@ -178,8 +180,10 @@ def _run(cfg: DataPrepConfig, out_dir: Path) -> DataManifest:
 
 def _load(cfg: DataPrepConfig):
     """(target or None, tokenizer): the target is loaded when it generates or fills the cache."""
+    import torch
+
     from dspark_model.chat_template import ChatTemplateError
-    from dspark_model.target import load_target, load_tokenizer, resolve_device
+    from dspark_model.target import cpu_has_native_bf16, load_target, load_tokenizer, resolve_device
 
     spec = target_spec(cfg)
     if cfg.generation.backend == "openai" and is_plain(spec.chat_template):
@@ -188,6 +192,10 @@ def _load(cfg: DataPrepConfig):
     try:
         if cfg.generation.backend == "local" or cfg.cache.enabled:
             target = load_target(spec, resolve_device(cfg.device, "device", DataPrepError))
+            if target.device.type == "cpu" and target.dtype == torch.float32 and cpu_has_native_bf16():
+                log.info("this CPU computes in bf16 natively (AMX / AVX512-BF16): target.dtype=bfloat16 generates "
+                         "about 2x and fills the target cache about 4x faster than float32 here "
+                         "(benchmarks/results/data_prep.json)")
             return target, target.tokenizer
         return None, load_tokenizer(spec)
     except ChatTemplateError as exc:

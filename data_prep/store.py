@@ -130,6 +130,10 @@ class GenerationLog:
             os.fsync(f.fileno())
 
 
+# Settings recorded only since a later version: a run that started before does not say, and may resume.
+SETTINGS_ADDED_LATER = frozenset({"target_dtype"})
+
+
 def check_settings(out_dir: Path, settings: dict, overwrite: bool = False) -> None:
     """Record generation settings, or check that a run being resumed used the same ones."""
     path = out_dir / "generation_settings.json"
@@ -138,7 +142,8 @@ def check_settings(out_dir: Path, settings: dict, overwrite: bool = False) -> No
             (out_dir / name).unlink(missing_ok=True)
     if path.exists():
         old = read_json(path)
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k)
+                      and not (k in SETTINGS_ADDED_LATER and k not in old))
         if diff:
             k = diff[0]
             raise GenerationError(

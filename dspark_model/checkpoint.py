@@ -37,7 +37,7 @@ from dspark_model.config import TargetSpec
 from dspark_model.draft import DSparkDraft, draft_from_arch
 from dspark_model.heads import LegacyHeadError
 from dspark_model.identity import weights_fingerprint
-from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION
+from dspark_model.target import FINAL_HIDDEN_CONVENTION, TAP_CONVENTION, dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def draft_config_dict(draft: DSparkDraft, target_spec: TargetSpec | None = None,
     return {"model_type": draft.arch.architecture, "format_version": keys.pop("format_version"),
             "toolkit_version": __version__,
             "target": spec, "tap_layer_convention": TAP_CONVENTION, "final_hidden": FINAL_HIDDEN_CONVENTION,
-            **keys, "dtype": str(dtype or next(draft.parameters()).dtype).replace("torch.", ""),
+            **keys, "dtype": dtype_name(dtype or next(draft.parameters()).dtype),
             "includes_target_embeddings": False}
 
 

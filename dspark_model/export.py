@@ -88,7 +88,7 @@ from dspark_model.export_schema import (
 )
 from dspark_model.rope import DRAFT_LAYER_TYPE, export_rope_parameters
 from dspark_model.serving import write_engine_files
-from dspark_model.target import TAP_CONVENTION, TargetNotFoundError, hidden_states_index
+from dspark_model.target import TAP_CONVENTION, TargetNotFoundError, dtype_name, hidden_states_index
 from dspark_model.vocab import d2t_t2d
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,6 @@ def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise ExportError(f"unknown export dtype {name!r}; choose bf16, fp16 or fp32")
     return DTYPES[name]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 # ---- configs ------------------------------------------------------------------------------------------------
@@ -162,7 +158,7 @@ def _provenance(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embedd
             "target_revision": target.revision, "target_num_hidden_layers": target.num_layers,
             "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": TAP_CONVENTION,
             "sequential_head": draft.sequential_head, "includes_target_embeddings": embeddings,
-            "includes_lm_head": embeddings, "dtype": _dtype_name(dtype)}
+            "includes_lm_head": embeddings, "dtype": dtype_name(dtype)}
 
 
 def deepspec_config(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: bool, num_anchors: int) -> dict:
@@ -172,7 +168,7 @@ def deepspec_config(draft: DSparkDraft, target, dtype: torch.dtype, embeddings: 
     cfg.update(architectures=[deepspec_architecture(model_type)], model_type=model_type,
                target_layer_ids=list(draft.tap_layer_ids), num_target_layers=target.num_layers,
                num_anchors=num_anchors, tie_word_embeddings=False,  # the draft's lm_head is its own copy
-               dtype=_dtype_name(dtype), torch_dtype=_dtype_name(dtype), **draft.arch.head_keys())
+               dtype=dtype_name(dtype), torch_dtype=dtype_name(dtype), **draft.arch.head_keys())
     cfg[TOOLKIT_KEY] = _provenance(draft, target, "deepspec", dtype, embeddings)
     return cfg
 
@@ -196,7 +192,7 @@ def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype, verifier_
     """vLLM speculators config, keyed as speculators' own save writes it: hidden_states-index layer ids, the
     target's config reshaped into the draft's layers, verifier = where the target loads from."""
     verifier, why = verifier_source(target, verifier_path)
-    lc = dict(layer_config(draft, target), dtype=_dtype_name(dtype))
+    lc = dict(layer_config(draft, target), dtype=dtype_name(dtype))
     prov = dict(_provenance(draft, target, "speculators", dtype, False), verifier_source=why)
     return {
         "architectures": [SPECULATORS_ARCHITECTURE], "speculators_model_type": "dspark",
@@ -212,7 +208,7 @@ def speculators_config(draft: DSparkDraft, target, dtype: torch.dtype, verifier_
             "default_proposal_method": "greedy",
             "verifier": {"name_or_path": verifier, "architectures": target_architectures(target)},
         },
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         TOOLKIT_KEY: prov,
     }
 
@@ -248,7 +244,7 @@ def build_export(draft: DSparkDraft, target, fmt: str, dtype: torch.dtype, embed
 
         # an export names its target like a checkpoint does: no loading settings travel with it
         named = {k: v for k, v in (ckpt_config.get("target") or {}).items() if k not in LOADING_FIELDS}
-        config = redact(dict(ckpt_config, target=named, dtype=_dtype_name(dtype),
+        config = redact(dict(ckpt_config, target=named, dtype=dtype_name(dtype),
                              includes_target_embeddings=False))
     elif fmt == "deepspec":
         config = deepspec_config(draft, target, dtype, embeddings, training_num_anchors(ckpt_config))
@@ -390,7 +386,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %s export (%s, %d tensors) to %s", format, _dtype_name(torch_dtype), len(tensors), out_dir)
+    log.info("wrote %s export (%s, %d tensors) to %s", format, dtype_name(torch_dtype), len(tensors), out_dir)
     return out_dir
 
 

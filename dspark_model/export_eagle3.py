@@ -43,7 +43,7 @@ from dspark_model.arch import DraftArch
 from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_draft, target_spec_from_checkpoint
 from dspark_model.eagle3 import Eagle3Draft
-from dspark_model.target import TAP_CONVENTION, hidden_states_index, tap_id_of_hidden_states_index
+from dspark_model.target import TAP_CONVENTION, dtype_name, hidden_states_index, tap_id_of_hidden_states_index
 from dspark_model.vocab import d2t_t2d
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def llama_layer_config(draft: Eagle3Draft) -> dict:
 def _provenance(draft: Eagle3Draft, target, fmt: str, dtype: torch.dtype) -> dict:
     return {"toolkit_version": __version__, "format": f"eagle3-{fmt}", "target_id": target.name_or_path,
             "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": TAP_CONVENTION,
-            "block_size": draft.block_size, "dtype": str(dtype).replace("torch.", ""),
+            "block_size": draft.block_size, "dtype": dtype_name(dtype),
             "layouts_checked": SOURCES_CHECKED[fmt if fmt == "sglang" else "vllm"]}
 
 

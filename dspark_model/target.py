@@ -12,6 +12,7 @@ Tap-layer ids use the *decoder-layer* convention (DeepSpec's); exporters convert
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -45,6 +46,22 @@ def tap_id_of_hidden_states_index(index: int) -> int:
 FINAL_HIDDEN_CONVENTION = "after_final_norm"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16": how configs, manifests and reports write a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX tiles or AVX512-BF16). There bf16 autocast trains the
+    draft ~1.9x faster than fp32, and a bf16 target generates ~2x and fills the cache ~4x faster
+    (BENCHMARKS.md); on AVX2-only CPUs bf16 is emulated and several times slower than fp32."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:  # private probes: a torch without them gets the safe answer
+        return False
 
 
 def resolve_device(name: str, setting: str = "device", error: type[Exception] = ValueError) -> torch.device:

@@ -29,6 +29,7 @@ from pathlib import Path
 from dspark_model.atomic import atomic_write_text
 from dspark_model.calibration import CALIBRATION_NAME
 from dspark_model.record import JsonRecord
+from dspark_model.target import dtype_name
 from eval.metrics import DEFINITIONS
 
 PLOTS = {"acceptance": "acceptance_by_position.png", "histogram": "accepted_length_histogram.png"}
@@ -288,7 +289,7 @@ def run_settings_record(cfg, spec, target, draft, settings, prompts: Sequence, c
     device = target.device
     return {
         "draft": checkpoint or cfg.draft_checkpoint, "target": spec.id, "target_path": spec.path,
-        "target_dtype": str(target.dtype).replace("torch.", ""), "draft_block_size": draft.block_size,
+        "target_dtype": dtype_name(target.dtype), "draft_block_size": draft.block_size,
         "sequential_head": draft.sequential_head, "confidence_head": draft.confidence_head is not None,
         "temperature": settings.temperature, "gamma": settings.gamma, "max_new_tokens": settings.max_new_tokens,
         "num_prompts_per_source": cfg.num_prompts, "num_prompts_evaluated": len(prompts),

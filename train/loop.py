@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import time
@@ -28,7 +27,7 @@ from dspark_model.atomic import atomic_write_text
 from dspark_model.block_attention import flex_available
 from dspark_model.draft import build_draft_for, count_parameters
 from dspark_model.output_lock import output_lock
-from dspark_model.target import load_target, resolve_device, resolve_weights
+from dspark_model.target import cpu_has_native_bf16, load_target, resolve_device, resolve_weights
 from dspark_model.vocab import answer_token_counts, top_k_vocab
 from train import checkpointing, distributed
 from train.anchors import batch_anchors, slot_mask
@@ -113,16 +112,6 @@ def load_data(job: TrainJob, target, path: Path | None) -> TrainData:
     if d.mode == "offline":
         open_cache(data, path / "cache", target, job.target.id)
     return data
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AMX tiles or AVX512-BF16), where bf16 autocast trains the
-    draft ~1.9x faster than fp32 (BENCHMARKS.md); on AVX2-only CPUs bf16 is emulated and several times slower."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # private probes: a torch without them gets the safe answer
-        return False
 
 
 def uses_bf16(device: torch.device, precision: str) -> bool:

@@ -43,3 +43,27 @@ def test_after_is_measured_with_the_defaults_users_get():
     assert bench.NEW_DEFAULTS["batch_size"] == cfg.generation.batch_size
     assert bench.NEW_DEFAULTS["max_batch_tokens"] == cfg.generation.max_batch_tokens
     assert bench.NEW_DEFAULTS["threads"] == cfg.num_threads
+
+
+def test_cache_compute_comparison_reads_what_a_bf16_forward_changes(tiny_target, tmp_path):
+    import argparse
+    import copy
+
+    from data_prep.cache import TargetCache
+
+    bench = _load()
+    bf16 = copy.copy(tiny_target)
+    bf16.model = copy.deepcopy(tiny_target.model).to(torch.bfloat16)
+    records = [{"row_id": str(i), "source": "t", "turns": [f"question {i} " * 3], "responses": [f"answer {i} " * 5],
+                "finish_reasons": ["stop"]} for i in range(3)]
+    args = argparse.Namespace(compute_rows=3)
+    out = bench.compare_cache_compute({"float32": tiny_target}, records, args, tmp_path / "same")
+    same = out["compute"]["float32"]
+    assert same["relative_rms_error_vs_float32"] < 5e-3  # float32 forward, bf16 storage: rounding only
+    assert same["teacher_argmax_agreement"] > 0.9 and "ratio" not in out
+    out = bench.compare_cache_compute({"float32": tiny_target, "bfloat16": bf16}, records, args, tmp_path / "both")
+    assert out["answer_tokens"] > 0 and out["order"] == ["float32", "bfloat16", "bfloat16", "float32"]
+    assert out["compute"]["bfloat16"]["relative_rms_error_vs_float32"] > same["relative_rms_error_vs_float32"]
+    assert 0 < out["compute"]["bfloat16"]["teacher_mean_tv"] < 0.5 and out["ratio"] > 0
+    assert TargetCache(tmp_path / "both" / "compute-bfloat16-0").manifest.compute_dtype == "bfloat16"
+    assert TargetCache(tmp_path / "both" / "compute-float32-1").manifest.compute_dtype == "float32"

@@ -18,8 +18,8 @@ from eval.report import EvalReport
 from tests.conftest import tiny_draft_config
 
 
-def _arg(cmd: list[str], key: str) -> str:
-    return next(a.split("=", 1)[1] for a in cmd if a.startswith(key + "="))
+def _arg(cmd: list[str], key: str) -> str | None:
+    return next((a.split("=", 1)[1] for a in cmd if a.startswith(key + "=")), None)
 
 
 def test_both_drafts_train_with_identical_settings(tmp_path):
@@ -47,6 +47,18 @@ def test_both_drafts_train_with_identical_settings(tmp_path):
     assert all(_arg(cmds[k], "prompts") == "shared-eval" for k in evals)
     assert _arg(cmds["eval-dflash-t0"], "baselines.generate") == "true"  # its greedy-identity check
     assert _arg(cmds["eval-dspark-t1"], "calibration.write_to_checkpoint") == "false"
+
+
+def test_data_stage_runs_the_target_in_bf16_only_where_it_is_native(tmp_path, monkeypatch):
+    import dspark_model.target as target_mod
+
+    for native, want in ((True, "bfloat16"), (False, None)):
+        monkeypatch.setattr(target_mod, "cpu_has_native_bf16", lambda native=native: native)
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+        assert _arg(stage_commands(tmp_path, Budget())["data"], "target.dtype") == want
+    data = stage_commands(tmp_path, Budget(data_dtype="float32"))["data"]
+    assert _arg(data, "target.dtype") == "float32" and _arg(stage_commands(tmp_path, Budget())["heldout-data"],
+                                                            "target.dtype") is None
 
 
 def test_eagle3_trains_on_the_same_data_for_dspark_s_wall_clock(tmp_path):

@@ -177,6 +177,21 @@ def test_other_data_in_cache_dir_is_refused(target, tmp_path):
     assert TargetCache(tmp_path / "c").manifest.dtype == "int8"
 
 
+def test_a_cache_is_not_finished_by_a_target_in_another_dtype(target, tmp_path):
+    import copy
+
+    _write(target, tmp_path / "c", "bfloat16")
+    assert TargetCache(tmp_path / "c").manifest.compute_dtype == "float32"
+    bf16 = copy.copy(target)
+    bf16.model = copy.deepcopy(target.model).to(torch.bfloat16)
+    with pytest.raises(CacheError, match="another compute_dtype"):
+        _write(bf16, tmp_path / "c", "bfloat16")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    del manifest["compute_dtype"]  # a cache written before the key: resumed by any dtype, as before
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    _write(bf16, tmp_path / "c", "bfloat16")
+
+
 def test_disk_check_stops_before_writing(target, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 100, 100))
     with pytest.raises(CacheError, match=r"needs about .* but only 100.0 B is free"):

@@ -99,6 +99,14 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert not (tmp_path / "generations.jsonl").exists()
 
 
+def test_a_run_from_before_target_dtype_was_recorded_resumes_and_a_new_dtype_is_refused(tmp_path):
+    check_settings(tmp_path, {"max_new_tokens": 8})  # written before the key existed
+    check_settings(tmp_path, {"max_new_tokens": 8, "target_dtype": "float32"})
+    check_settings(tmp_path / "b", {"max_new_tokens": 8, "target_dtype": "float32"})
+    with pytest.raises(GenerationError, match="target_dtype: 'float32' there, 'bfloat16' now"):
+        check_settings(tmp_path / "b", {"max_new_tokens": 8, "target_dtype": "bfloat16"})
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_worker_threads_give_the_same_dataset(prompt_file, tmp_path, temperature):
     """workers=2 decodes batches at once on threads; every batch keeps its own seeded generator, so
