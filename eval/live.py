@@ -371,12 +371,15 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
 
     Request i decodes ``prompts[i % len(prompts)]`` with its own generator (seeded from ``seed`` and i, the
     same for every policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefill,
-    the same for every policy, is excluded and reported apart), median over ``repeats`` runs. At T = 0,
+    the same for every policy, is excluded and reported apart), median over ``repeats`` runs (the policies
+    run forwards in even repeats and backwards in odd ones; see ``_row`` for the held-out best). At T = 0,
     ``reference(prompt ids)`` (plain greedy decoding) gives the tokens every request must match.
     Algorithm 1's costs for each N come from ``round_costs``: ``sps`` None = profiled in the packed layout
     (``profile_warmup`` / ``profile_repeats``), ``draft_cost`` = the profiled drafting time in the objective.
     Returns the ``scheduler_live`` record: requests, algorithm1_tokens_per_s, best_fixed_tokens_per_s,
-    best_fixed_length, algorithm1_vs_best_fixed, fixed_tokens_per_s {L: [...]}, per-policy details, settings.
+    best_fixed_length, algorithm1_vs_best_fixed, best_fixed_heldout_tokens_per_s and
+    algorithm1_vs_best_fixed_heldout (None below two repeats), spread, fixed_tokens_per_s {L: [...]},
+    per-policy details, settings.
     """
     gamma = gamma or draft.block_size
     prompts = [list(p) for p in prompts]
@@ -397,8 +400,8 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                                   "draft_seconds_per_request": seconds}
         policies = _policies(temperatures, table, gamma, seconds)
         runs: dict[str, list[dict]] = {name: [] for name in policies}
-        for _ in range(repeats):
-            for name, policy in policies.items():
+        for r in range(repeats):  # forwards, then backwards: a drift in machine speed hits every policy alike
+            for name, policy in (list(policies.items()) if r % 2 == 0 else list(policies.items())[::-1]):
                 generators = [torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + i)
                               for i in range(n_requests)]
                 out = batched_speculative_generate(target, draft, batch, max_new_tokens, policy, temperature,
@@ -419,27 +422,54 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                     draft_cost, matched / checked if checked else None)
 
 
-def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
-    """One request count: median tokens/s of each policy, the best fixed length, per-policy details."""
-    tps = {name: statistics.median(r["tokens"] / max(r["decode_s"], 1e-9) for r in rs) for name, rs in runs.items()}
+def _best_fixed(tps: Mapping[str, float]) -> int:
+    """The fixed length with the highest tokens/s (the shorter one on a tie)."""
     fixed = {int(name.split("_")[1]): v for name, v in tps.items() if name.startswith("fixed_")}
-    best = max(fixed, key=lambda length: (fixed[length], -length))
+    return max(fixed, key=lambda length: (fixed[length], -length))
+
+
+def _median_tps(runs: Mapping[str, list[dict]], which=slice(None)) -> dict[str, float]:
+    return {name: statistics.median(r["tokens"] / max(r["decode_s"], 1e-9) for r in rs[which])
+            for name, rs in runs.items()}
+
+
+def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
+    """One request count: median tokens/s of each policy, the best fixed length, per-policy details.
+
+    The best of several noisy fixed-length measurements is biased upwards (the largest of seven draws), so
+    with two repeats or more the best fixed length is also chosen on the even repeats and measured on the odd
+    ones and the other way round (``best_fixed_heldout_tokens_per_s``, the mean of the two): an unbiased
+    figure for "the best fixed length, picked in advance". ``spread``: each policy's (max - min) / median
+    tokens/s over the repeats."""
+    tps = _median_tps(runs)
+    best = _best_fixed(tps)
     details = {name: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None
                       for key in rs[0]} for name, rs in runs.items()}
-    return {"requests": n_requests, "tokens_per_s": tps, "best_fixed_length": best,
-            "best_fixed_tokens_per_s": fixed[best], "details": details}
+    row = {"requests": n_requests, "tokens_per_s": tps, "best_fixed_length": best,
+           "best_fixed_tokens_per_s": tps[f"fixed_{best}"], "details": details, "best_fixed_heldout_tokens_per_s": None}
+    if min(len(rs) for rs in runs.values()) >= 2:
+        even, odd = _median_tps(runs, slice(0, None, 2)), _median_tps(runs, slice(1, None, 2))
+        row["best_fixed_heldout_tokens_per_s"] = (odd[f"fixed_{_best_fixed(even)}"]
+                                                  + even[f"fixed_{_best_fixed(odd)}"]) / 2
+        each = {name: [r["tokens"] / max(r["decode_s"], 1e-9) for r in rs] for name, rs in runs.items()}
+        row["spread"] = {name: (max(v) - min(v)) / tps[name] for name, v in each.items()}
+    return row
 
 
 def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, temperatures, costs, draft_cost,
              match) -> dict:
     algorithm1 = [row["tokens_per_s"]["algorithm1"] for row in rows]
     best = [row["best_fixed_tokens_per_s"] for row in rows]
+    heldout = [row["best_fixed_heldout_tokens_per_s"] for row in rows]
     return {
         "requests": [row["requests"] for row in rows],
         "algorithm1_tokens_per_s": algorithm1,
         "best_fixed_tokens_per_s": best,
         "best_fixed_length": [row["best_fixed_length"] for row in rows],
         "algorithm1_vs_best_fixed": [a / b if b else None for a, b in zip(algorithm1, best)],
+        "best_fixed_heldout_tokens_per_s": heldout,
+        "algorithm1_vs_best_fixed_heldout": [a / b if b else None for a, b in zip(algorithm1, heldout)],
+        "spread": [row.get("spread") for row in rows],
         "fixed_tokens_per_s": {str(length): [row["tokens_per_s"][f"fixed_{length}"] for row in rows]
                                for length in range(1, gamma + 1)},
         "details": [{"requests": row["requests"], **row["details"]} for row in rows],

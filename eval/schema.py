@@ -54,7 +54,7 @@ class SchedulerLiveConfig:
     requests: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # concurrent requests N
     num_prompts: int | None = None  # distinct prompts, round-robin over datasets; None = max(requests)
     max_new_tokens: int | None = None  # per request; None = the eval's max_new_tokens
-    repeats: int = 1  # timed runs per (N, policy); the median tokens/s is reported
+    repeats: int = 2  # timed runs per (N, policy), medians; >= 2: best fixed length also picked on held-out repeats
     check_greedy: bool = True  # at T = 0, every request's output must equal plain greedy generate
     # Algorithm 1's costs, profiled per N in the packed layout the live loop runs (eval/live_cost.py):
     profile_warmup: int = 1  # untimed calls per batch size

@@ -281,3 +281,8 @@ def test_throughput_after_is_the_variant_the_reference_recipe_trains_with():
     assert after_variant(measured, native_bf16=False) == "vocab-8192"  # AVX2-only: native means fp32
     assert after_variant(["baseline", "full"], native_bf16=True) == "full"
     assert "--bf16" in stage_commands(Path("/tmp/x"), Budget())["train-throughput"]
+
+
+def test_scheduler_live_stage_runs_the_budget_s_repeats(tmp_path):
+    assert _arg(stage_commands(tmp_path, Budget())["scheduler-live"], "scheduler_live.repeats") == "2"
+    assert _arg(stage_commands(tmp_path, Budget(live_repeats=3))["scheduler-live"], "scheduler_live.repeats") == "3"

@@ -171,6 +171,7 @@ def test_measure_scheduler_live_record_and_plot(tmp_path):
         assert record["algorithm1_vs_best_fixed"][i] == pytest.approx(
             record["algorithm1_tokens_per_s"][i] / record["best_fixed_tokens_per_s"][i])
     assert record["details"][2]["fixed_4"]["mean_verified"] == 4
+    assert record["algorithm1_vs_best_fixed_heldout"] == [None] * 3  # one repeat: nothing held out
     json.dumps(record)  # strict-JSON ready
     path = live.plot_live(record, str(tmp_path / "live.png"))
     assert (tmp_path / "live.png").stat().st_size > 0 and path.endswith("live.png")
@@ -257,3 +258,16 @@ def test_eval_cli_runs_the_live_stage_into_the_report(tmp_path):
     assert "## Algorithm 1 live" in (out / "report.md").read_text()
     proc = _run("draft=random", "target=tiny", "draft_config=dflash", "scheduler_live.enabled=true", f"out_dir={out}")
     assert proc.returncode == 2 and "no confidence head" in proc.stderr + proc.stdout
+
+
+def test_best_fixed_is_also_picked_on_half_the_repeats_and_measured_on_the_other_half():
+    def runs(values):  # policy -> tokens/s of each repeat (1 s of decoding each)
+        return {name: [{"tokens": v, "decode_s": 1.0, "rounds": 1} for v in vs] for name, vs in values.items()}
+
+    # fixed_1 wins the even repeats by luck, fixed_2 the odd ones: the in-sample best (12) overstates both
+    row = live._row(2, runs({"algorithm1": [10, 10, 10, 10], "fixed_1": [14, 8, 14, 8], "fixed_2": [9, 13, 9, 13]}))
+    assert row["best_fixed_length"] == 1 and row["best_fixed_tokens_per_s"] == 11
+    assert row["best_fixed_heldout_tokens_per_s"] == (8 + 9) / 2  # each half's pick, measured on the other
+    assert row["spread"]["fixed_1"] == pytest.approx(6 / 11) and row["spread"]["algorithm1"] == 0
+    steady = live._row(2, runs({"algorithm1": [10, 10], "fixed_1": [12, 12], "fixed_2": [9, 9]}))
+    assert steady["best_fixed_heldout_tokens_per_s"] == steady["best_fixed_tokens_per_s"] == 12
