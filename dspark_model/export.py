@@ -60,7 +60,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
-from dspark_model.atomic import atomic_write_json, atomic_write_text, replace_dir
+from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.calibration import CalibrationError, load_beside, read_beside, recalibrate_hint
 from dspark_model.checkpoint import (
     CALIBRATION_NAME,
@@ -100,7 +100,6 @@ SPECULATORS_VERSION = "0.9.0"
 SPECULATORS_ARCHITECTURE = "DSparkDraftModel"
 DEFAULT_NUM_ANCHORS = 512  # train.max_anchors' default (train/schema.py OptimConfig); DeepSpec's recipes use 512 too
 _PRIVATE_KEYS = ("_name_or_path", "transformers_version", "auto_map")  # local paths / remote code
-README_NAME = "README.md"
 INCLUDES_EMBEDDINGS = {"native": False, "deepspec": True, "speculators": False}  # per-format default
 
 
@@ -347,7 +346,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     _check_out_dir(ckpt_dir, out_dir)
     if read_draft_arch(ckpt_dir)[1].architecture == "eagle3":  # the EAGLE-3 baseline: export_eagle3.py
         return _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite,
-                              device, verify)
+                              device, verify, card_sources)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
     ckpt_config = read_draft_config(ckpt_dir)
@@ -380,8 +379,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
             from dspark_model.verify import TOLERANCE
 
             _verify_with_reference(tmp, target, format, verify_tolerance or TOLERANCE, echo or log.info)
-        card = card_mod.render_card(card_mod.context_from_export(tmp, sources, target=target))
-        atomic_write_text(tmp / README_NAME, card)
+        card_mod.write_card(tmp, sources, target)
         _swap_into_place(tmp, out_dir, overwrite)
     finally:
         if tmp.exists():
@@ -390,7 +388,8 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     return out_dir
 
 
-def _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite, device, verify):
+def _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite, device, verify,
+                   card_sources):
     """An EAGLE-3 checkpoint: speculators -> vLLM's eagle3 format, deepspec -> SGLang's EAGLE-3 format."""
     from dspark_model.export_eagle3 import export_eagle3_checkpoint
 
@@ -399,7 +398,7 @@ def _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifi
                           "layout), without --verify; its checkpoint folder is already the native format")
     fmt = "speculators" if format == "speculators" else "sglang"
     return export_eagle3_checkpoint(ckpt_dir, out_dir, fmt, dtype, target, target_spec, verifier_path, overwrite,
-                                    device)
+                                    device, card_sources)
 
 
 def _check_calibration(ckpt_dir: Path) -> None:

@@ -243,6 +243,40 @@ def test_speculators_eagle3_loads_the_export_and_computes_our_training_time_test
             torch.testing.assert_close(logits[k][0, :valid], draft.logits(state)[0, :valid], rtol=1e-4, atol=1e-5)
 
 
+def _write_report(path) -> None:
+    from eval.report import EvalReport
+
+    EvalReport(tau=2.41, tau_by_dataset={"gsm8k": 2.5}, conditional_acceptance={"pooled": [0.8, 0.6], "by_dataset": {}},
+               prefix_survival={"pooled": [0.8, 0.48], "by_dataset": {}},
+               accepted_length_histogram={"pooled": [1, 1, 1], "by_dataset": {}}, num_rounds=3,
+               num_rounds_by_dataset={}, settings={"temperature": 0.0, "gamma": 3}, tokens_per_s={},
+               timing_totals={}, speedup_vs_generate=None, speedup_vs_prompt_lookup=None, greedy_match_rate=1.0,
+               prompt_lookup_match_rate=None).write(path)
+
+
+@pytest.mark.parametrize("fmt", ["speculators", "deepspec"])
+def test_engine_exports_carry_a_card_with_the_serving_flags(tiny_target, tmp_path, fmt):
+    """Both EAGLE-3 exports get the toolkit's card: target, draft vocabulary, taps in the engine's count, the
+    vLLM / SGLang serving flags, and the eval / training documents found beside the checkpoint."""
+    from dspark_model.export import export_draft
+
+    draft = _eagle3(tiny_target, k=48, block_size=3)
+    ckpt = save_pretrained(draft, tmp_path / "ck", extra={"train_config": {"train": {"lr": 0.0003}}})
+    _write_report(ckpt / "report.json")
+    card = (export_draft(ckpt, tmp_path / fmt, fmt, target=tiny_target) / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "base_model: tiny-llama" in meta and "- eagle3" in meta and "- dflash" not in meta
+    assert "# EAGLE-3 draft for tiny-llama" in card and "48 of the target's 272 tokens" in card
+    taps = draft.tap_layer_ids
+    stored = [i + 1 for i in taps] if fmt == "speculators" else taps
+    assert f"decoder layers {taps}" in card and f"stores them as {stored}" in card
+    assert '"method": "eagle3"' in card and '"num_speculative_tokens": 3' in card
+    assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path" in card
+    assert "--speculative-num-steps 3" in card and "--speculative-num-draft-tokens 4" in card
+    assert "| gsm8k | 2.500 |" in card and "train.lr: 0.0003" in card
+    assert "mask token" not in card and "confidence" not in card.lower()
+
+
 def test_flex_kernel_merges_the_causal_block_and_the_diagonals_like_the_dense_one():
     """The GPU kernel (flex_attention's causal output + log-sum-exp, merged with the diagonal scores) equals the
     dense one; checked with eager flex, which runs forward on the CPU (its backward needs CUDA)."""
