@@ -19,11 +19,11 @@ share the target's). Layouts, as their loaders read them (checked in ``SOURCES_C
   draft's), ``tie_word_embeddings: false``, ``eagle_config.eagle_aux_hidden_state_layer_ids`` in OUR
   decoder-layer count (SGLang adds 1 itself). The layer's weights are named ``midlayer.*``.
 
-``load_eagle3_export`` reads either back into an ``Eagle3Draft`` (the round-trip tests). The speculators
-export is also loaded by speculators 0.9.0's own ``Eagle3DraftModel`` in
-``tests/dspark_model/test_eagle3.py`` (when it is on PYTHONPATH): no unexpected key, only the verifier's
-embedding / norm / head missing (shared at serving), and its 3-step training-time-test forward gives our
-logits at every step (max |diff| 3e-7 in fp32) - the same mask, positions (+1 per step) and token shift.
+``load_eagle3_export`` reads either back into an ``Eagle3Draft`` (the round-trip tests). ``--verify`` loads
+the speculators export with speculators 0.9.0's own ``Eagle3DraftModel`` (``verify_eagle3.py``, when it is on
+PYTHONPATH): no unexpected key, only the verifier's embedding / norm / head missing (shared at serving), and
+its training-time-test forward gives our logits at every step (max |diff| ~1e-6 in fp32) - the same mask,
+positions (+1 per step) and token shift. SGLang's layout has no importable reference; ``--verify`` refuses it.
 Both exports carry the toolkit's model card (``card.write_card``: taps in the engine's count, the vLLM /
 SGLang serving flags, eval and training documents found beside the checkpoint).
 """
@@ -36,6 +36,7 @@ import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -131,11 +132,13 @@ def eagle3_tensors(draft: Eagle3Draft, fmt: str, dtype: torch.dtype) -> dict[str
 
 
 def write_eagle3_export(draft: Eagle3Draft, target, out_dir: str | Path, fmt: str, dtype: torch.dtype | None = None,
-                        verifier: str | None = None, overwrite: bool = False, card_sources=None) -> Path:
+                        verifier: str | None = None, overwrite: bool = False, card_sources=None,
+                        check: Callable[[Path, object], None] | None = None) -> Path:
     """Write the export into ``out_dir`` atomically, after reading it back and comparing every tensor.
 
-    The model card (README.md) is rendered from the files and ``card_sources`` (``card.CardSources``: eval
-    report, training config, data manifest)."""
+    ``check(folder, target)`` runs on the written files before they are moved into place (``--verify``; it
+    raises to stop the export). The model card (README.md) is rendered from the files and ``card_sources``
+    (``card.CardSources``: eval report, training config, data manifest)."""
     from dspark_model.card import write_card
 
     if fmt not in FORMATS:
@@ -155,6 +158,8 @@ def write_eagle3_export(draft: Eagle3Draft, target, out_dir: str | Path, fmt: st
         again = eagle3_tensors(back, fmt, dtype)
         if sorted(again) != sorted(tensors) or any(not torch.equal(again[k], tensors[k]) for k in tensors):
             raise Eagle3ExportError(f"{fmt} export does not read back to the same weights")
+        if check is not None:
+            check(tmp, target)
         write_card(tmp, card_sources, target)
         replace_dir(tmp, out_dir)
     finally:
@@ -220,9 +225,10 @@ def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Dra
 
 def export_eagle3_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str, dtype=None, target=None,
                              target_spec=None, verifier_path: str | None = None, overwrite: bool = False,
-                             device: str = "cpu", card_sources=None) -> Path:
+                             device: str = "cpu", card_sources=None, check=None) -> Path:
     """A trained EAGLE-3 checkpoint -> an engine export (the target is loaded as ``export.py`` does). The card
-    reads ``card_sources``, by default the documents found beside the checkpoint."""
+    reads ``card_sources``, by default the documents found beside the checkpoint; ``check``: see
+    ``write_eagle3_export``."""
     from dspark_model.card import discover_sources
     from dspark_model.target import load_target, resolve_device
 
@@ -234,7 +240,7 @@ def export_eagle3_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
     sources = card_sources or discover_sources(ckpt_dir)
-    return write_eagle3_export(draft, target, out_dir, fmt, dtype, verifier_path, overwrite, sources)
+    return write_eagle3_export(draft, target, out_dir, fmt, dtype, verifier_path, overwrite, sources, check)
 
 
 def main(argv=None) -> int:

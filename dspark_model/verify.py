@@ -22,7 +22,9 @@ export is read by each side and cast, and the target is cast to float32 for the 
 the tolerance does not depend on the export dtype. A difference counts against
 ``tolerance * max(1, max |reference output|)``.
 
-``benchmarks/check_speculators.py`` and ``benchmarks/check_deepspec.py`` call the same functions.
+``benchmarks/check_speculators.py`` and ``benchmarks/check_deepspec.py`` call the same functions. An EAGLE-3
+export is handed to ``verify_eagle3.py`` (speculators' ``Eagle3DraftModel``, its training-time test), which
+reuses the pieces here.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from unittest import mock
 import torch
 
 from dspark_model.export import load_export
+from dspark_model.export_eagle3 import eagle3_format
 from dspark_model.export_schema import detect_format, read_config
 
 TOLERANCE = 1e-4
@@ -442,7 +445,12 @@ def verify_export(export_dir: str | Path, target, fmt: str | None = None, tolera
     Raises ReferenceUnavailable when the reference cannot be imported or has no class for this export.
     """
     export_dir = Path(export_dir)
-    fmt = fmt or detect_format(read_config(export_dir))
+    config = read_config(export_dir)
+    if eagle3_format(config):  # an EAGLE-3 draft's export: its own reference class and forward
+        from dspark_model.verify_eagle3 import verify_eagle3_export
+
+        return verify_eagle3_export(export_dir, target, tolerance, sequences, seed)
+    fmt = fmt or detect_format(config)
     why = reference_unavailable(fmt)
     if why:
         raise ReferenceUnavailable(why)

@@ -210,37 +210,28 @@ def test_engine_exports_round_trip_with_their_names_and_layer_ids(tiny_target, t
         torch.testing.assert_close(back.logits(a), draft.logits(b))
 
 
-def test_speculators_eagle3_loads_the_export_and_computes_our_training_time_test(tiny_target, tmp_path):
+@pytest.mark.parametrize("k", [48, None])
+def test_speculators_eagle3_loads_the_export_and_computes_our_training_time_test(tiny_target, tmp_path, k):
     """speculators' own Eagle3DraftModel (0.9.0: `pip install --no-deps --target DIR speculators==0.9.0 ...`,
-    DIR on PYTHONPATH; skipped without it) reads the export with no unexpected key and, fed the same features
-    and tokens, its 3-step training-time-test forward gives our logits at every step."""
+    DIR on PYTHONPATH; skipped without it) reads the export with no unexpected key and nothing missing but the
+    verifier's tensors; fed the same features and tokens, its 3-step training-time-test forward gives our logits
+    at every step, and a reduced vocabulary's d2t / t2d / head are ours (verify_eagle3.py, behind --verify)."""
     pytest.importorskip("speculators.models.eagle3.core")
-    from safetensors.torch import load_file
-    from speculators.models.eagle3.config import Eagle3SpeculatorConfig
-    from speculators.models.eagle3.core import Eagle3DraftModel
-
     from dspark_model.export_eagle3 import write_eagle3_export
+    from dspark_model.verify import verify_export
 
-    draft = _eagle3(tiny_target, k=48, init=0.2)
-    out = write_eagle3_export(draft, tiny_target, tmp_path / "exp", "speculators", torch.float32)
-    config = Eagle3SpeculatorConfig.from_pretrained(str(out))
-    config.transformer_layer_config._attn_implementation = "eager"
-    model = Eagle3DraftModel(config).eval()
-    missing, unexpected = model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
-    assert unexpected == [] and set(missing) <= {"embed_tokens.weight", "verifier_lm_head.weight",
-                                                 "verifier_norm.weight"}  # the verifier's, shared at serving
-    logits = []
-    model.lm_head.register_forward_hook(lambda m, i, o: logits.append(o))
-    with torch.no_grad():
-        model.embed_tokens.weight.copy_(tiny_target.embed.weight)
-        ids = torch.randint(0, 250, (1, 14), generator=torch.Generator().manual_seed(1))
-        taps = tiny_target.forward(ids).tap_hidden
-        three = taps.unflatten(-1, (-1, tiny_target.hidden_size))[:, :, draft.__dict__["_tap_index"]].flatten(-2)
-        next_ids = torch.cat([ids[:, 1:], ids[:, :1] * 0], 1)  # pair i = (h_i, x_{i+1})
-        model(hidden_states=three, input_ids=next_ids, document_ids=torch.zeros_like(ids), ttt_steps=3)
-        for k, state in enumerate(draft.forward_steps(taps, ids, steps=3)):
-            valid = 13 - k  # indices whose gold tokens lie inside the sequence
-            torch.testing.assert_close(logits[k][0, :valid], draft.logits(state)[0, :valid], rtol=1e-4, atol=1e-5)
+    draft = _eagle3(tiny_target, k=k, init=0.2, block_size=3)
+    out = write_eagle3_export(draft, tiny_target, tmp_path / "exp", "speculators", torch.bfloat16)
+    result = verify_export(out, tiny_target)
+    diff = result.row["diff"]
+    assert result.ok and not result.load_problems, result.lines()
+    assert [key for key in diff if key.startswith("logits")] == ["logits_1", "logits_2", "logits_3"]
+    assert max(diff[f"logits_{s}"] for s in (1, 2, 3)) < 1e-5 and diff["aux_hidden"] == 0  # taps: ids + 1
+    if k:
+        assert diff["d2t"] == diff["t2d"] == diff["lm_head"] == 0
+    else:
+        assert "d2t" not in diff
+    assert "3 training-time-test steps" in result.lines()[-1]
 
 
 def _write_report(path) -> None:
