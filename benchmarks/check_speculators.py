@@ -5,11 +5,13 @@ what our own draft computes.
 
 ``speculators`` is not a dependency of this toolkit: install it anywhere and put it on PYTHONPATH. The script
 builds a tiny random Llama target (width 64, 4 layers), saves it as a plain Hugging Face folder (the verifier
-speculators reads its embedding, final norm and LM head from), then for five drafts (Markov, gated and rnn
-heads over the full vocabulary, a Markov head over a 40-token draft vocabulary, DFlash) randomises the
+speculators reads its embedding, final norm and LM head from), then for five DSpark drafts (Markov, gated and
+rnn heads over the full vocabulary, a Markov head over a 40-token draft vocabulary, DFlash) randomises the
 weights, saves and exports them (speculators, fp32, ``--verifier-path`` = the saved verifier folder), loads
 each export with ``speculators``' own ``DSparkDraftModel`` and runs its training forward on the same tokens,
-anchors and tapped target states as ours.
+anchors and tapped target states as ours. Two EAGLE-3 drafts (40-token and full vocabulary, 4 steps) go the
+same way through ``Eagle3DraftModel`` and its training-time test (``dspark_model/verify_eagle3.py``); their
+``logits`` cell is the largest over the steps.
 
 speculators is fed the verifier's ``hidden_states`` at the export's ``aux_hidden_state_layer_ids`` (its own
 convention), so ``aux_hidden`` checks our id + 1 conversion. Compared per draft: those features against our
@@ -18,9 +20,9 @@ logits speculators rebuilds from the verifier (its verifier_norm + verifier_lm_h
 vocabulary, the loaded d2t / t2d / lm_head against ours. Every tensor of the loaded model must
 equal the export's or the verifier's (nothing left at its random / NaN initialisation). Exit status 1 when a
 difference exceeds 1e-4 or loading reports missing / unexpected keys. Result:
-benchmarks/results/speculators_check.json. Loading and comparing is ``dspark_model/verify.py``'s, the code
-behind ``python -m dspark_model.export --format speculators --verify``; this script builds the target and the
-five exports.
+benchmarks/results/speculators_check.json. Loading and comparing is ``dspark_model/verify.py``'s (and
+``verify_eagle3.py``'s), the code behind ``python -m dspark_model.export --format speculators --verify``; this
+script builds the target and the seven exports.
 
 One deliberate deviation from a plain ``DSparkDraftModel.from_pretrained(export)``: the draft layers use
 speculators' ``eager`` attention instead of its default flex attention (which compiles its block mask with
@@ -50,16 +52,20 @@ from dspark_model.draft import build_draft_for  # noqa: E402
 from dspark_model.export import export_draft  # noqa: E402
 from dspark_model.target import load_target  # noqa: E402
 from dspark_model.verify import check_speculators_export  # noqa: E402
+from dspark_model.verify_eagle3 import check_speculators_eagle3_export  # noqa: E402
 
 TOL = 1e-4
 RESULT = ROOT / "benchmarks" / "results" / "speculators_check.json"
 SEQ_LEN, ANCHORS = 24, [2, 5, 11, 19]  # speculators needs anchor + block_size < SEQ_LEN (block_size 4)
-DRAFTS = {  # name -> DraftConfig fields (2 layers, block 4, rank 16 for all)
+DRAFTS = {  # name -> DraftConfig fields (2 layers, block 4, rank 16 unless given)
     "markov-full": dict(sequential_head="markov", confidence_head=True),
     "gated-full": dict(sequential_head="gated", confidence_head=True),
     "rnn-full": dict(sequential_head="rnn", confidence_head=True),
     "markov-reduced-40": dict(sequential_head="markov", confidence_head=True, draft_vocab_size=40),
     "dflash": dict(sequential_head="none", confidence_head=False),
+    "eagle3-reduced-40": dict(architecture="eagle3", num_layers=1, sequential_head="none", confidence_head=False,
+                              draft_vocab_size=40),
+    "eagle3-full": dict(architecture="eagle3", num_layers=1, sequential_head="none", confidence_head=False),
 }
 REDUCED_IDS = torch.arange(0, 200, 5)  # the 40 target ids of the reduced draft vocabulary
 
@@ -75,7 +81,7 @@ def build_target(folder: Path):
 def make_export(name: str, fields: dict, target, spec, work: Path, verifier: Path, seed: int):
     """A randomised draft, saved natively and exported for speculators, naming the saved verifier folder."""
     torch.manual_seed(seed)
-    cfg = DraftConfig(num_layers=2, block_size=4, markov_rank=16, **fields)
+    cfg = DraftConfig(**{"num_layers": 2, "block_size": 4, "markov_rank": 16, **fields})
     draft = build_draft_for(target, cfg).eval()
     if draft.reduced_vocab:
         draft.set_draft_vocab(REDUCED_IDS)
@@ -93,7 +99,11 @@ def check_draft(name, fields, target, spec, work, verifier, seed) -> dict:
     draft, export = make_export(name, fields, target, spec, work, verifier, seed)
     gen = torch.Generator().manual_seed(seed)
     sequences = [torch.randint(0, 256, (1, SEQ_LEN), generator=gen) for _ in range(2)]  # two random sequences
-    row = check_speculators_export(export, draft, target, sequences, ANCHORS)
+    if draft.arch.architecture == "eagle3":  # its training-time test runs over every position: no anchors
+        row = check_speculators_eagle3_export(export, draft, target, sequences)
+        row["diff"]["logits"] = max(d for k, d in row["diff"].items() if k.startswith("logits_"))
+    else:
+        row = check_speculators_export(export, draft, target, sequences, ANCHORS)
     del row["scale"], row["notes"]  # notes name the temporary verifier folder
     row["ok"] = (not (row["missing_keys"] or row["unexpected_keys"] or row["mismatched_keys"]
                       or row["weight_problems"]) and all(d <= TOL for d in row["diff"].values()))

@@ -1,4 +1,4 @@
-"""Static check: does vLLM's DSpark loader accept our speculators-format exports, name by name?
+"""Static check: do vLLM's DSpark and EAGLE-3 loaders accept our speculators-format exports, name by name?
 
     nice -n 10 .venv/bin/python benchmarks/check_vllm.py                 # tiny exports of every head type
     .venv/bin/python benchmarks/check_vllm.py --export runs/export/vllm  # one export you made
@@ -18,9 +18,14 @@ header, the way vLLM would:
   the d2t table; every parameter vLLM would otherwise leave unloaded (or take from the target when it may)
   must be in the file.
 
+An EAGLE-3 export (``speculators_model_type: eagle3``) is checked against ``Eagle3LlamaForCausalLM``
+(``llama_eagle3.py``, the ``eagle3`` rules): a one-layer Llama config, ``norm_before_residual`` false, three aux
+ids, q/k/v over the 2d-wide [embedding ; feature] input, its own K-row LM head, ``d2t`` when K < V.
+
 Without ``--export`` it exports tiny random drafts (Markov / gated / rnn heads, a 40-token draft vocabulary,
-no confidence head, DFlash) on tiny Qwen3 and Llama targets and prints what maps and what does not; the gated
-and rnn heads are expected to fail (vLLM builds only the vanilla Markov head). Exit status 1 when a result
+no confidence head, DFlash, EAGLE-3 over the full and a 40-token vocabulary) on tiny Qwen3 and Llama targets
+and prints what maps and what does not; the gated and rnn heads are expected to fail (vLLM builds only the
+vanilla Markov head). Exit status 1 when a result
 differs from that expectation (or, with ``--export``, when the export has a problem). Nothing is written.
 """
 
@@ -51,7 +56,7 @@ def rules() -> dict:
 
 def vllm_name(rules_: dict) -> str:
     """'vLLM qwen3_dspark.py @ 0302ff4': the loader the rules were read from."""
-    path = "vllm/model_executor/models/qwen3_dspark.py"
+    path = rules_.get("loader", "vllm/model_executor/models/qwen3_dspark.py")
     return f"vLLM {Path(path).name} @ {rules_['files'][path][:7]}"
 
 
@@ -117,16 +122,11 @@ def _config_problems(view: dict, rules_: dict) -> list[str]:
     absent = [k for k in spec["layer_keys"] if k not in view and k not in ("head_dim", "layer_types", "rope_parameters")]
     if absent:
         p.append(f"transformer_layer_config: vLLM builds the draft layers from {absent}, absent")
-    act = view.get("hidden_act")
-    if act is not None and act not in spec["hidden_act"]:
-        p.append(f"transformer_layer_config: hidden_act {act!r}; vLLM's draft MLP runs only {spec['hidden_act']}")
+    p += _layer_problems(view, spec)
     rope = view.get("rope_parameters")
     if rope is None and "rope_theta" not in view:
         p.append(f"transformer_layer_config: no rope_parameters; vLLM would use rope_theta "
                  f"{spec['defaults']['rope_theta']}")
-    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
-        p.append("transformer_layer_config: rope_parameters is keyed by layer type; vLLM's Qwen3 draft layers "
-                 "take one flat RoPE set")
     sliding = [i for i, t in enumerate(view.get("layer_types") or []) if t == spec["sliding_layer_type"]]
     if sliding:
         p.append(f"transformer_layer_config: layers {sliding} are '{spec['sliding_layer_type']}'; vLLM runs them "
@@ -151,6 +151,19 @@ def _config_problems(view: dict, rules_: dict) -> list[str]:
         p.append(f"config.json: draft_vocab_size {K} exceeds vocab_size {V}")
     if isinstance(V, int) and isinstance(mask, int) and not 0 <= mask < V:
         p.append(f"config.json: mask_token_id {mask} is outside the vocabulary of {V}")
+    return p
+
+
+def _layer_problems(view: dict, spec: dict) -> list[str]:
+    """The draft layer's activation and RoPE set, as vLLM's draft layers (DSpark's and EAGLE-3's) run them."""
+    p = []
+    act = view.get("hidden_act")
+    if act is not None and act not in spec["hidden_act"]:
+        p.append(f"transformer_layer_config: hidden_act {act!r}; vLLM's draft MLP runs only {spec['hidden_act']}")
+    rope = view.get("rope_parameters")
+    if isinstance(rope, dict) and any(isinstance(v, dict) for v in rope.values()):
+        p.append("transformer_layer_config: rope_parameters is keyed by layer type; vLLM's draft layers take one "
+                 "flat RoPE set")
     return p
 
 
@@ -226,9 +239,51 @@ def _needed(sizes: dict, view: dict, target_vocab: int, params: dict) -> dict[st
     return need
 
 
+def map_weights(res: VllmCheck, header: dict, rules_: dict, sizes: dict, built) -> set[str]:
+    """Every file tensor through the loader's renames onto the parameters it builds (``built(template)``: for
+    this config), shape and dtype checked; problems and the mapping go into ``res``. -> the parameters (and
+    'param#shard' keys) the file fills."""
+    w, who = rules_["weights"], vllm_name(rules_)
+    loaded: set[str] = set()
+    for name, (shape, dtype) in sorted(header.items()):
+        param, shard = map_name(name, rules_)
+        if param is None:
+            res.mapping[name] = "(skipped)"
+            continue
+        res.mapping[name] = param + (f" [shard {shard}]" if shard else "")
+        template, layer = _template(param)
+        if template not in w["params"] or (layer is not None and layer >= sizes["L"]):
+            res.problems.append(f"weights: {name} -> {param}: {who} has no such parameter ({w['unknown_name']})")
+            continue
+        if not built(template):
+            res.problems.append(f"weights: {name} -> {param}: {who} does not build it for this config "
+                                f"({w['when'].get(template, '')}) and stops on the name")
+            continue
+        want = tuple(formula_value(f, sizes) for f in (w["shards"][shard] if shard else w["params"][template]))
+        if tuple(shape) != want:
+            res.problems.append(f"weights: {name} -> {res.mapping[name]}: shape {tuple(shape)}, {who} expects {want}")
+        if template in w["integer"] and dtype not in INT_DTYPES:
+            res.problems.append(f"weights: {name} is {dtype}; {who} loads it into an int64 parameter")
+        if template not in w["integer"] and dtype not in FLOAT_DTYPES:
+            res.problems.append(f"weights: {name} is {dtype}; {who} expects a floating-point tensor")
+        loaded.add(f"{param}#{shard}" if shard else param)
+    return loaded
+
+
+def report_unloaded(res: VllmCheck, need: dict[str, str], loaded: set[str], rules_: dict) -> None:
+    """A problem naming the parameters (shards) vLLM needs from the file and the file does not fill."""
+    missing = sorted(set(need) - loaded)
+    if missing:
+        shown = [m.replace("#", " [shard ") + "]" if "#" in m else m for m in missing[:6]]
+        res.problems.append(f"weights: {vllm_name(rules_)} would leave {shown} unloaded ({need[missing[0]]})")
+
+
 def check_layout(cfg: dict, header: dict, rules_: dict | None = None, target_vocab_size: int | None = None) -> VllmCheck:
-    """Apply vLLM's loading rules to a speculators config and a safetensors header (name -> (shape, dtype))."""
+    """Apply vLLM's loading rules to a speculators config and a safetensors header (name -> (shape, dtype)):
+    its DSpark loader's, or for an ``eagle3`` export its EAGLE-3 loader's (``check_eagle3_layout``)."""
     rules_ = rules_ or rules()
+    if cfg.get("speculators_model_type") == "eagle3":
+        return check_eagle3_layout(cfg, header, rules_["eagle3"], target_vocab_size)
     res = VllmCheck()
     view, res.problems = vllm_draft_config(cfg, rules_)
     res.config = view
@@ -239,36 +294,8 @@ def check_layout(cfg: dict, header: dict, rules_: dict | None = None, target_voc
         res.problems.append("transformer_layer_config: the draft sizes cannot be read; weights not checked")
         return res
     target_vocab = int(target_vocab_size or sizes["V"])
-    w, who = rules_["weights"], vllm_name(rules_)
-    params = w["params"]
-    loaded: set[str] = set()
-    for name, (shape, dtype) in sorted(header.items()):
-        param, shard = map_name(name, rules_)
-        if param is None:
-            res.mapping[name] = "(skipped)"
-            continue
-        res.mapping[name] = param + (f" [shard {shard}]" if shard else "")
-        template, layer = _template(param)
-        if template not in params or (layer is not None and layer >= sizes["L"]):
-            res.problems.append(f"weights: {name} -> {param}: {who} has no such parameter ({w['unknown_name']})")
-            continue
-        if not _built(template, sizes, view, target_vocab):
-            res.problems.append(f"weights: {name} -> {param}: {who} does not build it for this config "
-                                f"({rules_['weights']['when'].get(template, '')}) and stops on the name")
-            continue
-        want = tuple(formula_value(f, sizes) for f in (w["shards"][shard] if shard else params[template]))
-        if tuple(shape) != want:
-            res.problems.append(f"weights: {name} -> {res.mapping[name]}: shape {tuple(shape)}, {who} expects {want}")
-        if template in w["integer"] and dtype not in INT_DTYPES:
-            res.problems.append(f"weights: {name} is {dtype}; {who} loads it into an int64 parameter")
-        if template not in w["integer"] and dtype not in FLOAT_DTYPES:
-            res.problems.append(f"weights: {name} is {dtype}; {who} expects a floating-point tensor")
-        loaded.add(f"{param}#{shard}" if shard else param)
-    need = _needed(sizes, view, target_vocab, params)
-    missing = sorted(set(need) - loaded)
-    if missing:
-        shown = [m.replace("#", " [shard ") + "]" if "#" in m else m for m in missing[:6]]
-        res.problems.append(f"weights: {who} would leave {shown} unloaded ({need[missing[0]]})")
+    loaded = map_weights(res, header, rules_, sizes, lambda t: _built(t, sizes, view, target_vocab))
+    report_unloaded(res, _needed(sizes, view, target_vocab, rules_["weights"]["params"]), loaded, rules_)
     if "model.embed_tokens.weight" not in loaded:
         res.notes.append("embed_tokens: shared from the target")
     if sizes["K"] == target_vocab and "lm_head.weight" not in loaded:
@@ -282,6 +309,93 @@ def check_layout(cfg: dict, header: dict, rules_: dict | None = None, target_voc
     return res
 
 
+# ---- EAGLE-3 exports (vLLM's llama_eagle3.py; rules under "eagle3" in vllm_layout.json) --------------------
+def vllm_eagle3_config(cfg: dict, spec: dict) -> tuple[dict, list[str]]:
+    """The draft config vLLM builds from a speculators ``eagle3`` config, and what it cannot build it from."""
+    missing = [k for k in spec["required"] if _get(cfg, k) is None]
+    problems = [f"config.json: vLLM needs {missing}"] if missing else []
+    layer = cfg.get("transformer_layer_config")
+    view = dict(layer) if isinstance(layer, dict) else {}
+    for key in spec["copied"]:
+        if cfg.get(key) is not None:
+            view[key] = cfg[key]
+    for key, value in spec["defaults"].items():  # a string default names the key whose value it takes
+        if view.get(key) is None:
+            view[key] = view.get(value) if isinstance(value, str) else value
+    view["architectures"] = [spec["architecture_set_by_vllm"]]
+    view["num_lookahead_tokens"] = _get(cfg, "speculators_config.proposal_methods[0].speculative_tokens")
+    return view, problems
+
+
+def _eagle3_config_problems(view: dict, cfg: dict, spec: dict) -> list[str]:
+    """Values vLLM's EAGLE-3 Llama layer cannot run as our draft computes."""
+    p = _layer_problems(view, spec)
+    if view.get("model_type") not in spec["layer_model_types"]:
+        p.append(f"transformer_layer_config: model_type {view.get('model_type')!r}; vLLM builds "
+                 f"{spec['architecture_set_by_vllm']} from a {spec['layer_model_types']} layer config")
+    absent = [k for k in spec["layer_keys"] if k not in view]
+    if absent:
+        p.append(f"transformer_layer_config: vLLM builds the draft layer from {absent}, absent")
+    if view.get("norm_before_residual") is not False:
+        p.append("config.json: norm_before_residual is not false (vLLM's default is true): vLLM would keep the "
+                 "hidden_norm-ed feature as the residual, our draft adds the feature itself")
+    extra = [k for k in spec["draft_has_no"] if cfg.get(k)]
+    if extra or view.get("attention_bias") or view.get("mlp_bias"):
+        p.append(f"config.json: {extra or 'attention_bias / mlp_bias'} set; the draft has no such norm or bias")
+    if view.get("num_hidden_layers") != 1:
+        p.append(f"transformer_layer_config: num_hidden_layers {view.get('num_hidden_layers')}; the draft is one "
+                 f"layer (vLLM's later layers read d-wide inputs, not [embedding ; feature])")
+    aux, n = view.get("eagle_aux_hidden_state_layer_ids") or [], spec["num_taps"]
+    if len(aux) != n or any(not isinstance(i, int) or i < 1 for i in aux):
+        p.append(f"config.json: eagle_aux_hidden_state_layer_ids {aux}: vLLM's fc reads {n} tapped states, id a "
+                 f"being the output of decoder layer a - 1 (>= 1)")
+    V, K = view.get("vocab_size"), view.get("draft_vocab_size")
+    if isinstance(V, int) and isinstance(K, int) and K > V:
+        p.append(f"config.json: draft_vocab_size {K} exceeds vocab_size {V}")
+    return p
+
+
+def _eagle3_needed(sizes: dict, target_vocab: int, params: dict) -> dict[str, str]:
+    """vLLM parameter (or 'param#shard') -> why an EAGLE-3 export must carry it."""
+    need = {}
+    for template in params:
+        for p in [template.format(i=i) for i in range(sizes["L"])] if "{i}" in template else [template]:
+            if template == "model.embed_tokens.weight":
+                if sizes["V"] > target_vocab:
+                    need[p] = "vocab_size exceeds the target's, so the target's embedding cannot be shared"
+            elif template == "draft_id_to_target_id":
+                if sizes["K"] < target_vocab:
+                    need[p] = "a reduced draft vocabulary maps its ids through d2t (zeros would read them as target ids)"
+            elif template.endswith("qkv_proj.weight"):
+                need.update({f"{p}#{s}": "the attention projections" for s in ("q", "k", "v")})
+            elif template.endswith("gate_up_proj.weight"):
+                need.update({f"{p}#{s}": "the MLP projections" for s in ("0", "1")})
+            else:
+                need[p] = "the draft's own weights (its LM head included)"
+    return need
+
+
+def check_eagle3_layout(cfg: dict, header: dict, rules_: dict, target_vocab_size: int | None = None) -> VllmCheck:
+    """``check_layout`` for an EAGLE-3 speculators export, with the ``eagle3`` rules of vllm_layout.json."""
+    res, spec = VllmCheck(), rules_["config"]
+    view, res.problems = vllm_eagle3_config(cfg, spec)
+    res.config = view
+    res.problems += _eagle3_config_problems(view, cfg, spec)
+    try:
+        sizes = _sizes(view)
+    except (KeyError, TypeError, ValueError):
+        res.problems.append("transformer_layer_config: the draft sizes cannot be read; weights not checked")
+        return res
+    target_vocab = int(target_vocab_size or sizes["V"])
+    loaded = map_weights(res, header, rules_, sizes, lambda template: True)  # it builds every parameter
+    report_unloaded(res, _eagle3_needed(sizes, target_vocab, rules_["weights"]["params"]), loaded, rules_)
+    if "model.embed_tokens.weight" not in loaded:
+        res.notes.append("embed_tokens: shared from the target")
+    if "draft_id_to_target_id" not in loaded:
+        res.notes.append("draft_id_to_target_id: not in the file, left at zeros (the identity map)")
+    return res
+
+
 def check_export(export_dir: str | Path, target_vocab_size: int | None = None) -> VllmCheck:
     from dspark_model.export_schema import read_weights_header
 
@@ -291,6 +405,7 @@ def check_export(export_dir: str | Path, target_vocab_size: int | None = None) -
 
 
 # ---- tiny exports -------------------------------------------------------------------------------------------
+EAGLE3 = dict(architecture="eagle3", num_layers=1, sequential_head="none", confidence_head=False)
 CASES = {  # name -> (target family, DraftConfig fields, expected to load in vLLM)
     "qwen3-markov": ("qwen3", dict(sequential_head="markov", confidence_head=True), True),
     "qwen3-markov-reduced-40": ("qwen3", dict(sequential_head="markov", confidence_head=True,
@@ -300,6 +415,8 @@ CASES = {  # name -> (target family, DraftConfig fields, expected to load in vLL
     "llama-markov": ("llama", dict(sequential_head="markov", confidence_head=True), True),
     "qwen3-gated": ("qwen3", dict(sequential_head="gated", confidence_head=True), False),
     "qwen3-rnn": ("qwen3", dict(sequential_head="rnn", confidence_head=True), False),
+    "llama-eagle3": ("llama", dict(EAGLE3), True),
+    "qwen3-eagle3-reduced-40": ("qwen3", dict(EAGLE3, draft_vocab_size=40), True),
 }
 
 
@@ -319,7 +436,8 @@ def export_case(name: str, work: Path, targets: dict) -> tuple[Path, int]:
         targets[family] = load_target(spec)
     target = targets[family]
     torch.manual_seed(0)
-    draft = build_draft_for(target, DraftConfig(num_layers=2, block_size=4, markov_rank=16, **fields)).eval()
+    cfg = DraftConfig(**{"num_layers": 2, "block_size": 4, "markov_rank": 16, **fields})
+    draft = build_draft_for(target, cfg).eval()
     if draft.reduced_vocab:
         draft.set_draft_vocab(torch.arange(0, 200, 5))
     ckpt = save_pretrained(draft, work / f"{name}-ckpt", target_spec=spec)
@@ -333,7 +451,7 @@ def main(argv=None) -> int:
     p.add_argument("--show-mapping", action="store_true", help="print every tensor's vLLM parameter")
     args = p.parse_args(argv)
     r = rules()
-    print(f"rules: {vllm_name(r)} (dspark_model/vllm_layout.json)")
+    print(f"rules: {vllm_name(r)}, {vllm_name(r['eagle3'])} (dspark_model/vllm_layout.json)")
     if args.export:
         res = check_export(args.export, args.target_vocab_size)
         _print(args.export, res, args.show_mapping)

@@ -18,6 +18,12 @@ and every URL in the card loses its userinfo and secret query parameters (``dspa
 The license follows the target's (a small map of known families; anything else is ``other`` with a note).
 A calibration.json that does not belong to the weights beside it, or that another version of the toolkit
 wrote, is never published: building the card stops with a ``CardError`` saying to calibrate again.
+
+An EAGLE-3 export (``export_eagle3.py``: vLLM's speculators ``eagle3`` or SGLang's layout) gets the same card
+with its own first sections (``eagle3_card_body``): the tapped layers in that engine's count and how to serve
+it with vLLM's ``eagle3`` method and SGLang's ``EAGLE3`` algorithm; the eval, training and data sections are
+shared. ``write_card`` writes README.md into an export folder (both exporters call it before the folder is
+moved into place).
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from data_prep.manifest import DataManifest
 from dspark_model import __version__
+from dspark_model.atomic import atomic_write_text
 from dspark_model.calibration import REEXPORT_HINT, Calibration, CalibrationError, read_beside
+from dspark_model.export_eagle3 import eagle3_arch, eagle3_format
 from dspark_model.export_schema import (
     TOOLKIT_KEY,
     deepspec_architecture,
@@ -82,6 +90,7 @@ class CardContext:
     data_manifest: DataManifest | None = None
     toolkit_version: str = __version__
     files: list[str] = field(default_factory=list)
+    architecture: str = "dspark"  # or "eagle3" (fmt is then "speculators" or "sglang")
 
 
 # (pattern on the lower-cased target id, Hub license id, note or None). First match wins.
@@ -100,6 +109,7 @@ _LICENSES = (
 )
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 REPO_PLACEHOLDER = "<this-repo-id>"
+CARD_NAME = "README.md"
 # Key names that hold credentials (hf_token, api_key, wandb_api_key, password, ...); not mask_token_id etc.
 _SECRET = re.compile(r"(^|_)(token|api_?key|key|secret|password|passwd|credentials?|auth)$", re.IGNORECASE)
 
@@ -196,7 +206,11 @@ def discover_sources(ckpt_dir: str | Path) -> CardSources:
 
 def _target_facts(fmt: str, config: dict, target) -> tuple:
     prov = config.get(TOOLKIT_KEY, {})
-    if fmt == "native":
+    if eagle3_format(config):  # the layer config is the draft's Llama layer, not the target's
+        facts = [prov.get("target_id"), prov.get("target_revision"), None,
+                 (config.get("speculators_config") or {}).get("verifier", {}).get("architectures"),
+                 prov.get("target_num_hidden_layers")]
+    elif fmt == "native":
         t = config.get("target", {})
         facts = [t.get("id"), t.get("revision"), t.get("model_type"), t.get("architectures"), t.get("num_layers")]
     elif fmt == "deepspec":
@@ -218,18 +232,23 @@ def context_from_export(export_dir: str | Path, sources: CardSources | None = No
     """Everything the card needs, read from an export folder (+ optional documents and the live target)."""
     export_dir, sources = Path(export_dir), sources or CardSources()
     config = read_config(export_dir)
-    fmt = detect_format(config)
-    native = native_config(fmt, config)
+    fmt = eagle3_format(config) or detect_format(config)
+    if eagle3_format(config):
+        arch = eagle3_arch(config)
+        native = dict(arch.native_keys(), arch=arch)
+        shared = ("embed_tokens.weight", "d2t", "t2d")  # its lm_head is its own, trained
+    else:
+        native, shared = native_config(fmt, config), ("embed_tokens.weight", "lm_head.weight")
     tid, rev, mtype, archs, depth = _target_facts(fmt, config, target)
     header = read_weights_header(export_dir / "model.safetensors")
     n_params = 0
     for name, (shape, _) in header.items():
-        if name not in ("embed_tokens.weight", "lm_head.weight"):
+        if name not in shared:
             count = 1
             for s in shape:
                 count *= s
             n_params += count
-    dtypes = sorted({dt for _, dt in header.values()})
+    dtypes = sorted({dt for name, (_, dt) in header.items() if name not in ("d2t", "t2d")})  # the weights' own
     try:
         calibration = read_beside(export_dir, fix=REEXPORT_HINT)
     except CalibrationError as exc:
@@ -243,8 +262,16 @@ def context_from_export(export_dir: str | Path, sources: CardSources | None = No
         report=_record(EvalReport, sources.report, "eval report"),
         train_config=_read_doc(sources.train_config, "training config"),
         data_manifest=_record(DataManifest, sources.data_manifest, "data manifest"),
-        files=sorted(p.name for p in export_dir.iterdir() if not p.name.startswith(".")) + ["README.md"],
+        files=sorted(p.name for p in export_dir.iterdir() if not p.name.startswith(".")) + [CARD_NAME],
+        architecture=native.get("architecture", "dspark"),
     )
+
+
+def write_card(export_dir: str | Path, sources: CardSources | None = None, target=None) -> Path:
+    """Render the card of the export in ``export_dir`` and write it there as README.md."""
+    path = Path(export_dir) / CARD_NAME
+    atomic_write_text(path, render_card(context_from_export(export_dir, sources, target=target)))
+    return path
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------
@@ -262,8 +289,8 @@ TAU_METRIC = "acceptance_length"  # model-index metric type of tau
 def card_data(ctx: CardContext) -> ModelCardData:
     """The card's Hub metadata; the measured tau per eval set becomes the ``model-index`` results."""
     lic, _ = license_for(ctx.target_id)
-    tags = ["speculative-decoding", "dspark", "draft-model", f"{ctx.fmt}-format"]
-    if ctx.native["sequential_head"] == "none":
+    tags = ["speculative-decoding", ctx.architecture, "draft-model", f"{ctx.fmt}-format"]
+    if ctx.architecture == "dspark" and ctx.native["sequential_head"] == "none":
         tags.append("dflash")
     results = eval_results(ctx.report)
     return ModelCardData(
@@ -431,13 +458,19 @@ def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 def _training_section(ctx: CardContext) -> str:
     a = ctx.native["arch"]
-    out = ["## Draft and training",
-           f"- {a.num_layers} draft layers, width {a.hidden_size}, {a.num_attention_heads} heads "
-           f"({a.num_key_value_heads} KV), MLP {a.intermediate_size}; {ctx.num_parameters:,} parameters "
-           "(without the shared embedding / LM head)",
-           f"- block size gamma = {ctx.native['block_size']}, mask token id {ctx.native['mask_token_id']}, "
-           f"sequential head `{ctx.native['sequential_head']}` (rank {ctx.native['markov_rank']}), confidence "
-           f"head: {'yes' if ctx.native['confidence_head'] else 'no'}"]
+    size = (f"width {a.hidden_size}, {a.num_attention_heads} heads ({a.num_key_value_heads} KV), MLP "
+            f"{a.intermediate_size}; {ctx.num_parameters:,} parameters")
+    if ctx.architecture == "eagle3":
+        out = ["## Draft and training", f"- one EAGLE-3 decoder layer, {size} (its own LM head included, the "
+               "target's embedding shared)",
+               f"- trained with a {a.block_size}-step training-time test; draft vocabulary {a.out_vocab_size} of "
+               f"{a.vocab_size} tokens"]
+    else:
+        out = ["## Draft and training", f"- {a.num_layers} draft layers, {size} (without the shared embedding / "
+               "LM head)",
+               f"- block size gamma = {ctx.native['block_size']}, mask token id {ctx.native['mask_token_id']}, "
+               f"sequential head `{ctx.native['sequential_head']}` (rank {ctx.native['markov_rank']}), "
+               f"confidence head: {'yes' if ctx.native['confidence_head'] else 'no'}"]
     if ctx.train_config:
         rows = _flatten(redact(ctx.train_config))
         out += ["", "<details><summary>training config</summary>", "", "```"]
@@ -476,8 +509,15 @@ def render_card(ctx: CardContext) -> str:
     return redact_text(str(model_card(ctx)))
 
 
-def card_body(ctx: CardContext) -> str:
+def _footer(ctx: CardContext) -> str:
     lic, note = license_for(ctx.target_id)
+    return (f"## Toolkit\nExported by dspark-toolkit {ctx.toolkit_version} ({ctx.fmt} format).\n\n"
+            f"## License\n`{lic}`, following the target's license." + (f" Note: {note}." if note else ""))
+
+
+def card_body(ctx: CardContext) -> str:
+    if ctx.architecture == "eagle3":
+        return eagle3_card_body(ctx)
     head = ctx.native["sequential_head"]
     kind = "DFlash (no sequential head)" if head == "none" else f"DSpark ({head} sequential head)"
     intro = (f"# {kind} draft for {ctx.target_id}\n\n"
@@ -485,10 +525,65 @@ def card_body(ctx: CardContext) -> str:
              f"{' (revision ' + ctx.target_revision + ')' if ctx.target_revision else ''}: it reads hidden "
              f"states of the target, drafts {ctx.native['block_size']} tokens per target forward in one "
              f"parallel block, and the target verifies them losslessly.")
-    footer = (f"## Toolkit\nExported by dspark-toolkit {ctx.toolkit_version} ({ctx.fmt} format).\n\n"
-              f"## License\n`{lic}`, following the target's license."
-              + (f" Note: {note}." if note else ""))
     parts = [intro, _files_section(ctx), _layer_section(ctx), _serving_section(ctx), _report_section(ctx.report),
              _calibration_section(ctx.calibration, ctx), _training_section(ctx), _data_section(ctx.data_manifest),
-             footer]
+             _footer(ctx)]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---- EAGLE-3 exports --------------------------------------------------------------------------------------
+# Serving flags as checked (2026-07): vLLM docs/features/speculative_decoding/eagle.md @44c6aa262cb3
+# (speculative_config "method": "eagle3", "model", "num_speculative_tokens"; the loader: export_eagle3's
+# SOURCES_CHECKED); SGLang docs.sglang.io advanced_features/speculative_decoding and its launch scripts
+# (--speculative-algorithm EAGLE3, --speculative-draft-model-path, --speculative-num-steps,
+# --speculative-eagle-topk, --speculative-num-draft-tokens = steps + 1 for a chain of top-1 drafts).
+_EAGLE3_TAPS = {  # fmt -> (config key, how the engine counts)
+    "speculators": ("eagle_aux_hidden_state_layer_ids", "hidden_states indices = decoder-layer id + 1, vLLM's "
+                    "convention"),
+    "sglang": ("eagle_config.eagle_aux_hidden_state_layer_ids", "decoder-layer ids; SGLang adds 1 itself when it "
+               "captures them"),
+}
+
+
+def _eagle3_serving_section(ctx: CardContext) -> str:
+    repo, G, target = ctx.repo_id or REPO_PLACEHOLDER, ctx.native["block_size"], ctx.target_id
+    here, other = ("vLLM", "SGLang") if ctx.fmt == "speculators" else ("SGLang", "vLLM")
+    other_fmt = "deepspec" if ctx.fmt == "speculators" else "speculators"
+    spec = f'{{"method": "eagle3", "model": "{repo}", "num_speculative_tokens": {G}}}'
+    return "\n".join([
+        "## How to serve",
+        f"This folder is the {here} layout; for {other}, export the checkpoint again with `--format {other_fmt}`.",
+        "", "### vLLM (`--format speculators`)", "```bash", f"vllm serve {target} --speculative-config '{spec}'",
+        "```", *([f"or `vllm serve {repo}` alone: the speculators config names its verifier."]
+                 if ctx.fmt == "speculators" else []), "", "### SGLang (`--format deepspec`: SGLang's `LlamaForCausalLMEagle3` layout)", "```bash",
+        f"python -m sglang.launch_server --model-path {target} --speculative-algorithm EAGLE3 "
+        f"--speculative-draft-model-path {repo} --speculative-num-steps {G} --speculative-eagle-topk 1 "
+        f"--speculative-num-draft-tokens {G + 1}", "```",
+        f"Both engines share the target's embedding; the draft was trained for {G} chained steps, so more "
+        f"speculative tokens than {G} leave its training range.", "",
+        "### This toolkit", "```python", "from dspark_model.export_eagle3 import load_eagle3_export",
+        f'draft = load_eagle3_export("<downloaded folder>", target)  # target: load_target(... id="{target}")',
+        "```"])
+
+
+def eagle3_card_body(ctx: CardContext) -> str:
+    a = ctx.native["arch"]
+    key, convention = _EAGLE3_TAPS[ctx.fmt]
+    stored = a.tap_layer_ids if ctx.fmt == "sglang" else [hidden_states_index(i) for i in a.tap_layer_ids]
+    vocab = (f"a reduced draft vocabulary of {a.out_vocab_size} of the target's {a.vocab_size} tokens (`d2t` / "
+             "`t2d` map draft ids to target ids)" if a.reduced_vocab else f"the target's {a.vocab_size} tokens")
+    intro = (f"# EAGLE-3 draft for {ctx.target_id}\n\nAn EAGLE-3 speculative-decoding draft (one decoder layer "
+             f"over three fused target hidden states) for [{ctx.target_id}](https://huggingface.co/"
+             f"{ctx.target_id}){' (revision ' + ctx.target_revision + ')' if ctx.target_revision else ''}, "
+             f"trained by dspark-toolkit. It drafts {a.block_size} tokens per target forward, one chained step "
+             f"each, over {vocab}; the target verifies them losslessly.")
+    files = "\n".join([f"## Files ({ctx.fmt} layout, {ctx.dtype}, safetensors only)",
+                       "Draft weights and its own LM head; no `embed_tokens` (the engine shares the target's).",
+                       "", "Files: " + ", ".join(f"`{f}`" for f in ctx.files)])
+    taps = "\n".join(["## Tapped layers",
+                      f"The draft reads the target's decoder layers {a.tap_layer_ids} (this toolkit's count: layer "
+                      f"i's output = `hidden_states[i + 1]`). This export stores them as {stored} in `{key}` "
+                      f"({convention})."])
+    parts = [intro, files, taps, _eagle3_serving_section(ctx), _report_section(ctx.report), _training_section(ctx),
+             _data_section(ctx.data_manifest), _footer(ctx)]
     return "\n\n".join(parts) + "\n"

@@ -212,11 +212,14 @@ class Eagle3Draft(DraftVocabMixin, nn.Module):
         with torch.no_grad():
             self.lm_head.weight.copy_(self.target.head_rows(ids.to(self.target.device))[0].to(self.lm_head.weight))
 
+    def select_taps(self, tap_hidden: torch.Tensor) -> torch.Tensor:
+        """(B, T, n_taps*d) the target's taps -> (B, T, 3d) the draft's low / mid / high ones, in its order."""
+        idx = self.__dict__["_tap_index"].to(tap_hidden.device)
+        return tap_hidden.unflatten(-1, (-1, self.arch.hidden_size)).index_select(-2, idx).flatten(-2)
+
     def fuse(self, tap_hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, n_taps*d) target taps -> (B, T, d) fused features of the low / mid / high taps."""
-        idx = self.__dict__["_tap_index"].to(tap_hidden.device)
-        taps = tap_hidden.unflatten(-1, (-1, self.arch.hidden_size)).index_select(-2, idx).flatten(-2)
-        return self.fc(taps.to(self.fc.weight.dtype))
+        return self.fc(self.select_taps(tap_hidden).to(self.fc.weight.dtype))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target.embed_tokens(ids).to(self.fc.weight.dtype)

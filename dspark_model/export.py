@@ -37,7 +37,9 @@ to the exported weights file (``calibration.py``).
 DeepSpec's modeling code) and compares block logits and confidences with our draft on random inputs
 (``verify.py``), printing the largest differences. The check runs before the folder is moved into place:
 when the reference is not importable, or a difference exceeds the tolerance, nothing is written and the
-command ends with one ``error:`` line (status 2).
+command ends with one ``error:`` line (status 2). An EAGLE-3 checkpoint goes to ``export_eagle3.py``
+(speculators -> vLLM's ``eagle3`` format, deepspec -> SGLang's EAGLE-3 layout); its ``--verify`` is
+``verify_eagle3.py``'s and exists for the speculators export only.
 
 A DFlash draft (no sequential head) is exported with ``markov_rank: 0`` and the readers' default
 ``markov_head_type: "vanilla"`` (inert at rank 0, and accepted by strict validators); no markov weights.
@@ -60,7 +62,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dspark_model import __version__
-from dspark_model.atomic import atomic_write_json, atomic_write_text, replace_dir
+from dspark_model.atomic import atomic_write_json, replace_dir
 from dspark_model.calibration import CalibrationError, load_beside, read_beside, recalibrate_hint
 from dspark_model.checkpoint import (
     CALIBRATION_NAME,
@@ -100,7 +102,6 @@ SPECULATORS_VERSION = "0.9.0"
 SPECULATORS_ARCHITECTURE = "DSparkDraftModel"
 DEFAULT_NUM_ANCHORS = 512  # train.max_anchors' default (train/schema.py OptimConfig); DeepSpec's recipes use 512 too
 _PRIVATE_KEYS = ("_name_or_path", "transformers_version", "auto_map")  # local paths / remote code
-README_NAME = "README.md"
 INCLUDES_EMBEDDINGS = {"native": False, "deepspec": True, "speculators": False}  # per-format default
 
 
@@ -342,12 +343,15 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     if embeddings and format != "deepspec":
         raise ExportError(f"the {format} format never carries the target's embed_tokens/lm_head "
                           f"(the engine shares the target's); drop include_embeddings")
-    _check_verify_request(format, verify)
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    _check_out_dir(ckpt_dir, out_dir)
     if read_draft_arch(ckpt_dir)[1].architecture == "eagle3":  # the EAGLE-3 baseline: export_eagle3.py
-        return _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite,
-                              device, verify)
+        _check_out_dir(ckpt_dir, out_dir)
+        check = _eagle3_verify_check(format, verify, verify_tolerance, echo or log.info)
+        return _export_eagle3(ckpt_dir, out_dir, format, check, dtype=dtype, target=target,
+                              target_spec=target_spec, verifier_path=verifier_path, overwrite=overwrite,
+                              device=device, card_sources=card_sources)
+    _check_verify_request(format, verify)
+    _check_out_dir(ckpt_dir, out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it, or choose --out")
     ckpt_config = read_draft_config(ckpt_dir)
@@ -380,8 +384,7 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
             from dspark_model.verify import TOLERANCE
 
             _verify_with_reference(tmp, target, format, verify_tolerance or TOLERANCE, echo or log.info)
-        card = card_mod.render_card(card_mod.context_from_export(tmp, sources, target=target))
-        atomic_write_text(tmp / README_NAME, card)
+        card_mod.write_card(tmp, sources, target)
         _swap_into_place(tmp, out_dir, overwrite)
     finally:
         if tmp.exists():
@@ -390,16 +393,30 @@ def export_draft(ckpt_dir: str | Path, out_dir: str | Path, format: str = "nativ
     return out_dir
 
 
-def _export_eagle3(ckpt_dir, out_dir, format, dtype, target, target_spec, verifier_path, overwrite, device, verify):
+def _eagle3_verify_check(format: str, verify: bool, tolerance: float | None, echo):
+    """An EAGLE-3 export's ``--verify`` as a check on the written folder (None without --verify); refused here,
+    before anything is loaded or written, for the native format, SGLang's layout (no importable reference) or
+    when speculators is not importable."""
+    if format == "native":
+        raise ExportError("an EAGLE-3 draft exports as --format speculators (vLLM) or deepspec (SGLang's EAGLE-3 "
+                          "layout); its checkpoint folder is already the native format")
+    if not verify:
+        return None
+    from dspark_model.verify import TOLERANCE
+    from dspark_model.verify_eagle3 import eagle3_reference_unavailable
+
+    why = eagle3_reference_unavailable("speculators" if format == "speculators" else "sglang")
+    if why:
+        raise VerificationError(f"--verify: {why}; nothing was written")
+    return lambda tmp, target: _verify_with_reference(tmp, target, format, tolerance or TOLERANCE, echo)
+
+
+def _export_eagle3(ckpt_dir: Path, out_dir: Path, format: str, check, **kwargs) -> Path:
     """An EAGLE-3 checkpoint: speculators -> vLLM's eagle3 format, deepspec -> SGLang's EAGLE-3 format."""
     from dspark_model.export_eagle3 import export_eagle3_checkpoint
 
-    if format == "native" or verify:
-        raise ExportError("an EAGLE-3 draft exports as --format speculators (vLLM) or deepspec (SGLang's EAGLE-3 "
-                          "layout), without --verify; its checkpoint folder is already the native format")
     fmt = "speculators" if format == "speculators" else "sglang"
-    return export_eagle3_checkpoint(ckpt_dir, out_dir, fmt, dtype, target, target_spec, verifier_path, overwrite,
-                                    device)
+    return export_eagle3_checkpoint(ckpt_dir, out_dir, fmt, check=check, **kwargs)
 
 
 def _check_calibration(ckpt_dir: Path) -> None:

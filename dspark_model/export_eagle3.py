@@ -19,20 +19,24 @@ share the target's). Layouts, as their loaders read them (checked in ``SOURCES_C
   draft's), ``tie_word_embeddings: false``, ``eagle_config.eagle_aux_hidden_state_layer_ids`` in OUR
   decoder-layer count (SGLang adds 1 itself). The layer's weights are named ``midlayer.*``.
 
-``load_eagle3_export`` reads either back into an ``Eagle3Draft`` (the round-trip tests). The speculators
-export is also loaded by speculators 0.9.0's own ``Eagle3DraftModel`` in
-``tests/dspark_model/test_eagle3.py`` (when it is on PYTHONPATH): no unexpected key, only the verifier's
-embedding / norm / head missing (shared at serving), and its 3-step training-time-test forward gives our
-logits at every step (max |diff| 3e-7 in fp32) - the same mask, positions (+1 per step) and token shift.
+``load_eagle3_export`` reads either back into an ``Eagle3Draft`` (the round-trip tests). ``--verify`` loads
+the speculators export with speculators 0.9.0's own ``Eagle3DraftModel`` (``verify_eagle3.py``, when it is on
+PYTHONPATH): no unexpected key, only the verifier's embedding / norm / head missing (shared at serving), and
+its training-time-test forward gives our logits at every step (max |diff| ~1e-6 in fp32) - the same mask,
+positions (+1 per step) and token shift. SGLang's layout has no importable reference; ``--verify`` refuses it.
+Both exports carry the toolkit's model card (``card.write_card``: taps in the engine's count, the vLLM /
+SGLang serving flags, eval and training documents found beside the checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -82,6 +86,7 @@ def llama_layer_config(draft: Eagle3Draft) -> dict:
 
 def _provenance(draft: Eagle3Draft, target, fmt: str, dtype: torch.dtype) -> dict:
     return {"toolkit_version": __version__, "format": f"eagle3-{fmt}", "target_id": target.name_or_path,
+            "target_revision": target.revision, "target_num_hidden_layers": target.num_layers,
             "tap_layer_ids": list(draft.tap_layer_ids), "tap_layer_convention": TAP_CONVENTION,
             "block_size": draft.block_size, "dtype": dtype_name(dtype),
             "layouts_checked": SOURCES_CHECKED[fmt if fmt == "sglang" else "vllm"]}
@@ -127,8 +132,15 @@ def eagle3_tensors(draft: Eagle3Draft, fmt: str, dtype: torch.dtype) -> dict[str
 
 
 def write_eagle3_export(draft: Eagle3Draft, target, out_dir: str | Path, fmt: str, dtype: torch.dtype | None = None,
-                        verifier: str | None = None, overwrite: bool = False) -> Path:
-    """Write the export into ``out_dir`` atomically, after reading it back and comparing every tensor."""
+                        verifier: str | None = None, overwrite: bool = False, card_sources=None,
+                        check: Callable[[Path, object], None] | None = None) -> Path:
+    """Write the export into ``out_dir`` atomically, after reading it back and comparing every tensor.
+
+    ``check(folder, target)`` runs on the written files before they are moved into place (``--verify``; it
+    raises to stop the export). The model card (README.md) is rendered from the files and ``card_sources``
+    (``card.CardSources``: eval report, training config, data manifest)."""
+    from dspark_model.card import write_card
+
     if fmt not in FORMATS:
         raise Eagle3ExportError(f"EAGLE-3 drafts export as {' or '.join(FORMATS)}, not {fmt!r}")
     out_dir = Path(out_dir)
@@ -146,6 +158,9 @@ def write_eagle3_export(draft: Eagle3Draft, target, out_dir: str | Path, fmt: st
         again = eagle3_tensors(back, fmt, dtype)
         if sorted(again) != sorted(tensors) or any(not torch.equal(again[k], tensors[k]) for k in tensors):
             raise Eagle3ExportError(f"{fmt} export does not read back to the same weights")
+        if check is not None:
+            check(tmp, target)
+        write_card(tmp, card_sources, target)
         replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
@@ -154,15 +169,16 @@ def write_eagle3_export(draft: Eagle3Draft, target, out_dir: str | Path, fmt: st
     return out_dir
 
 
-def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Draft:
-    """Rebuild our ``Eagle3Draft`` from a speculators or SGLang EAGLE-3 export and attach ``target``."""
-    import json
+def eagle3_format(config: dict) -> str | None:
+    """"speculators" or "sglang" when a config.json is an EAGLE-3 export of that layout, else None."""
+    if config.get("speculators_model_type") == "eagle3":
+        return "speculators"
+    return "sglang" if "LlamaForCausalLMEagle3" in (config.get("architectures") or []) else None
 
-    export_dir = Path(export_dir)
-    config = json.loads((export_dir / CONFIG_NAME).read_text())
-    fmt = "speculators" if config.get("speculators_model_type") == "eagle3" else "sglang"
-    if fmt == "sglang" and "LlamaForCausalLMEagle3" not in (config.get("architectures") or []):
-        raise Eagle3ExportError(f"{export_dir}: not an EAGLE-3 export (speculators eagle3 or LlamaForCausalLMEagle3)")
+
+def eagle3_arch(config: dict) -> DraftArch:
+    """The ``DraftArch`` an EAGLE-3 export's config.json describes (taps in our decoder-layer convention)."""
+    fmt = eagle3_format(config)
     lc = config["transformer_layer_config"] if fmt == "speculators" else config
     if fmt == "speculators":
         taps = [tap_id_of_hidden_states_index(i) for i in config["eagle_aux_hidden_state_layer_ids"]]
@@ -172,7 +188,7 @@ def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Dra
         steps = (config.get(TOOLKIT_KEY) or {}).get("block_size", 7)
     K, V = config["draft_vocab_size"], lc["vocab_size"]
     rope = lc.get("rope_parameters") or {"rope_type": "default", "rope_theta": lc.get("rope_theta") or 1e4}
-    draft = Eagle3Draft(DraftArch(
+    return DraftArch(
         architecture="eagle3", hidden_size=lc["hidden_size"], num_layers=1,
         num_attention_heads=lc["num_attention_heads"], num_key_value_heads=lc["num_key_value_heads"],
         head_dim=lc.get("head_dim") or lc["hidden_size"] // lc["num_attention_heads"],
@@ -180,7 +196,18 @@ def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Dra
         hidden_act=lc.get("hidden_act", "silu"), vocab_size=V, tap_layer_ids=taps, block_size=steps,
         mask_token_id=None, sequential_head="none", markov_rank=0, confidence_head=False,
         rope_config={"rope_parameters": rope, "max_position_embeddings": lc.get("max_position_embeddings") or 4096},
-        draft_vocab_size=K if K < V else None))
+        draft_vocab_size=K if K < V else None)
+
+
+def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Draft:
+    """Rebuild our ``Eagle3Draft`` from a speculators or SGLang EAGLE-3 export and attach ``target``."""
+    export_dir = Path(export_dir)
+    config = json.loads((export_dir / CONFIG_NAME).read_text())
+    fmt = eagle3_format(config)
+    if fmt is None:
+        raise Eagle3ExportError(f"{export_dir}: not an EAGLE-3 export (speculators eagle3 or LlamaForCausalLMEagle3)")
+    arch = eagle3_arch(config)
+    draft, K = Eagle3Draft(arch), arch.out_vocab_size
     tensors = load_file(str(export_dir / WEIGHTS_NAME))
     prefix, state = _LAYER_PREFIX[fmt], {}
     for key, t in tensors.items():
@@ -198,8 +225,11 @@ def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Dra
 
 def export_eagle3_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str, dtype=None, target=None,
                              target_spec=None, verifier_path: str | None = None, overwrite: bool = False,
-                             device: str = "cpu") -> Path:
-    """A trained EAGLE-3 checkpoint -> an engine export (the target is loaded as ``export.py`` does)."""
+                             device: str = "cpu", card_sources=None, check=None) -> Path:
+    """A trained EAGLE-3 checkpoint -> an engine export (the target is loaded as ``export.py`` does). The card
+    reads ``card_sources``, by default the documents found beside the checkpoint; ``check``: see
+    ``write_eagle3_export``."""
+    from dspark_model.card import discover_sources
     from dspark_model.target import load_target, resolve_device
 
     if target is None:
@@ -209,7 +239,8 @@ def export_eagle3_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, fmt: str
     if isinstance(dtype, str):
         dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
                  "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[dtype]
-    return write_eagle3_export(draft, target, out_dir, fmt, dtype, verifier_path, overwrite)
+    sources = card_sources or discover_sources(ckpt_dir)
+    return write_eagle3_export(draft, target, out_dir, fmt, dtype, verifier_path, overwrite, sources, check)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,9 @@ export is read by each side and cast, and the target is cast to float32 for the 
 the tolerance does not depend on the export dtype. A difference counts against
 ``tolerance * max(1, max |reference output|)``.
 
-``benchmarks/check_speculators.py`` and ``benchmarks/check_deepspec.py`` call the same functions.
+``benchmarks/check_speculators.py`` and ``benchmarks/check_deepspec.py`` call the same functions. An EAGLE-3
+export is handed to ``verify_eagle3.py`` (speculators' ``Eagle3DraftModel``, its training-time test), which
+reuses the pieces here.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from unittest import mock
 import torch
 
 from dspark_model.export import load_export
+from dspark_model.export_eagle3 import eagle3_format
 from dspark_model.export_schema import detect_format, read_config
 
 TOLERANCE = 1e-4
@@ -59,15 +62,16 @@ class ReferenceUnavailable(RuntimeError):
     """The reference implementation for a format cannot be imported (or cannot read this export)."""
 
 
-def reference_unavailable(fmt: str) -> str | None:
-    """None when the reference of ``fmt`` imports; else one line saying why not and how to get it."""
+def reference_unavailable(fmt: str, module: str | None = None) -> str | None:
+    """None when the reference of ``fmt`` imports (``module``: its module for another draft architecture than
+    DSpark); else one line saying why not and how to get it."""
     if fmt not in REFERENCE_MODULES:
         return f"the {fmt} format has no reference implementation to verify against"
+    module = module or REFERENCE_MODULES[fmt]
     try:
-        importlib.import_module(REFERENCE_MODULES[fmt])
+        importlib.import_module(module)
     except Exception as exc:  # ImportError, or the reference failing on import with this torch/transformers
-        return (f"{fmt}: {REFERENCE_MODULES[fmt]} is not importable ({type(exc).__name__}: {exc}); "
-                f"{HOW_TO_GET[fmt]}")
+        return f"{fmt}: {module} is not importable ({type(exc).__name__}: {exc}); {HOW_TO_GET[fmt]}"
     return None
 
 
@@ -107,7 +111,7 @@ def use_target_rows(param: torch.Tensor, live: torch.Tensor, dtype: torch.dtype,
     return problems
 
 
-def _scale(t: torch.Tensor | None) -> float:
+def abs_max(t: torch.Tensor | None) -> float:
     return 0.0 if t is None else float(t.detach().float().abs().max())
 
 
@@ -178,14 +182,15 @@ def our_blocks(draft, target, ids: torch.Tensor, anchors: list[int]) -> dict:
 
 
 # ---- speculators --------------------------------------------------------------------------------------------
-def fill_verifier_from_target(model, target) -> None:
-    """What speculators' ``load_verifier_weights`` reads from the verifier folder, taken from the loaded target."""
+def fill_verifier_from_target(model, target, own_head: bool) -> None:
+    """What speculators' ``load_verifier_weights`` reads from the verifier folder, taken from the loaded target.
+    ``own_head``: the export holds the draft's ``lm_head`` (kept, as speculators keeps a checkpoint's)."""
     with torch.no_grad():
         head = target.lm_head.weight
         if model.use_draft_vocab:
             head = head[model.t2d.to(device=head.device, dtype=torch.bool)]
         model.embed_tokens.weight.copy_(target.embed.weight)
-        if not model.use_draft_vocab:
+        if not own_head:
             model.lm_head.weight.copy_(head)
         model.verifier_lm_head.weight.copy_(head)
         if hasattr(model, "verifier_norm"):
@@ -201,19 +206,22 @@ def load_speculators(export: Path, target):
     config.transformer_layer_config._attn_implementation = "eager"
     model, info = DSparkDraftModel.from_pretrained(export, config=config, output_loading_info=True,
                                                    dtype=torch.float32)  # before the verifier weights go in
-    # With output_loading_info, SpeculatorModel.from_pretrained returns before its two post-load steps; run them
-    # as it would (no t2d/d2t given: the checkpoint's own tables are kept).
+    notes = finish_speculators_loading(model, target, own_head=model.use_draft_vocab)
+    return model.float().to(target.device).eval(), info, notes
+
+
+def finish_speculators_loading(model, target, own_head: bool) -> list[str]:
+    """With output_loading_info, SpeculatorModel.from_pretrained returns before its two post-load steps; run
+    them as it would (no t2d/d2t given: the checkpoint's own tables are kept), the verifier's weights from
+    the target when the export names no local folder. -> notes for the report."""
     model.load_vocab_mappings(None, None)
-    verifier = config.speculators_config.verifier.name_or_path
-    notes = []
+    verifier = model.config.speculators_config.verifier.name_or_path
     if verifier and Path(verifier).is_dir():
         model.load_verifier_weights()
-        notes.append(f"verifier weights loaded by speculators from {verifier}")
-    else:
-        fill_verifier_from_target(model, target)
-        notes.append(f"verifier weights taken from the loaded target (the export names {verifier!r}, not a "
-                     f"local folder; nothing is downloaded)")
-    return model.float().to(target.device).eval(), info, notes
+        return [f"verifier weights loaded by speculators from {verifier}"]
+    fill_verifier_from_target(model, target, own_head)
+    return [f"verifier weights taken from the loaded target (the export names {verifier!r}, not a local "
+            f"folder; nothing is downloaded)"]
 
 
 @torch.no_grad()
@@ -263,13 +271,13 @@ def speculators_weight_problems(model, export: Path, target, draft) -> list[str]
     return p
 
 
-def _loading_row(info: dict, notes: list[str]) -> dict:
+def loading_row(info: dict, notes: list[str]) -> dict:
     return {"missing_keys": sorted(info.get("missing_keys", [])),
             "unexpected_keys": sorted(info.get("unexpected_keys", [])),
             "mismatched_keys": sorted(str(k) for k in info.get("mismatched_keys", [])), "notes": notes}
 
 
-def _merge(row: dict, key: str, d: float | None, scale: float) -> None:
+def merge_diff(row: dict, key: str, d: float | None, scale: float) -> None:
     if d is not None:
         row["diff"][key] = max(d, row["diff"].get(key, 0.0))
         row["scale"][key] = max(scale, row["scale"].get(key, 0.0))
@@ -279,7 +287,7 @@ def check_speculators_export(export: Path, draft, target, sequences, anchors: li
     """speculators loading ``export`` vs ``draft`` on every sequence: loading report, weight problems, and per
     output the max |ours - speculators| (``diff``) and max |speculators| (``scale``)."""
     model, info, notes = load_speculators(Path(export), target)
-    row = {**_loading_row(info, notes), "weight_problems": speculators_weight_problems(model, Path(export),
+    row = {**loading_row(info, notes), "weight_problems": speculators_weight_problems(model, Path(export),
                                                                                        target, draft),
            "diff": {}, "scale": {}}
     for ids in sequences:
@@ -291,16 +299,21 @@ def check_speculators_export(export: Path, draft, target, sequences, anchors: li
         logits, teacher, conf = speculators_blocks(model, aux, ids, ours["last_hidden"].float(), anchors)
         for key, a, b in (("aux_hidden", ours["taps"], aux), ("logits", ours["logits"], logits),
                           ("teacher_logits", ours["teacher"], teacher), ("confidence", ours["confidence"], conf)):
-            _merge(row, key, max_diff(a, b), _scale(b))
-    if draft.reduced_vocab:
-        d2t = draft.draft_to_target - torch.arange(draft.out_vocab_size, device=draft.draft_to_target.device)
-        t2d = torch.zeros(target.vocab_size, dtype=torch.bool, device=d2t.device)
-        t2d[draft.draft_to_target] = True
-        head = draft.output_head()[0].detach()  # the K-row head our draft predicts with
-        row["diff"].update(d2t=max_diff(model.d2t.to(d2t.device), d2t),
-                           t2d=float((model.t2d.to(t2d.device) != t2d).sum()),  # disagreeing entries
-                           lm_head=max_diff(model.lm_head.weight.to(head.device), head))
+            merge_diff(row, key, max_diff(a, b), abs_max(b))
+    if draft.reduced_vocab:  # the K-row head our draft predicts with
+        row["diff"].update(vocab_table_diffs(model, draft, target, draft.output_head()[0]))
     return row
+
+
+def vocab_table_diffs(model, draft, target, head: torch.Tensor) -> dict[str, float]:
+    """A reduced vocabulary as speculators loaded it against ours: d2t and the K-row ``head`` (max |diff|),
+    t2d (number of disagreeing entries)."""
+    d2t = draft.draft_to_target - torch.arange(draft.out_vocab_size, device=draft.draft_to_target.device)
+    t2d = torch.zeros(target.vocab_size, dtype=torch.bool, device=d2t.device)
+    t2d[draft.draft_to_target] = True
+    head = head.detach()
+    return {"d2t": max_diff(model.d2t.to(d2t.device), d2t), "t2d": float((model.t2d.to(t2d.device) != t2d).sum()),
+            "lm_head": max_diff(model.lm_head.weight.to(head.device), head)}
 
 
 # ---- DeepSpec -----------------------------------------------------------------------------------------------
@@ -377,14 +390,14 @@ def check_deepspec_export(export: Path, draft, target, sequences, anchors: list[
     the exported lm_head is the target's, and per output ``diff`` / ``scale`` as for speculators. Also returns
     the loaded model under ``"model"`` (for the benchmark's decoding loop)."""
     model, info, notes = load_deepspec(Path(export), target)
-    row = {**_loading_row(info, notes), "weight_problems": info["weight_problems"], "diff": {}, "scale": {},
+    row = {**loading_row(info, notes), "weight_problems": info["weight_problems"], "diff": {}, "scale": {},
            "lm_head_equals_target": not any(p.startswith("lm_head") for p in info["weight_problems"])}
     for ids in sequences:
         ids = ids.to(target.device)
         ours = our_blocks(draft, target, ids, anchors)
         logits, conf = deepspec_blocks(model, target, ids, anchors)
-        _merge(row, "logits", max_diff(ours["logits"], logits), _scale(logits))
-        _merge(row, "confidence", max_diff(ours["confidence"], conf), _scale(conf))
+        merge_diff(row, "logits", max_diff(ours["logits"], logits), abs_max(logits))
+        merge_diff(row, "confidence", max_diff(ours["confidence"], conf), abs_max(conf))
     row["model"] = model
     return row
 
@@ -432,7 +445,12 @@ def verify_export(export_dir: str | Path, target, fmt: str | None = None, tolera
     Raises ReferenceUnavailable when the reference cannot be imported or has no class for this export.
     """
     export_dir = Path(export_dir)
-    fmt = fmt or detect_format(read_config(export_dir))
+    config = read_config(export_dir)
+    if eagle3_format(config):  # an EAGLE-3 draft's export: its own reference class and forward
+        from dspark_model.verify_eagle3 import verify_eagle3_export
+
+        return verify_eagle3_export(export_dir, target, tolerance, sequences, seed)
+    fmt = fmt or detect_format(config)
     why = reference_unavailable(fmt)
     if why:
         raise ReferenceUnavailable(why)

@@ -1,4 +1,4 @@
-"""Speculators exports against vLLM's DSpark loader, statically: the rules read from vLLM's source
+"""Speculators exports against vLLM's DSpark and EAGLE-3 loaders, statically: the rules read from vLLM's source
 (dspark_model/vllm_layout.json) applied to tiny exports by benchmarks/check_vllm.py."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dspark_model.export_schema import read_weights_header
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
     work, targets = tmp_path_factory.mktemp("vllm"), {}
-    names = ("qwen3-markov", "qwen3-markov-reduced-40", "qwen3-dflash", "qwen3-gated")
+    names = ("qwen3-markov", "qwen3-markov-reduced-40", "qwen3-dflash", "qwen3-gated", "llama-eagle3",
+             "qwen3-eagle3-reduced-40")
     return {n: export_case(n, work, targets) for n in names}
 
 
@@ -130,3 +131,67 @@ def test_export_warns_when_vllm_cannot_load_the_head(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="dspark_model.export"):
         export_case("qwen3-markov", tmp_path, {})
     assert not any("vLLM" in r.message for r in caplog.records)
+
+
+# ---- EAGLE-3 exports against llama_eagle3.py -------------------------------------------------------------
+def test_eagle3_rules_name_the_loader_the_exporter_was_checked_against():
+    from dspark_model.export_eagle3 import SOURCES_CHECKED
+
+    files = rules()["eagle3"]["files"]
+    loader = files["vllm/model_executor/models/llama_eagle3.py"]
+    assert re.fullmatch(r"[0-9a-f]{40}", loader) and loader[:12] in SOURCES_CHECKED["vllm"]
+    assert map_name("layers.0.self_attn.q_proj.weight", rules()["eagle3"]) == (
+        "model.layers.0.self_attn.qkv_proj.weight", "q")
+    assert map_name("d2t", rules()["eagle3"]) == ("draft_id_to_target_id", None)
+
+
+@pytest.mark.parametrize("name", ["llama-eagle3", "qwen3-eagle3-reduced-40"])
+def test_eagle3_exports_load_in_vllm(exports, name):
+    out, vocab = exports[name]
+    res = check_export(out, vocab)
+    assert res.ok, res.problems
+    assert res.config["architectures"] == ["Eagle3LlamaForCausalLM"] and res.config["norm_before_residual"] is False
+    cfg = json.loads((out / "config.json").read_text())
+    assert res.config["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in cfg["dspark_toolkit"]["tap_layer_ids"]]
+    assert res.mapping["layers.0.self_attn.k_proj.weight"] == "model.layers.0.self_attn.qkv_proj.weight [shard k]"
+    assert res.mapping["lm_head.weight"] == "lm_head.weight" and "embed_tokens: shared from the target" in res.notes
+    if name.endswith("reduced-40"):
+        assert res.mapping["d2t"] == "draft_id_to_target_id" and res.mapping["t2d"] == "(skipped)"
+    else:
+        assert "d2t" not in res.mapping and any("identity map" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    (("norm_before_residual",), None, "norm_before_residual"),  # absent: vLLM's default is true
+    (("transformer_layer_config", "model_type"), "qwen2", "model_type 'qwen2'"),
+    (("transformer_layer_config", "num_hidden_layers"), 2, "num_hidden_layers 2"),
+    (("transformer_layer_config", "hidden_act"), "gelu", "hidden_act"),
+    (("eagle_aux_hidden_state_layer_ids",), [1, 2], "fc reads 3 tapped states"),
+    (("eagle_aux_hidden_state_layer_ids",), [0, 1, 2], "(>= 1)"),
+    (("fc_norm",), True, "fc_norm"),
+    (("speculators_config", "verifier", "name_or_path"), None, "vLLM needs"),
+])
+def test_eagle3_config_vllm_cannot_run_is_caught(exports, path, value, needle):
+    cfg, header, vocab = _layout(exports["llama-eagle3"])
+    cfg = copy.deepcopy(cfg)
+    _edit(cfg, path, value)  # None removes the key
+    res = check_layout(cfg, header, target_vocab_size=vocab)
+    assert any(needle in p for p in res.problems), res.problems
+
+
+def test_eagle3_weights_vllm_cannot_load_are_caught(exports):
+    cfg, header, vocab = _layout(exports["qwen3-eagle3-reduced-40"])
+
+    def problems(edit):
+        h = dict(header)
+        edit(h)
+        return check_layout(cfg, h, target_vocab_size=vocab).problems
+
+    d = header["norm.weight"][0][0]
+    assert any("draft_id_to_target_id" in p and "unloaded" in p for p in problems(lambda h: h.pop("d2t")))
+    assert any("lm_head.weight" in p and "unloaded" in p for p in problems(lambda h: h.pop("lm_head.weight")))
+    assert any("q_norm" in p and "no such parameter" in p
+               for p in problems(lambda h: h.update({"layers.0.self_attn.q_norm.weight": ((16,), "F32")})))
+    q_rows = header["layers.0.self_attn.q_proj.weight"][0][0]  # a q projection over d inputs, not [e ; g]
+    assert any(f"expects ({q_rows}, {2 * d})" in p
+               for p in problems(lambda h: h.update({"layers.0.self_attn.q_proj.weight": ((q_rows, d), "F32")})))

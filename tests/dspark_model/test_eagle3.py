@@ -210,37 +210,62 @@ def test_engine_exports_round_trip_with_their_names_and_layer_ids(tiny_target, t
         torch.testing.assert_close(back.logits(a), draft.logits(b))
 
 
-def test_speculators_eagle3_loads_the_export_and_computes_our_training_time_test(tiny_target, tmp_path):
+@pytest.mark.parametrize("k", [48, None])
+def test_speculators_eagle3_loads_the_export_and_computes_our_training_time_test(tiny_target, tmp_path, k):
     """speculators' own Eagle3DraftModel (0.9.0: `pip install --no-deps --target DIR speculators==0.9.0 ...`,
-    DIR on PYTHONPATH; skipped without it) reads the export with no unexpected key and, fed the same features
-    and tokens, its 3-step training-time-test forward gives our logits at every step."""
+    DIR on PYTHONPATH; skipped without it) reads the export with no unexpected key and nothing missing but the
+    verifier's tensors; fed the same features and tokens, its 3-step training-time-test forward gives our logits
+    at every step, and a reduced vocabulary's d2t / t2d / head are ours (verify_eagle3.py, behind --verify)."""
     pytest.importorskip("speculators.models.eagle3.core")
-    from safetensors.torch import load_file
-    from speculators.models.eagle3.config import Eagle3SpeculatorConfig
-    from speculators.models.eagle3.core import Eagle3DraftModel
-
     from dspark_model.export_eagle3 import write_eagle3_export
+    from dspark_model.verify import verify_export
 
-    draft = _eagle3(tiny_target, k=48, init=0.2)
-    out = write_eagle3_export(draft, tiny_target, tmp_path / "exp", "speculators", torch.float32)
-    config = Eagle3SpeculatorConfig.from_pretrained(str(out))
-    config.transformer_layer_config._attn_implementation = "eager"
-    model = Eagle3DraftModel(config).eval()
-    missing, unexpected = model.load_state_dict(load_file(str(out / "model.safetensors")), strict=False)
-    assert unexpected == [] and set(missing) <= {"embed_tokens.weight", "verifier_lm_head.weight",
-                                                 "verifier_norm.weight"}  # the verifier's, shared at serving
-    logits = []
-    model.lm_head.register_forward_hook(lambda m, i, o: logits.append(o))
-    with torch.no_grad():
-        model.embed_tokens.weight.copy_(tiny_target.embed.weight)
-        ids = torch.randint(0, 250, (1, 14), generator=torch.Generator().manual_seed(1))
-        taps = tiny_target.forward(ids).tap_hidden
-        three = taps.unflatten(-1, (-1, tiny_target.hidden_size))[:, :, draft.__dict__["_tap_index"]].flatten(-2)
-        next_ids = torch.cat([ids[:, 1:], ids[:, :1] * 0], 1)  # pair i = (h_i, x_{i+1})
-        model(hidden_states=three, input_ids=next_ids, document_ids=torch.zeros_like(ids), ttt_steps=3)
-        for k, state in enumerate(draft.forward_steps(taps, ids, steps=3)):
-            valid = 13 - k  # indices whose gold tokens lie inside the sequence
-            torch.testing.assert_close(logits[k][0, :valid], draft.logits(state)[0, :valid], rtol=1e-4, atol=1e-5)
+    draft = _eagle3(tiny_target, k=k, init=0.2, block_size=3)
+    out = write_eagle3_export(draft, tiny_target, tmp_path / "exp", "speculators", torch.bfloat16)
+    result = verify_export(out, tiny_target)
+    diff = result.row["diff"]
+    assert result.ok and not result.load_problems, result.lines()
+    assert [key for key in diff if key.startswith("logits")] == ["logits_1", "logits_2", "logits_3"]
+    assert max(diff[f"logits_{s}"] for s in (1, 2, 3)) < 1e-5 and diff["aux_hidden"] == 0  # taps: ids + 1
+    if k:
+        assert diff["d2t"] == diff["t2d"] == diff["lm_head"] == 0
+    else:
+        assert "d2t" not in diff
+    assert "3 training-time-test steps" in result.lines()[-1]
+
+
+def _write_report(path) -> None:
+    from eval.report import EvalReport
+
+    EvalReport(tau=2.41, tau_by_dataset={"gsm8k": 2.5}, conditional_acceptance={"pooled": [0.8, 0.6], "by_dataset": {}},
+               prefix_survival={"pooled": [0.8, 0.48], "by_dataset": {}},
+               accepted_length_histogram={"pooled": [1, 1, 1], "by_dataset": {}}, num_rounds=3,
+               num_rounds_by_dataset={}, settings={"temperature": 0.0, "gamma": 3}, tokens_per_s={},
+               timing_totals={}, speedup_vs_generate=None, speedup_vs_prompt_lookup=None, greedy_match_rate=1.0,
+               prompt_lookup_match_rate=None).write(path)
+
+
+@pytest.mark.parametrize("fmt", ["speculators", "deepspec"])
+def test_engine_exports_carry_a_card_with_the_serving_flags(tiny_target, tmp_path, fmt):
+    """Both EAGLE-3 exports get the toolkit's card: target, draft vocabulary, taps in the engine's count, the
+    vLLM / SGLang serving flags, and the eval / training documents found beside the checkpoint."""
+    from dspark_model.export import export_draft
+
+    draft = _eagle3(tiny_target, k=48, block_size=3)
+    ckpt = save_pretrained(draft, tmp_path / "ck", extra={"train_config": {"train": {"lr": 0.0003}}})
+    _write_report(ckpt / "report.json")
+    card = (export_draft(ckpt, tmp_path / fmt, fmt, target=tiny_target) / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "base_model: tiny-llama" in meta and "- eagle3" in meta and "- dflash" not in meta
+    assert "# EAGLE-3 draft for tiny-llama" in card and "48 of the target's 272 tokens" in card
+    taps = draft.tap_layer_ids
+    stored = [i + 1 for i in taps] if fmt == "speculators" else taps
+    assert f"decoder layers {taps}" in card and f"stores them as {stored}" in card
+    assert '"method": "eagle3"' in card and '"num_speculative_tokens": 3' in card
+    assert "--speculative-algorithm EAGLE3 --speculative-draft-model-path" in card
+    assert "--speculative-num-steps 3" in card and "--speculative-num-draft-tokens 4" in card
+    assert "| gsm8k | 2.500 |" in card and "train.lr: 0.0003" in card
+    assert "mask token" not in card and "confidence" not in card.lower()
 
 
 def test_flex_kernel_merges_the_causal_block_and_the_diagonals_like_the_dense_one():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dspark_model import verify
+from dspark_model import verify, verify_eagle3
 from dspark_model.checkpoint import save_pretrained
 from dspark_model.draft import build_draft_for
 from dspark_model.export import main
@@ -26,7 +26,10 @@ HEADS = ["markov", "gated", "rnn", "none"]  # none = DFlash (no sequential, no c
 
 
 def make_ckpt(path: Path, family: str, head: str, seed: int = 0, **fields) -> Path:
-    """A draft of the tiny target with random (not default-initialised) weights, saved natively."""
+    """A draft of the tiny target with random (not default-initialised) weights, saved natively. head "eagle3":
+    an EAGLE-3 draft (one layer, 3 steps)."""
+    if head == "eagle3":
+        head, fields = "none", dict(architecture="eagle3", num_layers=1, block_size=3, **fields)
     target = load_target(tiny_spec(family))
     torch.manual_seed(seed)
     draft = build_draft_for(target, tiny_draft_config(sequential_head=head, confidence_head=head != "none",
@@ -53,7 +56,9 @@ def test_native_has_nothing_to_verify_against(tmp_path, capsys):
     assert "native format has none" in capsys.readouterr().err
 
 
-def test_unimportable_reference_fails_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("head, module", [("markov", "speculators.models.dspark"),
+                                          ("eagle3", "speculators.models.eagle3.core")])
+def test_unimportable_reference_fails_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, head, module):
     real_import = verify.importlib.import_module
 
     def no_speculators(name, *args):
@@ -62,12 +67,22 @@ def test_unimportable_reference_fails_in_one_line_and_writes_nothing(tmp_path, c
         return real_import(name, *args)
 
     monkeypatch.setattr(verify.importlib, "import_module", no_speculators)
-    ckpt = make_ckpt(tmp_path / "ckpt", "llama", "markov")
+    ckpt = make_ckpt(tmp_path / "ckpt", "llama", head)
     rc, out = run_verify(tmp_path, ckpt, "speculators")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and not out.exists() and not list(tmp_path.glob(".out-*"))
-    assert err[-1].startswith("error: --verify: speculators: speculators.models.dspark is not importable")
+    assert err[-1].startswith(f"error: --verify: speculators: {module} is not importable")
     assert "PYTHONPATH" in err[-1] and err[-1].endswith("nothing was written")
+
+
+def test_eagle3_sglang_layout_has_no_reference_and_says_so(tmp_path, capsys):
+    """An EAGLE-3 draft's --format deepspec is SGLang's EAGLE-3 layout: nothing importable checks it here."""
+    ckpt = make_ckpt(tmp_path / "ckpt", "llama", "eagle3")
+    rc, out = run_verify(tmp_path, ckpt, "deepspec")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert rc == 2 and not out.exists() and not list(tmp_path.glob(".out-*"))
+    assert len(err) == 1 and "SGLang is not importable on this machine" in err[0]
+    assert "round-trip test" in err[0] and err[0].endswith("nothing was written")
 
 
 def test_tolerance_scales_with_the_reference_outputs():
@@ -131,6 +146,21 @@ def test_speculators_verify_passes_for_every_head(tmp_path, capsys, head):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fields", [{"draft_vocab_size": 40}, {}], ids=["reduced-40", "full-vocab"])
+def test_speculators_verify_passes_for_eagle3(tmp_path, capsys, fields):
+    _needs("speculators")
+    ckpt = make_ckpt(tmp_path / "ckpt", "llama", "eagle3", **fields)
+    rc, out = run_verify(tmp_path, ckpt, "speculators", "--dtype", "bf16")
+    err = capsys.readouterr().err
+    line = _report(err)
+    assert rc == 0 and (out / "model.safetensors").is_file() and (out / "README.md").is_file(), err
+    assert line.endswith(": ok") and "3 training-time-test steps" in line and "aux_hidden 0" in line
+    assert max(float(d) for d in re.findall(r"logits_\d ([0-9.e+-]+)", line)) < 1e-4
+    assert ("d2t 0, t2d 0, lm_head 0" in line) == bool(fields)
+    assert "verifier weights taken from the loaded target" in err
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("head, extra", [(h, ()) for h in HEADS] + [("markov", ("--no-embeddings",))])
 def test_deepspec_verify_passes_for_every_head(tmp_path, capsys, head, extra):
     _needs("deepspec")
@@ -145,12 +175,14 @@ def test_deepspec_verify_passes_for_every_head(tmp_path, capsys, head, extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt, family", [("speculators", "llama"), ("deepspec", "qwen3")])
-def test_a_draft_the_reference_disagrees_with_is_not_written(tmp_path, capsys, monkeypatch, fmt, family):
+@pytest.mark.parametrize("fmt, family, head", [("speculators", "llama", "markov"), ("deepspec", "qwen3", "markov"),
+                                               ("speculators", "llama", "eagle3")])
+def test_a_draft_the_reference_disagrees_with_is_not_written(tmp_path, capsys, monkeypatch, fmt, family, head):
     """Our side reading one weight differently (here: the first layer's attention output projection off by 1%;
     a uniform scale of ``fc`` would vanish in the RMSNorm after it) must fail the check."""
     _needs(fmt)
-    real_load = verify.load_export
+    module, loader = (verify_eagle3, "load_eagle3_export") if head == "eagle3" else (verify, "load_export")
+    real_load = getattr(module, loader)
 
     def skewed(*args, **kwargs):
         draft = real_load(*args, **kwargs)
@@ -158,8 +190,8 @@ def test_a_draft_the_reference_disagrees_with_is_not_written(tmp_path, capsys, m
             draft.layers[0].self_attn.o_proj.weight.mul_(1.01)
         return draft
 
-    monkeypatch.setattr(verify, "load_export", skewed)
-    ckpt = make_ckpt(tmp_path / "ckpt", family, "markov")
+    monkeypatch.setattr(module, loader, skewed)
+    ckpt = make_ckpt(tmp_path / "ckpt", family, head)
     rc, out = run_verify(tmp_path, ckpt, fmt)
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists(), err
