@@ -118,14 +118,15 @@ def eagle3_config(draft: Eagle3Draft, target, fmt: str, dtype: torch.dtype, veri
     }
 
 
+def _engine_name(name: str, fmt: str) -> str:
+    """Our parameter name -> the engine's (the one decoder layer is ``layers.0.`` / ``midlayer.``)."""
+    return _LAYER_PREFIX[fmt] + name[len("layers.0."):] if name.startswith("layers.0.") else name
+
+
 def eagle3_tensors(draft: Eagle3Draft, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The draft's weights under the engine's names, plus d2t / t2d for a reduced vocabulary."""
-    prefix, out = _LAYER_PREFIX[fmt], {}
-    for name, t in draft.state_dict().items():
-        if name == "draft_to_target":
-            continue
-        key = prefix + name[len("layers.0."):] if name.startswith("layers.0.") else name
-        out[key] = t.detach().to(dtype).contiguous().cpu()
+    out = {_engine_name(name, fmt): t.detach().to(dtype).contiguous().cpu()
+           for name, t in draft.state_dict().items() if name != "draft_to_target"}
     if draft.reduced_vocab:
         out["d2t"], out["t2d"] = d2t_t2d(draft.draft_to_target.cpu(), draft.arch.vocab_size)
     return out
@@ -197,6 +198,32 @@ def eagle3_arch(config: dict) -> DraftArch:
         mask_token_id=None, sequential_head="none", markov_rank=0, confidence_head=False,
         rope_config={"rope_parameters": rope, "max_position_embeddings": lc.get("max_position_embeddings") or 4096},
         draft_vocab_size=K if K < V else None)
+
+
+def eagle3_export_problems(export_dir: str | Path, config: dict) -> list[str]:
+    """What is wrong with an EAGLE-3 export folder, read without a target: every weight the config implies
+    (built on the meta device) present under the engine's name with its shape, and nothing else."""
+    from dspark_model.export_schema import read_weights_header
+
+    fmt = eagle3_format(config)
+    try:
+        arch = eagle3_arch(config)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        return [f"config.json is not a complete {fmt} EAGLE-3 config ({type(exc).__name__}: {exc})"]
+    weights = Path(export_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        return [f"{WEIGHTS_NAME} is missing"]
+    with torch.device("meta"):
+        want = {_engine_name(n, fmt): tuple(t.shape) for n, t in Eagle3Draft(arch).state_dict().items()
+                if n != "draft_to_target"}
+    if arch.draft_vocab_size:
+        want.update(d2t=(arch.draft_vocab_size,), t2d=(arch.vocab_size,))
+    have = {name: tuple(shape) for name, (shape, _) in read_weights_header(weights).items()}
+    problems = [f"missing weights {sorted(set(want) - set(have))[:6]}"] if set(want) - set(have) else []
+    problems += [f"unexpected weights {sorted(set(have) - set(want))[:6]}"] if set(have) - set(want) else []
+    problems += [f"{n} has shape {list(have[n])}, the config implies {list(want[n])}"
+                 for n in sorted(set(want) & set(have)) if have[n] != want[n]]
+    return problems
 
 
 def load_eagle3_export(export_dir: str | Path, target, device=None) -> Eagle3Draft:

@@ -481,12 +481,23 @@ def pickle_files(folder: str | Path) -> list[str]:
 
 
 def validate_export(export_dir: str | Path, target=None, fmt: str | None = None) -> str:
-    """Check a whole export folder (config, weights, files, and the target when given); returns its format.
+    """Check a whole export folder (config, weights, files, and the target when given); returns its format
+    (an EAGLE-3 export: "speculators-eagle3" or "sglang-eagle3", checked without the target).
 
     Raises ExportSchemaError listing every problem.
     """
     export_dir = Path(export_dir)
     config = read_config(export_dir)
+    from dspark_model.export_eagle3 import eagle3_export_problems, eagle3_format  # imports this module
+
+    if eagle3_format(config):  # the EAGLE-3 baseline: its own layouts (export_eagle3.py)
+        found = f"{eagle3_format(config)}-eagle3"
+        if fmt is not None and found != fmt:
+            raise ExportSchemaError(f"{export_dir}: expected a {fmt} export, config.json looks like {found}")
+        problems = pickle_files(export_dir) + eagle3_export_problems(export_dir, config)
+        if problems:
+            raise ExportSchemaError(f"{export_dir} is not a valid {found} export: " + "; ".join(problems))
+        return found
     found = detect_format(config)
     if fmt is not None and found != fmt:
         raise ExportSchemaError(f"{export_dir}: expected a {fmt} export, config.json looks like {found}")

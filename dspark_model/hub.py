@@ -133,7 +133,8 @@ def push(export_dir: str | Path, repo_id: str, private: bool = False, revision: 
         raise HubError(f"not publishing {export_dir}: {exc}. Nothing was sent.") from None
     files = upload_files(export_dir)
     card = card_text(export_dir, repo_id)
-    message = message or f"Upload DSpark draft ({fmt} format) with dspark-toolkit {__version__}"
+    kind, layout = ("EAGLE-3", fmt.removesuffix("-eagle3")) if fmt.endswith("-eagle3") else ("DSpark", fmt)
+    message = message or f"Upload {kind} draft ({layout} format) with dspark-toolkit {__version__}"
     plan = {"repo_id": repo_id, "revision": revision or "main", "private": private, "format": fmt,
             "message": message, "files": [n for n, _ in files], "dry_run": dry_run, "commit_url": None}
     if dry_run:

@@ -203,11 +203,42 @@ def test_engine_exports_round_trip_with_their_names_and_layer_ids(tiny_target, t
     if k:
         assert tensors["d2t"].dtype == torch.long and tensors["t2d"].dtype == torch.bool
         assert (torch.arange(k) + tensors["d2t"]).tolist() == draft.draft_to_target.tolist()
+    from dspark_model.export_schema import validate_export
+
+    assert validate_export(out) == f"{fmt}-eagle3"  # what hub push checks, without the target
     back = load_eagle3_export(out, tiny_target)
     ids = torch.randint(0, 250, (1, 12), generator=torch.Generator().manual_seed(4))
     taps = tiny_target.forward(ids).tap_hidden
     for a, b in zip(back.forward_steps(taps, ids, 3), draft.forward_steps(taps, ids, 3)):
         torch.testing.assert_close(back.logits(a), draft.logits(b))
+
+
+def test_a_damaged_eagle3_export_is_refused_and_an_intact_one_is_pushed(tiny_target, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dspark_model.export_eagle3 import write_eagle3_export
+    from dspark_model.export_schema import ExportSchemaError, validate_export
+    from dspark_model.hub import push
+
+    out = write_eagle3_export(_eagle3(tiny_target, k=48), tiny_target, tmp_path / "exp", "speculators", torch.float32)
+    plan = push(out, "me/draft", dry_run=True, echo=lambda *a: None)
+    assert plan["format"] == "speculators-eagle3" and plan["message"].startswith("Upload EAGLE-3 draft (speculators")
+    assert "model.safetensors" in plan["files"]
+    tensors = load_file(str(out / "model.safetensors"))
+    for name, damage in (("d2t", lambda t: t[:-1]), ("fc.weight", None)):
+        bad = dict(tensors)
+        if damage is None:
+            del bad[name]
+        else:
+            bad[name] = damage(bad[name])
+        save_file(bad, str(out / "model.safetensors"))
+        with pytest.raises(ExportSchemaError, match="d2t has shape" if damage else r"missing weights \['fc.weight'\]"):
+            validate_export(out)
+    config = json.loads((out / "config.json").read_text())
+    del config["speculators_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportSchemaError, match="not a complete speculators EAGLE-3 config"):
+        validate_export(out)
 
 
 @pytest.mark.parametrize("k", [48, None])
