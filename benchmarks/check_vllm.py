@@ -209,34 +209,69 @@ def _built(template: str, sizes: dict, view: dict, target_vocab: int) -> bool:
     return True
 
 
-def _needed(sizes: dict, view: dict, target_vocab: int, params: dict) -> dict[str, str]:
-    """vLLM parameter (or shard key 'param#shard') -> why it must come from the file."""
+def _needs(params, sizes: dict, why) -> dict[str, str]:
+    """vLLM parameter (or shard key 'param#shard') -> why it must come from the file: every fused shard, and
+    each other parameter for which ``why(template)`` gives a reason (None: the file may leave it out)."""
     need = {}
-    for template, _ in params.items():
-        names = [template.format(i=i) for i in range(sizes["L"])] if "{i}" in template else [template]
-        for p in names:
-            if template == "model.embed_tokens.weight":
-                if sizes["V"] > target_vocab:
-                    need[p] = "vocab_size exceeds the target's, so the target's embedding cannot be shared"
-            elif template == "lm_head.weight":
-                if sizes["K"] < target_vocab:
-                    need[p] = "a reduced draft vocabulary cannot share the target's LM head"
-            elif template == "draft_id_to_target_id":
-                if sizes["K"] < target_vocab:
-                    need[p] = "draft ids of a reduced vocabulary are mapped through d2t"
-            elif template.startswith("model.markov_head."):
-                if sizes["r"] > 0:
-                    need[p] = "the Markov head"
-            elif template.startswith("model.confidence_head."):
-                if view.get("enable_confidence_head"):
-                    need[p] = "enable_confidence_head (left out silently otherwise: no adaptive verification)"
-            elif template.endswith("qkv_proj.weight"):
-                need.update({f"{p}#{s}": "the attention projections" for s in ("q", "k", "v")})
-            elif template.endswith("gate_up_proj.weight"):
-                need.update({f"{p}#{s}": "the MLP projections" for s in ("0", "1")})
-            else:
-                need[p] = "the backbone"
+    for template in params:
+        for p in [template.format(i=i) for i in range(sizes["L"])] if "{i}" in template else [template]:
+            if _fused_shards(template):
+                need.update({f"{p}#{s}": reason for s, reason in _fused_shards(template)})
+            elif why(template):
+                need[p] = why(template)
     return need
+
+
+def _shared_embedding(template: str, sizes: dict, target_vocab: int) -> str | None:
+    if sizes["V"] > target_vocab:
+        return "vocab_size exceeds the target's, so the target's embedding cannot be shared"
+    return None
+
+
+def _needed(sizes: dict, view: dict, target_vocab: int, params: dict) -> dict[str, str]:
+    """What a DSpark export must carry (``_needs``)."""
+    reduced = sizes["K"] < target_vocab
+
+    def why(template: str) -> str | None:
+        if template == "model.embed_tokens.weight":
+            return _shared_embedding(template, sizes, target_vocab)
+        if template == "lm_head.weight":
+            return "a reduced draft vocabulary cannot share the target's LM head" if reduced else None
+        if template == "draft_id_to_target_id":
+            return "draft ids of a reduced vocabulary are mapped through d2t" if reduced else None
+        if template.startswith("model.markov_head."):
+            return "the Markov head" if sizes["r"] > 0 else None
+        if template.startswith("model.confidence_head."):
+            return ("enable_confidence_head (left out silently otherwise: no adaptive verification)"
+                    if view.get("enable_confidence_head") else None)
+        return "the backbone"
+    return _needs(params, sizes, why)
+
+
+def _check_weights(res: VllmCheck, view: dict, header: dict, rules_: dict, target_vocab_size, built, needed):
+    """Map the file's tensors onto what the loader builds (``built(template, sizes, target_vocab)``) and report
+    the parameters left unloaded among ``needed(sizes, target_vocab)``; the embedding shared from the target
+    is noted. -> (sizes, target vocabulary, loaded parameters), or None when the sizes cannot be read."""
+    try:
+        sizes = _sizes(view)
+    except (KeyError, TypeError, ValueError):
+        res.problems.append("transformer_layer_config: the draft sizes cannot be read; weights not checked")
+        return None
+    target_vocab = int(target_vocab_size or sizes["V"])
+    loaded = map_weights(res, header, rules_, sizes, lambda t: built(t, sizes, target_vocab))
+    report_unloaded(res, needed(sizes, target_vocab), loaded, rules_)
+    if "model.embed_tokens.weight" not in loaded:
+        res.notes.append("embed_tokens: shared from the target")
+    return sizes, target_vocab, loaded
+
+
+def _fused_shards(template: str) -> list[tuple[str, str]]:
+    """The shards vLLM loads into one fused parameter (q/k/v, gate/up), each a separate need; [] otherwise."""
+    if template.endswith("qkv_proj.weight"):
+        return [(s, "the attention projections") for s in ("q", "k", "v")]
+    if template.endswith("gate_up_proj.weight"):
+        return [(s, "the MLP projections") for s in ("0", "1")]
+    return []
 
 
 def map_weights(res: VllmCheck, header: dict, rules_: dict, sizes: dict, built) -> set[str]:
@@ -288,16 +323,12 @@ def check_layout(cfg: dict, header: dict, rules_: dict | None = None, target_voc
     view, res.problems = vllm_draft_config(cfg, rules_)
     res.config = view
     res.problems += _config_problems(view, rules_)
-    try:
-        sizes = _sizes(view)
-    except (KeyError, TypeError, ValueError):
-        res.problems.append("transformer_layer_config: the draft sizes cannot be read; weights not checked")
+    checked = _check_weights(res, view, header, rules_, target_vocab_size,
+                             lambda t, sizes, vocab: _built(t, sizes, view, vocab),
+                             lambda sizes, vocab: _needed(sizes, view, vocab, rules_["weights"]["params"]))
+    if checked is None:
         return res
-    target_vocab = int(target_vocab_size or sizes["V"])
-    loaded = map_weights(res, header, rules_, sizes, lambda t: _built(t, sizes, view, target_vocab))
-    report_unloaded(res, _needed(sizes, view, target_vocab, rules_["weights"]["params"]), loaded, rules_)
-    if "model.embed_tokens.weight" not in loaded:
-        res.notes.append("embed_tokens: shared from the target")
+    sizes, target_vocab, loaded = checked
     if sizes["K"] == target_vocab and "lm_head.weight" not in loaded:
         res.notes.append("lm_head: shared from the target")
     if sizes["r"] == 0:
@@ -356,23 +387,15 @@ def _eagle3_config_problems(view: dict, cfg: dict, spec: dict) -> list[str]:
 
 
 def _eagle3_needed(sizes: dict, target_vocab: int, params: dict) -> dict[str, str]:
-    """vLLM parameter (or 'param#shard') -> why an EAGLE-3 export must carry it."""
-    need = {}
-    for template in params:
-        for p in [template.format(i=i) for i in range(sizes["L"])] if "{i}" in template else [template]:
-            if template == "model.embed_tokens.weight":
-                if sizes["V"] > target_vocab:
-                    need[p] = "vocab_size exceeds the target's, so the target's embedding cannot be shared"
-            elif template == "draft_id_to_target_id":
-                if sizes["K"] < target_vocab:
-                    need[p] = "a reduced draft vocabulary maps its ids through d2t (zeros would read them as target ids)"
-            elif template.endswith("qkv_proj.weight"):
-                need.update({f"{p}#{s}": "the attention projections" for s in ("q", "k", "v")})
-            elif template.endswith("gate_up_proj.weight"):
-                need.update({f"{p}#{s}": "the MLP projections" for s in ("0", "1")})
-            else:
-                need[p] = "the draft's own weights (its LM head included)"
-    return need
+    """What an EAGLE-3 export must carry (``_needs``)."""
+    def why(template: str) -> str | None:
+        if template == "model.embed_tokens.weight":
+            return _shared_embedding(template, sizes, target_vocab)
+        if template == "draft_id_to_target_id":
+            return ("a reduced draft vocabulary maps its ids through d2t (zeros would read them as target ids)"
+                    if sizes["K"] < target_vocab else None)
+        return "the draft's own weights (its LM head included)"
+    return _needs(params, sizes, why)
 
 
 def check_eagle3_layout(cfg: dict, header: dict, rules_: dict, target_vocab_size: int | None = None) -> VllmCheck:
@@ -381,16 +404,12 @@ def check_eagle3_layout(cfg: dict, header: dict, rules_: dict, target_vocab_size
     view, res.problems = vllm_eagle3_config(cfg, spec)
     res.config = view
     res.problems += _eagle3_config_problems(view, cfg, spec)
-    try:
-        sizes = _sizes(view)
-    except (KeyError, TypeError, ValueError):
-        res.problems.append("transformer_layer_config: the draft sizes cannot be read; weights not checked")
+    checked = _check_weights(res, view, header, rules_, target_vocab_size,
+                             lambda t, sizes, vocab: True,  # it builds every parameter
+                             lambda sizes, vocab: _eagle3_needed(sizes, vocab, rules_["weights"]["params"]))
+    if checked is None:
         return res
-    target_vocab = int(target_vocab_size or sizes["V"])
-    loaded = map_weights(res, header, rules_, sizes, lambda template: True)  # it builds every parameter
-    report_unloaded(res, _eagle3_needed(sizes, target_vocab, rules_["weights"]["params"]), loaded, rules_)
-    if "model.embed_tokens.weight" not in loaded:
-        res.notes.append("embed_tokens: shared from the target")
+    loaded = checked[2]
     if "draft_id_to_target_id" not in loaded:
         res.notes.append("draft_id_to_target_id: not in the file, left at zeros (the identity map)")
     return res

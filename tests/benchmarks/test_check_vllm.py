@@ -98,13 +98,20 @@ def test_config_vllm_cannot_run_is_caught(exports, path, value, needle):
     assert any(needle in p for p in res.problems), res.problems
 
 
-def test_weights_vllm_cannot_load_are_caught(exports):
-    cfg, header, vocab = _layout(exports["qwen3-markov-reduced-40"])
+def _problems_after(export):
+    """edit(header) -> the problems check_layout finds in ``export`` with its weight header so edited."""
+    cfg, header, vocab = _layout(export)
 
     def problems(edit):
         h = dict(header)
         edit(h)
         return check_layout(cfg, h, target_vocab_size=vocab).problems
+    return problems
+
+
+def test_weights_vllm_cannot_load_are_caught(exports):
+    cfg, header, vocab = _layout(exports["qwen3-markov-reduced-40"])
+    problems = _problems_after(exports["qwen3-markov-reduced-40"])
 
     def rename(h):
         h["layers.0.self_attn.qkv.weight"] = h.pop("layers.0.self_attn.q_proj.weight")
@@ -181,11 +188,7 @@ def test_eagle3_config_vllm_cannot_run_is_caught(exports, path, value, needle):
 
 def test_eagle3_weights_vllm_cannot_load_are_caught(exports):
     cfg, header, vocab = _layout(exports["qwen3-eagle3-reduced-40"])
-
-    def problems(edit):
-        h = dict(header)
-        edit(h)
-        return check_layout(cfg, h, target_vocab_size=vocab).problems
+    problems = _problems_after(exports["qwen3-eagle3-reduced-40"])
 
     d = header["norm.weight"][0][0]
     assert any("draft_id_to_target_id" in p and "unloaded" in p for p in problems(lambda h: h.pop("d2t")))
