@@ -56,7 +56,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AMX tiles or AVX512-BF16). There bf16 autocast trains the
-    draft ~1.9x faster than fp32, and a bf16 target generates ~2x and fills the cache ~4x faster
+    draft ~1.9x faster than fp32, and a bf16 target generates ~1.2x and fills the data cache ~4x faster
     (BENCHMARKS.md); on AVX2-only CPUs bf16 is emulated and several times slower than fp32."""
     try:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
