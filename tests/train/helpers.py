@@ -15,7 +15,7 @@ def cli_env() -> dict[str, str]:
     """One thread per process: on a busy 2-core machine this is much faster and just as deterministic."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+               WANDB_MODE="disabled", PYTHONPATH=str(REPO), PYTHONFAULTHANDLER="1")  # SIGABRT dumps every thread
     return env
 
 
