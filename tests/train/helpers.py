@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,17 @@ def run_train(args: list[str], timeout: float = 300, launcher: list[str] | None 
     return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """In the child before exec: SIGINT handled by default. A shell without job control starts background
+    commands (``cmd &``, as CI runners may) with SIGINT ignored, the child would inherit that, and Python
+    leaves an inherited SIG_IGN alone, so a test's Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_train(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "train", *args], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_at_a_terminal)
 
 
 def losses(out_dir: Path) -> dict[int, float]:

@@ -99,7 +99,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     proc.send_signal(signal.SIGINT)
     try:
         _, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:  # seen once in CI under load: say where every thread of the run waits
+    except subprocess.TimeoutExpired:  # say where every thread of the run was (see helpers.start_train)
         proc.send_signal(signal.SIGABRT)
         _, stderr = proc.communicate(timeout=60)
         pytest.fail(f"train did not stop within 120 s of Ctrl-C; its threads when aborted:\n{stderr[-8000:]}")
