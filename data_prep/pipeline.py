@@ -81,7 +81,7 @@ def generation_settings(cfg: DataPrepConfig, tokenizer, kwargs: dict, target=Non
                 "sampling": sampling_settings(cfg), "seed": cfg.seed}
     if g.backend == "local":
         settings.update(batch_size=g.batch_size, max_batch_tokens=g.max_batch_tokens,
-                        target_dtype=dtype_name(target.dtype) if target is not None else cfg.target.dtype)
+                        target_dtype=dtype_name(target.dtype))  # the local backend always loads the target
     else:
         settings["model"] = g.model or cfg.target.id
     return settings

@@ -490,20 +490,13 @@ def validate_export(export_dir: str | Path, target=None, fmt: str | None = None)
     config = read_config(export_dir)
     from dspark_model.export_eagle3 import eagle3_export_problems, eagle3_format  # imports this module
 
-    if eagle3_format(config):  # the EAGLE-3 baseline: its own layouts (export_eagle3.py)
-        found = f"{eagle3_format(config)}-eagle3"
-        if fmt is not None and found != fmt:
-            raise ExportSchemaError(f"{export_dir}: expected a {fmt} export, config.json looks like {found}")
-        problems = pickle_files(export_dir) + eagle3_export_problems(export_dir, config)
-        if problems:
-            raise ExportSchemaError(f"{export_dir} is not a valid {found} export: " + "; ".join(problems))
-        return found
-    found = detect_format(config)
+    eagle3 = eagle3_format(config)  # the EAGLE-3 baseline: its own layouts (export_eagle3.py)
+    found = f"{eagle3}-eagle3" if eagle3 else detect_format(config)
     if fmt is not None and found != fmt:
         raise ExportSchemaError(f"{export_dir}: expected a {fmt} export, config.json looks like {found}")
     problems = pickle_files(export_dir)
-    problems += validate_config(found, config)
-    if not problems:
+    problems += eagle3_export_problems(export_dir, config) if eagle3 else validate_config(found, config)
+    if not problems and not eagle3:
         weights = export_dir / "model.safetensors"
         if not weights.is_file():
             problems.append("model.safetensors is missing")

@@ -428,9 +428,9 @@ def _best_fixed(tps: Mapping[str, float]) -> int:
     return max(fixed, key=lambda length: (fixed[length], -length))
 
 
-def _median_tps(runs: Mapping[str, list[dict]], which=slice(None)) -> dict[str, float]:
-    return {name: statistics.median(r["tokens"] / max(r["decode_s"], 1e-9) for r in rs[which])
-            for name, rs in runs.items()}
+def _median_tps(each: Mapping[str, list[float]], which=slice(None)) -> dict[str, float]:
+    """policy -> median tokens/s over the repeats ``which`` selects, from each repeat's tokens/s."""
+    return {name: statistics.median(v[which]) for name, v in each.items()}
 
 
 def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
@@ -441,17 +441,17 @@ def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
     ones and the other way round (``best_fixed_heldout_tokens_per_s``, the mean of the two): an unbiased
     figure for "the best fixed length, picked in advance". ``spread``: each policy's (max - min) / median
     tokens/s over the repeats."""
-    tps = _median_tps(runs)
+    each = {name: [r["tokens"] / max(r["decode_s"], 1e-9) for r in rs] for name, rs in runs.items()}
+    tps = _median_tps(each)
     best = _best_fixed(tps)
     details = {name: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None
                       for key in rs[0]} for name, rs in runs.items()}
     row = {"requests": n_requests, "tokens_per_s": tps, "best_fixed_length": best,
            "best_fixed_tokens_per_s": tps[f"fixed_{best}"], "details": details, "best_fixed_heldout_tokens_per_s": None}
-    if min(len(rs) for rs in runs.values()) >= 2:
-        even, odd = _median_tps(runs, slice(0, None, 2)), _median_tps(runs, slice(1, None, 2))
+    if min(len(v) for v in each.values()) >= 2:
+        even, odd = _median_tps(each, slice(0, None, 2)), _median_tps(each, slice(1, None, 2))
         row["best_fixed_heldout_tokens_per_s"] = (odd[f"fixed_{_best_fixed(even)}"]
                                                   + even[f"fixed_{_best_fixed(odd)}"]) / 2
-        each = {name: [r["tokens"] / max(r["decode_s"], 1e-9) for r in rs] for name, rs in runs.items()}
         row["spread"] = {name: (max(v) - min(v)) / tps[name] for name, v in each.items()}
     return row
 
