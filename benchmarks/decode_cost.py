@@ -1,5 +1,8 @@
 """What one speculative round costs on the SmolLM2 target: the draft's propose() as a fraction of a one-token
-target step, full vs reduced draft vocabulary, and the verification step over gamma + 1 tokens.
+target step, full vs reduced draft vocabulary, and the verification step over gamma + 1 tokens, with the
+target's GEMM weights as loaded and prepacked for gamma + 1 rows (``dspark_model/prepack.py``, what eval does
+on a CPU) alternated in the same process; and one drafting round for R concurrent requests (contexts of
+different lengths), one batched ``propose_batch`` call vs R ``propose`` calls (eval/live.py's drafting).
 
 All timings in one process, alternated and repeated (median), on a context of ``--context`` tokens from a
 shared training prompt; a random draft is as expensive as a trained one.
@@ -27,6 +30,7 @@ def main() -> None:
     from dspark_model.atomic import atomic_write_json
     from dspark_model.config import DraftConfig, TargetSpec
     from dspark_model.draft import build_draft_for
+    from dspark_model.prepack import PackedLinear, prepack_linears
     from dspark_model.target import crop_cache, load_target
     from eval.scheduler import describe_hardware
 
@@ -36,6 +40,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--requests", type=int, nargs="*", default=[2, 4, 8, 16], help="R for the batched-drafting arm")
     p.add_argument("--out", type=Path, default=RESULT)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,6 +63,12 @@ def main() -> None:
         drafts["full" if k is None else f"vocab-{k}"] = (d, ctx)
     anchor = torch.tensor([int(ids[0, -1])])
     T = ids.shape[1]
+    packed = prepack_linears(target.model, [args.gamma + 1])
+    packed_layers = [m for m in target.model.modules() if isinstance(m, PackedLinear)]
+
+    def use_packs(on: bool) -> None:  # the same modules with and without their packs, alternated below
+        for m in packed_layers:
+            m.__class__ = PackedLinear if on else torch.nn.Linear
 
     @torch.no_grad()
     def target_step(n: int) -> float:
@@ -75,26 +86,69 @@ def main() -> None:
         d.propose(ctx, anchor, 0.0, None, args.gamma)
         return time.perf_counter() - tic
 
-    times: dict[str, list[float]] = {"target_1": [], f"target_{args.gamma + 1}": []}
+    V = args.gamma + 1
+    times: dict[str, list[float]] = {"target_1": [], f"target_{V}": []}
+    if packed:
+        times.update({"target_1_prepacked": [], f"target_{V}_prepacked": []})
     times.update({f"propose_{n}": [] for n in drafts})
     for _ in range(3):  # warm-up
-        target_step(1), [propose(n) for n in drafts]
-    for _ in range(args.repeats):
-        times["target_1"].append(target_step(1))
-        times[f"target_{args.gamma + 1}"].append(target_step(args.gamma + 1))
+        target_step(1), target_step(V), [propose(n) for n in drafts]
+    for i in range(args.repeats):
+        for on in ([i % 2 == 0, i % 2 == 1] if packed else [False]):  # ABBA over repeats
+            use_packs(on)
+            tag = "_prepacked" if on else ""
+            times[f"target_1{tag}"].append(target_step(1))
+            times[f"target_{V}{tag}"].append(target_step(V))
+        use_packs(False)
         for n in drafts:
             times[f"propose_{n}"].append(propose(n))
     med = {k: statistics.median(v) for k, v in times.items()}
     one = med["target_1"]
+    batched = _batched_drafting(drafts[f"vocab-{args.vocab[0]}"][0] if args.vocab else drafts["full"][0],
+                                out.tap_hidden, ids, args.requests, args.gamma, args.repeats)
     result = {
         "gamma": args.gamma, "context": T, "threads": args.threads, "machine": describe_hardware(),
         "median_s": med,
         "propose_over_target_step": {n: med[f"propose_{n}"] / one for n in drafts},
-        "verify_over_target_step": med[f"target_{args.gamma + 1}"] / one,
+        "verify_over_target_step": med[f"target_{V}"] / one,
     }
+    result["draft_round_batched_over_per_request"] = batched
+    if packed:  # both relative to the plain one-token step, which packing for V rows leaves as it was
+        result["verify_over_target_step_prepacked"] = med[f"target_{V}_prepacked"] / one
+        result["target_1_prepacked_over_target_1"] = med["target_1_prepacked"] / one
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
-    print(json.dumps({k: result[k] for k in ("propose_over_target_step", "verify_over_target_step")}, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if "over" in k}, indent=1))
+
+
+def _batched_drafting(draft, taps, ids, requests, gamma: int, repeats: int) -> dict:
+    """{R: seconds of one batched drafting round / seconds of R single proposals}, medians of alternated runs;
+    request r's context is the first T - 8r positions (so the batch pads and masks)."""
+    import torch
+
+    from eval.live_cost import draft_round
+
+    out = {}
+    for R in requests:
+        contexts, anchors = [], []
+        for r in range(R):
+            n = max(1, taps.shape[1] - 8 * r)
+            contexts.append(draft.new_cache())
+            draft.extend_context(contexts[-1], taps[:, :n])
+            anchors.append(int(ids[0, n - 1]))
+        timed = {"batched": [], "per_request": []}
+        for i in range(1 + max(3, repeats // 3)):  # the first pass is a warm-up
+            for kind in (("batched", "per_request") if i % 2 == 0 else ("per_request", "batched")):
+                tic = time.perf_counter()
+                if kind == "batched":
+                    draft_round(draft, contexts, anchors, 0.0, [None] * R, gamma)
+                else:
+                    for c, a in zip(contexts, anchors):
+                        draft.propose(c, torch.tensor([a]), 0.0, None, gamma)
+                if i:
+                    timed[kind].append(time.perf_counter() - tic)
+        out[str(R)] = statistics.median(timed["batched"]) / statistics.median(timed["per_request"])
+    return out
 
 
 if __name__ == "__main__":

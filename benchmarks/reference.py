@@ -75,6 +75,7 @@ class Budget:
     data_dtype: str = "native"
     train_steps: int = 700
     draft_vocab_size: int = 8192  # both drafts; 0 = the full vocabulary
+    draft_vocab_prior: float = 0.0  # draft.draft_vocab_prior of every training stage (dspark_model/vocab.py)
     ablation_steps: int = 334  # the full-vocabulary DSpark ablation (equal wall-clock, see above); 0 skips it
     eagle3_steps: int = 0  # EAGLE-3 baseline: 0 = DSpark's training wall clock (equal_wall_train.py); -1 skips it
     live_repeats: int = 2  # scheduler-live: timed runs per (N, policy); 2 gives the held-out best fixed length
@@ -114,7 +115,7 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
 
     def train(name: str, draft: str, vocab: str, steps: int) -> list[str]:
         return [py, "-m", "train", f"target={b.target}", "train=reference", f"draft={draft}", "data=demo-offline",
-                vocab, f"data.path={run / 'data'}", f"train.max_steps={steps}", f"train.seed={b.seed}",
+                vocab, f"draft.draft_vocab_prior={b.draft_vocab_prior:g}", f"data.path={run / 'data'}", f"train.max_steps={steps}", f"train.seed={b.seed}",
                 f"train.output_dir={run / ('train-' + name)}", "logger.tensorboard=false"]
 
     for name in DRAFT_NAMES:

@@ -16,6 +16,7 @@ from data_prep.manifest import DataManifest
 from dspark_model.atomic import atomic_write_json, atomic_write_text
 from dspark_model.calibration import CALIBRATION_NAME, Calibration
 from dspark_model.checkpoint import CONFIG_NAME, read_draft_arch
+from eval.metrics import speedup_by_dataset
 from eval.report import EvalReport
 from eval.scheduler import describe_hardware
 
@@ -67,6 +68,16 @@ def _report(path: Path) -> EvalReport | None:
     return EvalReport.read(path) if path.is_file() else None
 
 
+def _speedup_by_dataset(folder: Path) -> dict:
+    """{dataset: speed-up vs generate} from an eval stage's per-prompt timings (``prompts.jsonl``, which every
+    eval wrote, also before its report carried the figure); {} when absent."""
+    path = folder / "prompts.jsonl"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        return speedup_by_dataset([json.loads(line) for line in f if line.strip()])
+
+
 def _calibration(path: Path) -> Calibration | None:
     """The T=0 run's calibration record (dspark_model/calibration.py), or None when that stage has not run."""
     return Calibration.read(path) if path.is_file() else None
@@ -96,9 +107,12 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
     missing = [f"eval-{d}-t{t}" for (d, t), r in reports.items() if r is None]
     tau: dict = {d: {} for d in drafts}
     cond: dict = {d: {} for d in drafts}
+    speed: dict = {d: {} for d in drafts}  # per eval set, from the per-prompt timings
     for (d, t), r in reports.items():
         if r is None:
             continue
+        for ds, v in _speedup_by_dataset(run / "eval" / f"{d}-t{t}").items():
+            speed[d].setdefault(ds, {})[f"T={t}"] = v
         for ds, v in {**r.tau_by_dataset, "pooled": r.tau}.items():
             tau[d].setdefault(ds, {})[f"T={t}"] = v
         hist = r.accepted_length_histogram["pooled"]  # rounds by accepted length 0..gamma
@@ -132,6 +146,7 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         "conditional_acceptance": cond,
         "tokens_per_s": per("tokens_per_s"),
         "speedup_vs_generate": per("speedup_vs_generate"),
+        "speedup_vs_generate_by_dataset": speed,
         "speedup_vs_prompt_lookup": {"dspark": per("speedup_vs_prompt_lookup")["dspark"]},
         "greedy_match_rate": {d: reports[d, "0"].greedy_match_rate if reports[d, "0"] else None for d in drafts},
         "ece_before": calib.get("T=0", {}).get("ece_before"),
@@ -391,6 +406,11 @@ def markdown(r: dict, figs: list[str], fig_rel: str) -> str:
             lines.append(f"| {d} | {T[2:]} | {_f(tps.get('spec'), 1)} | {_f(tps.get('generate'), 1)} | "
                          f"{_f(tps.get('prompt_lookup'), 1)} | {_f(r['speedup_vs_generate'][d].get(T), 2)} | "
                          f"{_f(r['speedup_vs_prompt_lookup'].get(d, {}).get(T), 2)} |")
+    by_set = [f"{d} " + ", ".join(f"{ds} {_f(v.get('T=0'), 2)}" for ds, v in sets.items())
+              for d, sets in r.get("speedup_vs_generate_by_dataset", {}).items()
+              if any(v.get("T=0") is not None for v in sets.values())]
+    if by_set:
+        lines += ["", "Speed-up vs `generate` per eval set at T=0: " + "; ".join(by_set) + "."]
     lines += ["", "Greedy identity (T=0, speculative output == `generate` output): " +
               ", ".join(f"{d} {_f(v, 3)}" for d, v in r["greedy_match_rate"].items()), ""]
     lines += ["**Calibration (DSpark confidence head, Sequential Temperature Scaling, held-out prompts):**", "",

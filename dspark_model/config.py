@@ -60,6 +60,12 @@ class DraftConfig:
     # Draft vocabulary: predict only the K most frequent answer tokens of the training data (null, or K >= V:
     # the full vocabulary).
     draft_vocab_size: int | None = None
+    # How much the tokenizer's id order counts when picking those K tokens: the counts get lambda x (their
+    # total) pseudo-counts spread over the ids like a Zipf law of the id (BPE and SentencePiece ids follow
+    # their merge / frequency order), so a token seen once or twice in a small training set does not push out
+    # a common one that happened not to occur (dspark_model/vocab.py). 0 = the counts alone; ~0.3 when the
+    # served traffic differs from the training answers (BENCHMARKS.md, "Draft vocabulary").
+    draft_vocab_prior: float = 0.0
     train_draft_head: bool = False  # reduced vocabulary only: train the K-row head instead of sharing it frozen
     # Warm start: "none" (random initialisation), "last" (the target's last num_layers decoder layers, in order)
     # or target decoder-layer ids, one per draft layer (negative ids count from the end); on the command line

@@ -21,6 +21,7 @@ target's own, frozen and shared - they are NOT parameters of this module (see ``
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -292,14 +293,60 @@ class DSparkDraft(DraftVocabMixin, nn.Module):
 
         The backbone runs once; the sequential head then samples left to right. Sampling is fp32.
         """
+        G = self._gamma(gamma)
+        B, p = anchor.shape[0], cache.length
+        pos = torch.arange(p, p + G, device=anchor.device).expand(B, G)
+        h = self._run_layers(self._embed(self._block_ids(anchor, G)), pos, None, None, None, cache)  # (B, G, d)
+        return self._draft_block(h, anchor, temperature, lambda logit: sample_from_logits(logit, temperature,
+                                                                                          generator))
+
+    @torch.no_grad()
+    def propose_batch(self, caches: Sequence[DraftContextCache], anchors: torch.Tensor, temperature: float = 0.0,
+                      generators: Sequence[torch.Generator | None] | None = None,
+                      gamma: int | None = None) -> DraftProposal:
+        """``propose`` for R requests at once, each with its own context cache (of its own length) and
+        generator: one backbone call over the R blocks, every context right-padded to the longest and the padding
+        masked out. Row r is ``propose(caches[r], anchors[r:r + 1], temperature, generators[r], gamma)`` up to
+        float rounding, and draws from ``generators[r]`` exactly as that call would."""
+        G, R = self._gamma(gamma), anchors.shape[0]
+        generators = list(generators) if generators is not None else [None] * R
+        if len(caches) != R or len(generators) != R:
+            raise ValueError(f"propose_batch: {R} anchors, {len(caches)} caches, {len(generators)} generators")
+        lengths = torch.tensor([c.length for c in caches], device=anchors.device)  # (R,)
+        longest = int(lengths.max())
+        stacked = DraftContextCache(self.num_layers)
+        for i in range(self.num_layers):
+            stacked.k[i] = torch.cat([F.pad(c.k[i], (0, 0, 0, longest - c.length)) for c in caches])
+            stacked.v[i] = torch.cat([F.pad(c.v[i], (0, 0, 0, longest - c.length)) for c in caches])
+        real = torch.arange(longest, device=anchors.device)[None, :] < lengths[:, None]  # (R, C) not padding
+        mask = torch.cat([real, real.new_ones(R, G)], dim=1)[:, None, None, :].expand(R, 1, G, longest + G)
+        pos = lengths[:, None] + torch.arange(G, device=anchors.device)  # (R, G)
+        h = self._run_layers(self._embed(self._block_ids(anchors, G)), pos, None, None, mask, stacked)
+
+        def sample(logit):
+            if temperature <= 0:
+                return sample_from_logits(logit, temperature)
+            rows = [sample_from_logits(logit[r:r + 1], temperature, g) for r, g in enumerate(generators)]
+            return torch.cat([x for x, _ in rows]), torch.cat([q for _, q in rows])
+
+        return self._draft_block(h, anchors, temperature, sample)
+
+    def _gamma(self, gamma: int | None) -> int:
         G = gamma or self.block_size
         if G > self.block_size:
             raise ValueError(f"gamma {G} exceeds the trained block size {self.block_size}")
-        B, p = anchor.shape[0], cache.length
-        ids = torch.full((B, G), self.mask_token_id, dtype=anchor.dtype, device=anchor.device)
+        return G
+
+    def _block_ids(self, anchor: torch.Tensor, G: int) -> torch.Tensor:
+        """(B,) anchors -> (B, G) block input ids: the anchor, then mask tokens."""
+        ids = torch.full((anchor.shape[0], G), self.mask_token_id, dtype=anchor.dtype, device=anchor.device)
         ids[:, 0] = anchor
-        pos = torch.arange(p, p + G, device=anchor.device).expand(B, G)
-        h = self._run_layers(self._embed(ids), pos, None, None, None, cache)  # (B, G, d)
+        return ids
+
+    def _draft_block(self, h: torch.Tensor, anchor: torch.Tensor, temperature: float, sample) -> DraftProposal:
+        """Heads over the backbone states h (B, G, d), left to right; ``sample(logits (B, K))`` -> (tokens (B,),
+        distributions (B, K))."""
+        G = h.shape[1]
         base = self.base_logits(h)  # (B, G, K)
         tokens, probs, confs = [], [], []
         prev, state = anchor, None
@@ -311,7 +358,7 @@ class DSparkDraft(DraftVocabMixin, nn.Module):
             if self.confidence_head is not None:
                 emb = self.markov_head.markov_w1(prev) if self.markov_head is not None else None
                 confs.append(torch.sigmoid(self.confidence_head(h[:, k], emb).float()))
-            x, q = sample_from_logits(logit, temperature, generator)
+            x, q = sample(logit)
             prev = self.to_target_ids(x)
             tokens.append(prev)
             probs.append(q)

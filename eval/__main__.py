@@ -100,6 +100,7 @@ def load_eval_prompts(cfg: EvalConfig) -> list:
 def run(cfg: EvalConfig) -> str:
     from dspark_model.atomic import file_sha256
     from dspark_model.calibration import WEIGHTS_NAME
+    from dspark_model.prepack import prepack_linears, unpack_linears
     from dspark_model.target import resolve_device
     from eval.baselines import RunSettings, compare_on_prompts
     from eval.metrics import acceptance_summary, throughput_summary
@@ -134,9 +135,11 @@ def run(cfg: EvalConfig) -> str:
                            warmup=cfg.warmup, progress=cfg.progress)
     log.info("evaluating %s on %s: %d prompts, gamma=%d, T=%g -> %s", cfg.draft_checkpoint, spec.id,
              len(prompts), gamma, cfg.temperature, out_dir)
+    prepacked = [gamma + 1] if cfg.prepack_gemm and prepack_linears(target.model, [gamma + 1]) else []
     records, rows, outputs = compare_on_prompts(target, draft, prompts, settings)
+    unpack_linears(target.model)  # the live stage profiles and runs its own batch sizes on the plain kernels
     report = build_report(acceptance_summary(records, gamma), throughput_summary(rows),
-                          run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt))
+                          run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt, prepacked))
     if cfg.calibration.enabled and draft.confidence_head is not None:
         report = dataclasses.replace(report, **calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed,
                                                          spec, weights_sha256))

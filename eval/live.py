@@ -22,15 +22,15 @@ the active requests (the packed form of ``crop_cache``). A plain ``DynamicCache`
 layer would trim across requests, so targets with sliding-window attention are refused when a request could
 outgrow the window (below it, full attention is the same computation).
 
-The draft keeps one context cache per request and proposes per request (``live_cost.draft_round``):
-``DSparkDraft.propose`` takes one context length for its whole batch and no attention mask, so requests of
-different lengths cannot share a call. That costs N draft forwards per round, the same for every policy. The
-draft always proposes its full block (gamma tokens), which Algorithm 1 needs to see all confidences; a fixed
+The draft keeps one context cache per request (each grows by the request's accepted tokens) and drafts for
+all active requests in one call (``live_cost.draft_round``, ``DSparkDraft.propose_batch``): the contexts are
+right-padded to the longest and the padding masked, each block at its own request's positions. The draft
+always proposes its full block (gamma tokens), which Algorithm 1 needs to see all confidences; a fixed
 length L verifies the first L.
 
 What Algorithm 1 plans with (eval/live_cost.py): for each N, an SPS table profiled in this very layout (N
 packed contexts, the 4-D mask, logits at all B positions, the cleanup; warm-up, median of repeats) and, with
-``draft_cost`` (default), the profiled drafting time of a round, D(R) = R x one proposal, folded into the
+``draft_cost`` (default), the profiled drafting time of a round of R active requests, D(R), folded into the
 objective: Theta = tau* / (D(R) + 1 / SPS(B)), i.e. tau* x ``with_draft_cost(SPS, D(R))``. The paper's
 Algorithm 1 maximises tau* x SPS(B) (an engine whose drafting overlaps verification, or is negligible);
 here drafting is serial and on a CPU a good part of each round, so it is part of the round's cost.
@@ -86,11 +86,13 @@ def fixed_policy(length: int) -> Policy:
     return choose
 
 
-def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike, draft_seconds: float = 0.0) -> Policy:
-    """Algorithm 1 on the STS-calibrated prefix survival of each request's confidences. ``draft_seconds``: one
-    request's proposal time; a round of R requests is costed D(R) = R x that + 1 / SPS(B) (module docstring;
-    0 = the paper's tau* x SPS(B))."""
+def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike,
+                      draft_seconds: Sequence[float] = ()) -> Policy:
+    """Algorithm 1 on the STS-calibrated prefix survival of each request's confidences. ``draft_seconds``:
+    D(R) at index R - 1, the drafting time of a round of R requests; a round is costed D(R) + 1 / SPS(B)
+    (module docstring; empty = the paper's tau* x SPS(B))."""
     temps = np.asarray(temperatures, dtype=np.float64)
+    rounds = list(draft_seconds)
 
     def choose(confidences, gamma: int) -> np.ndarray:
         if confidences is None:
@@ -98,7 +100,9 @@ def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike, draft_seconds
         if gamma > temps.size:
             raise ValueError(f"the calibration has {temps.size} temperatures, fewer than gamma={gamma}")
         survival = prefix_survival(apply_sts(confidences, temps[:gamma]))  # (R, gamma)
-        return schedule_algorithm1(survival, with_draft_cost(sps, draft_seconds * survival.shape[0]))
+        R = survival.shape[0]
+        drafting = (rounds[R - 1] if R <= len(rounds) else rounds[-1] * R / len(rounds)) if rounds else 0.0
+        return schedule_algorithm1(survival, with_draft_cost(sps, drafting))
 
     return choose
 
@@ -330,7 +334,7 @@ def batched_speculative_generate(target, draft, prompts: Sequence[Sequence[int]]
 # Measurement: Algorithm 1 vs every fixed length, N concurrent requests
 # ----------------------------------------------------------------------------------------------------
 
-def _policies(temperatures, sps, gamma: int, draft_seconds: float = 0.0) -> dict[str, Policy]:
+def _policies(temperatures, sps, gamma: int, draft_seconds: Sequence[float] = ()) -> dict[str, Policy]:
     return {"algorithm1": algorithm1_policy(temperatures, sps, draft_seconds),
             **{f"fixed_{length}": fixed_policy(length) for length in range(1, gamma + 1)}}
 
@@ -346,17 +350,17 @@ def _run_stats(out: BatchOutput) -> dict:
 
 def round_costs(target, draft, batch: Sequence[Sequence[int]], gamma: int, max_new_tokens: int,
                 temperature: float, sps: SpsLike | None, draft_cost: bool, warmup: int = 1,
-                repeats: int = 5) -> tuple[SpsLike, float]:
-    """(SPS, seconds of one proposal) Algorithm 1 plans with for the requests ``batch``: ``sps``, else a table
-    profiled in the packed layout (eval/live_cost.py) over len(batch) contexts of the batch's mean prompt
-    length + max_new_tokens / 2 (mid-generation); the proposal time is profiled likewise (0 without
+                repeats: int = 5) -> tuple[SpsLike, list[float]]:
+    """(SPS, D(R) for R = 1 .. len(batch)) Algorithm 1 plans with for the requests ``batch``: ``sps``, else a
+    table profiled in the packed layout (eval/live_cost.py) over len(batch) contexts of the batch's mean prompt
+    length + max_new_tokens / 2 (mid-generation); the drafting times are profiled likewise (empty without
     ``draft_cost``)."""
     context_len = max(1, round(statistics.fmean(len(p) for p in batch) + max_new_tokens / 2))
     n = len(batch)
     if sps is None:
         sps = profile_packed_sps(target, n, gamma, context_len, temperature, warmup, repeats, describe_hardware())
     seconds = (profile_draft_seconds(draft, target, n, gamma, context_len, temperature, warmup, repeats)
-               if draft_cost else 0.0)
+               if draft_cost else [])
     return sps, seconds
 
 
@@ -397,7 +401,7 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
         table, seconds = round_costs(target, draft, batch, gamma, max_new_tokens, temperature, sps, draft_cost,
                                      profile_warmup, profile_repeats)
         costs[str(n_requests)] = {"sps": table.to_dict() if isinstance(table, SpsTable) else None,
-                                  "draft_seconds_per_request": seconds}
+                                  "draft_seconds_per_round": seconds}
         policies = _policies(temperatures, table, gamma, seconds)
         runs: dict[str, list[dict]] = {name: [] for name in policies}
         for r in range(repeats):  # forwards, then backwards: a drift in machine speed hits every policy alike
@@ -476,9 +480,9 @@ def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, tempe
         "greedy_match_rate": match,
         "settings": {"gamma": gamma, "max_new_tokens": max_new_tokens, "temperature": temperature,
                      "repeats": repeats, "distinct_prompts": n_prompts, "layout": "packed (one row, 4-D mask)",
-                     "draft": "one propose() per request", "timed": "rounds only (prefill excluded)",
+                     "draft": "one propose_batch() over the active requests", "timed": "rounds only (prefill excluded)",
                      "sts_temperatures": [float(t) for t in temperatures],
-                     "objective": ("tau* / (R x draft_seconds_per_request + 1 / SPS(B))" if draft_cost
+                     "objective": ("tau* / (D(R) + 1 / SPS(B)), D(R) = draft_seconds_per_round[R - 1]" if draft_cost
                                    else "tau* x SPS(B) (paper)"),
                      "round_costs": costs},
     }

@@ -8,10 +8,10 @@ class) over N random contexts, and ``profile_sps`` times it: warm-up calls, then
 profiled on one plain row (eval/report.py's, made for the calibration's load simulation) has no mask, no keys
 of other requests and no cleanup, and so mis-states what a longer verification costs.
 
-Drafting: every round first drafts a full block for each active request (``draft_round``, one ``propose`` call
-per request: the draft's context length is one per call), then schedules. A round therefore takes
-D(R) + 1 / SPS(B) seconds, where D(R) = R x the profiled seconds of one proposal (``profile_draft_seconds``)
-does not depend on the lengths chosen. Algorithm 1 maximising tau* x SPS(B) ignores D and, where D is a good
+Drafting: every round first drafts a full block for each active request (``draft_round``: one batched
+``propose_batch`` call over the R active requests, their contexts padded to the longest and masked), then
+schedules. A round therefore takes D(R) + 1 / SPS(B) seconds, where D(R), the profiled time of one drafting
+call for R requests (``profile_draft_seconds``, R = 1 .. N), does not depend on the lengths chosen. Algorithm 1 maximising tau* x SPS(B) ignores D and, where D is a good
 part of the round, verifies too little (each round's drafting is paid whatever is verified, so an extra
 accepted token is worth more than SPS alone says). ``eval.scheduler.with_draft_cost`` turns SPS into whole
 rounds per second, 1 / (1 / SPS(B) + D), and Algorithm 1 runs unchanged on it (``scheduler_live.draft_cost``;
@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from dspark_model.draft import DraftProposal
 from eval.scheduler import SpsTable, profile_sps
 from eval.speculative import target_distribution
 
@@ -35,9 +36,15 @@ def sync(device: torch.device) -> None:
 
 
 def draft_round(draft, contexts, anchors, temperature: float, generators, gamma: int) -> list:
-    """The round's proposals, one ``propose`` call per request (``contexts``: their draft context caches,
-    ``anchors``: their last tokens, ints)."""
+    """The round's proposals, one per request (``contexts``: their draft context caches, ``anchors``: their
+    last tokens, ints): one batched ``propose_batch`` call where the draft has it, else one ``propose`` per
+    request. Either way request r draws from ``generators[r]`` as it would alone."""
     device = next(draft.parameters()).device
+    if hasattr(draft, "propose_batch") and len(contexts) > 1:
+        both = draft.propose_batch(contexts, torch.tensor(anchors, device=device), temperature, generators, gamma)
+        return [DraftProposal(both.tokens[r:r + 1], both.probs[r:r + 1],
+                              None if both.confidences is None else both.confidences[r:r + 1])
+                for r in range(len(contexts))]
     return [draft.propose(context, torch.tensor([anchor], device=device), temperature, generator, gamma)
             for context, anchor, generator in zip(contexts, anchors, generators)]
 
@@ -92,9 +99,9 @@ def profile_packed_sps(target, requests: int, gamma: int, context_len: int, temp
 
 
 def profile_draft_seconds(draft, target, requests: int, gamma: int, context_len: int, temperature: float = 0.0,
-                          warmup: int = 1, repeats: int = 5) -> float:
-    """Seconds one request's proposal costs in a round of ``requests`` (``draft_round`` over that many
-    contexts of ``context_len`` random target states; median over ``repeats`` rounds, per request)."""
+                          warmup: int = 1, repeats: int = 5) -> list[float]:
+    """D(R) for R = 1 .. ``requests``: seconds of one ``draft_round`` of R requests (contexts of
+    ``context_len`` random target states; median over ``repeats`` rounds). Index R - 1 holds D(R)."""
     device = target.device
     generator = torch.Generator().manual_seed(0)
     width = len(draft.tap_layer_ids) * target.hidden_size
@@ -106,12 +113,15 @@ def profile_draft_seconds(draft, target, requests: int, gamma: int, context_len:
         contexts.append(context)
     anchors = torch.randint(0, target.vocab_size, (requests,), generator=generator).tolist()
     generators = [torch.Generator(device=device).manual_seed(r) for r in range(requests)]
-    durations = []
-    for i in range(warmup + repeats):
-        sync(device)
-        start = time.perf_counter()
-        draft_round(draft, contexts, anchors, temperature, generators, gamma)
-        sync(device)
-        if i >= warmup:
-            durations.append(time.perf_counter() - start)
-    return statistics.median(durations) / requests
+    seconds = []
+    for active in range(1, requests + 1):
+        durations = []
+        for i in range(warmup + repeats):
+            sync(device)
+            start = time.perf_counter()
+            draft_round(draft, contexts[:active], anchors[:active], temperature, generators[:active], gamma)
+            sync(device)
+            if i >= warmup:
+                durations.append(time.perf_counter() - start)
+        seconds.append(statistics.median(durations))
+    return seconds

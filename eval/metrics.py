@@ -117,6 +117,21 @@ def acceptance_summary(records: Sequence[Mapping], gamma: int) -> dict:
 METHODS = ("spec", "generate", "prompt_lookup")
 
 
+def speedup_by_dataset(rows: Sequence[Mapping], method: str = "spec", baseline: str = "generate") -> dict:
+    """{dataset: tokens/s of ``method`` / tokens/s of ``baseline``} over the prompt rows of each dataset that
+    timed both (rows without a ``dataset`` key are pooled under "all")."""
+    totals: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get(f"{method}_s") is None or r.get(f"{baseline}_s") is None:
+            continue
+        t = totals.setdefault(str(r.get("dataset", "all")), [0.0, 0.0, 0.0, 0.0])
+        t[0] += int(r[f"{method}_tokens"])
+        t[1] += float(r[f"{method}_s"])
+        t[2] += int(r[f"{baseline}_tokens"])
+        t[3] += float(r[f"{baseline}_s"])
+    return {ds: (a / b) / (c / d) for ds, (a, b, c, d) in totals.items() if a and b and c and d}
+
+
 def throughput_summary(rows: Sequence[Mapping]) -> dict:
     """Tokens/s per method, speed-ups and output-match rates from per-prompt timing rows.
 
@@ -143,6 +158,7 @@ def throughput_summary(rows: Sequence[Mapping]) -> dict:
 
     return {"tokens_per_s": tokens_per_s, "timing_totals": totals,
             "speedup_vs_generate": ratio("spec", "generate"),
+            "speedup_vs_generate_by_dataset": speedup_by_dataset(rows),
             "speedup_vs_prompt_lookup": ratio("spec", "prompt_lookup"),
             "greedy_match_rate": rate("greedy_match"),
             "prompt_lookup_match_rate": rate("prompt_lookup_match")}

@@ -74,7 +74,7 @@ class EvalReport(JsonRecord):
     Acceptance (``metrics.acceptance_summary``; per position lists have gamma entries, ``pooled`` and
     ``by_dataset``): tau, tau_by_dataset, conditional_acceptance, prefix_survival, accepted_length_histogram,
     num_rounds, num_rounds_by_dataset. Wall clock (``metrics.throughput_summary``): tokens_per_s {spec,
-    generate, prompt_lookup}, timing_totals, the speed-ups and match rates. ``definitions``: what each number
+    generate, prompt_lookup}, timing_totals, the speed-ups (pooled, and vs generate per dataset) and match rates. ``definitions``: what each number
     means; ``settings``: what produced them (``run_settings_record``). Calibration (``calibrate``): its headline
     numbers and where it was written, or ``calibration_error``. ``scheduler_live``: eval/live.py's record.
     Reports written before the record had no ``format`` key; they are read as this version."""
@@ -108,6 +108,7 @@ class EvalReport(JsonRecord):
     calibration_figures: list | None = None
     calibration_written_to: str | None = None
     calibration_error: str | None = None
+    speedup_vs_generate_by_dataset: dict = dataclasses.field(default_factory=dict)  # absent before 2026-11-30
     scheduler_live: dict | None = None
 
     def write(self, path: str | Path) -> None:
@@ -226,7 +227,9 @@ def render_markdown(report: Mapping) -> str:
     lines += ["## Wall clock (same prompts, same max_new_tokens, warm-up excluded)", ""]
     lines += _table(["method", "tokens/s", "tokens", "seconds"],
                     [[m, tps.get(m), t["tokens"], t["seconds"]] for m, t in report.get("timing_totals", {}).items()])
-    lines += [f"- speed-up vs generate: {_fmt(report.get('speedup_vs_generate'))}",
+    by_dataset = report.get("speedup_vs_generate_by_dataset") or {}
+    lines += [f"- speed-up vs generate: {_fmt(report.get('speedup_vs_generate'))}"
+              + (" (" + ", ".join(f"{d} {_fmt(v)}" for d, v in by_dataset.items()) + ")" if by_dataset else ""),
               f"- speed-up vs prompt lookup: {_fmt(report.get('speedup_vs_prompt_lookup'))}",
               f"- greedy match rate (spec == plain greedy, token for token): {_fmt(report.get('greedy_match_rate'))}",
               ""]
@@ -276,8 +279,10 @@ def write_outputs(out_dir: str, report: EvalReport, records: Sequence[Mapping] |
 # Settings record and the calibration step
 # ----------------------------------------------------------------------------------------------------
 
-def run_settings_record(cfg, spec, target, draft, settings, prompts: Sequence, checkpoint: str | None) -> dict:
-    """What produced the numbers: models, decoding settings, prompts, software and hardware."""
+def run_settings_record(cfg, spec, target, draft, settings, prompts: Sequence, checkpoint: str | None,
+                        prepacked_rows: Sequence[int] = ()) -> dict:
+    """What produced the numbers: models, decoding settings, prompts, software and hardware.
+    ``prepacked_rows``: the row counts the target's GEMM weights were packed for while timing."""
     import platform
 
     import torch
@@ -302,7 +307,8 @@ def run_settings_record(cfg, spec, target, draft, settings, prompts: Sequence, c
         "warmup_excluded": settings.warmup, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
         or platform.machine(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "target_gemm_prepacked_rows": list(prepacked_rows),
+        "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
 

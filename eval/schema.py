@@ -77,6 +77,10 @@ class EvalConfig:
     out_dir: str | None = None  # overrides runs/eval/<name>
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cpu_threads: int | None = None  # torch intra-op threads (None = torch's default)
+    # CPU, float32 target: pack its GEMM weights once for the gamma + 1 rows of a verification forward
+    # (dspark_model/prepack.py; one more copy of the weights in memory). Other row counts, plain decoding's
+    # one-token step included, run the kernels they ran before. false: never pack.
+    prepack_gemm: bool = True
     temperature: float = 0.0  # 0 = greedy
     gamma: int | None = None  # tokens drafted per round; None = the draft's trained block size
     max_new_tokens: int = 128

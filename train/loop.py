@@ -251,7 +251,7 @@ def _build(job: TrainJob, rt):
     data = load_data(job, target, source)
     if draft.reduced_vocab:
         counts = answer_token_counts(data.input_ids, data.loss_mask, target.vocab_size)
-        ids = top_k_vocab(counts, draft.out_vocab_size)
+        ids = top_k_vocab(counts, draft.out_vocab_size, job.draft.draft_vocab_prior)
         draft.set_draft_vocab(ids)
         covered = counts[ids].sum().item() / max(1, counts.sum().item())
         log.info("draft vocabulary: %d of %d target tokens, %.2f %% of the training answer tokens",

@@ -137,6 +137,9 @@ def _write_run(run: Path, tiny_target) -> None:
     for name, rep in reports.items():
         (run / "eval" / name).mkdir(parents=True)
         rep.write(run / "eval" / name / "report.json")
+    timings = [{"dataset": "a", "spec_tokens": 30, "spec_s": 1.0, "generate_tokens": 30, "generate_s": 1.5},
+               {"dataset": "b", "spec_tokens": 20, "spec_s": 1.0, "generate_tokens": 20, "generate_s": 0.8}]
+    (run / "eval" / "dspark-t0" / "prompts.jsonl").write_text("".join(json.dumps(t) + "\n" for t in timings))
     table = [{"concurrency": c, "throughput": {"algorithm1": a}, "best_fixed_length": 2,
               "best_fixed_throughput": f, "algorithm1_vs_best_fixed": a / f} for c, a, f in ((1, 10, 10), (4, 30, 32))]
     (run / "eval" / "dspark-t0" / "calibration").mkdir()
@@ -173,6 +176,9 @@ def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path, t
     assert r["tau_ratio_dspark_over_dflash"]["a"]["T=0"] == pytest.approx(1.2)
     assert r["tau_ratio_dspark_over_dflash"]["b"]["T=1"] == pytest.approx(1.1)
     assert r["speedup_vs_generate"]["dspark"] == {"T=0": 2.0, "T=1": 2.0}
+    assert r["speedup_vs_generate_by_dataset"]["dspark"] == {"a": {"T=0": pytest.approx(1.5)},
+                                                             "b": {"T=0": pytest.approx(0.8)}}
+    assert r["speedup_vs_generate_by_dataset"]["dflash"] == {}  # its eval wrote no per-prompt timings here
     assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0, "eagle3": 1.0}
     assert r["tau"]["eagle3"]["pooled"] == {"T=0": 1.0, "T=1": 1.2}  # the same layout as the other drafts
     assert r["tau_ratio_dspark_over_eagle3"]["a"] == {"T=0": pytest.approx(1.5), "T=1": pytest.approx(1.0)}
@@ -206,6 +212,7 @@ def test_collect_computes_ratios_goals_and_rewrites_only_its_section(tmp_path, t
     assert "old table" not in text and "intro stays" in text and "## after stays" in text
     assert "| a | 0 | 1.500 | 1.250 | 1.200 |" in text
     assert "| dspark | 0 | 0.500 (10) | 0.400 (4) |" in text
+    assert "Speed-up vs `generate` per eval set at T=0: dspark a 1.50, b 0.80." in text
     collect(run, state, out, md)  # idempotent: one section, same text
     assert md.read_text() == text and text.count(BEGIN) == 1
 

@@ -112,6 +112,32 @@ def test_greedy_proposal_is_one_hot_argmax(tiny_target):
         draft.propose(cache, ids[:, 8], gamma=5)
 
 
+@pytest.mark.parametrize("head,temperature", [("markov", 0.0), ("gated", 1.0), ("none", 1.0)])
+def test_batched_proposals_equal_one_proposal_per_context(tiny_target, head, temperature):
+    """propose_batch over contexts of different lengths = propose on each alone: the padding is masked out
+    and each request draws from its own generator as it would alone (a reduced vocabulary included)."""
+    draft = _draft(tiny_target, sequential_head=head, confidence_head=head != "none", draft_vocab_size=40)
+    draft.set_draft_vocab(torch.arange(0, 200, 5))
+    ids, taps = _inputs(tiny_target, B=3)
+    caches = []
+    for r, n in enumerate((5, 11, 8)):
+        caches.append(draft.new_cache())
+        draft.extend_context(caches[-1], taps[r:r + 1, :n])
+    anchors = ids[[0, 1, 2], [5, 11, 8]]
+    seeded = lambda: [torch.Generator().manual_seed(10 + r) for r in range(3)]  # noqa: E731
+    batch = draft.propose_batch(caches, anchors, temperature, seeded(), gamma=3)
+    alone = [draft.propose(c, anchors[r:r + 1], temperature, g, gamma=3)
+             for r, (c, g) in enumerate(zip(caches, seeded()))]
+    assert torch.equal(batch.tokens, torch.cat([a.tokens for a in alone]))
+    torch.testing.assert_close(batch.probs, torch.cat([a.probs for a in alone]), atol=1e-5, rtol=1e-4)
+    if head != "none":
+        torch.testing.assert_close(batch.confidences, torch.cat([a.confidences for a in alone]),
+                                   atol=1e-5, rtol=1e-4)
+    assert [c.length for c in caches] == [5, 11, 8]  # the callers' caches are untouched
+    with pytest.raises(ValueError, match="3 anchors, 2 caches"):
+        draft.propose_batch(caches[:2], anchors, temperature, None, gamma=3)
+
+
 def test_target_embedding_and_head_are_not_draft_parameters(tiny_target):
     draft = _draft(tiny_target)
     names = set(draft.state_dict())

@@ -8,7 +8,7 @@ import torch
 from dspark_model.checkpoint import load_draft, save_pretrained
 from dspark_model.config import DraftConfig
 from dspark_model.draft import build_draft_for, init_layers_from_target, warm_start_layers
-from dspark_model.vocab import answer_token_counts, d2t_t2d, top_k_vocab
+from dspark_model.vocab import answer_token_counts, d2t_t2d, rank_prior, top_k_vocab
 from eval.baselines import hf_generate
 from eval.speculative import speculative_generate
 from tests.conftest import tiny_draft_config
@@ -31,6 +31,22 @@ def test_top_k_is_by_count_with_smaller_id_first_on_ties_and_sorted():
     assert top_k_vocab(counts, 6).tolist() == [0, 1, 2, 3, 4, 5]  # zero counts: smaller id first
     with pytest.raises(ValueError, match="draft_vocab_size"):
         top_k_vocab(counts, 8)
+
+
+def test_rank_prior_lets_common_low_ids_beat_one_off_tokens_but_not_real_counts():
+    V = 5000
+    counts = torch.zeros(V, dtype=torch.long)
+    counts[4000:4003] = 1  # one-off tokens with high (rare) ids
+    counts[10] = 50_000  # tokens seen often
+    counts[3000] = 40_000
+    assert top_k_vocab(counts, 3).tolist() == [10, 3000, 4000]  # counts alone: a one-off beats every unseen id
+    with_prior = top_k_vocab(counts, 3, prior=0.3)
+    assert with_prior.tolist() == [0, 10, 3000]  # the lowest unseen id now outranks the one-offs
+    assert top_k_vocab(counts, 2, prior=0.3).tolist() == [10, 3000]  # real counts still come first
+    prior = rank_prior(V)
+    assert torch.isclose(prior.sum(), torch.tensor(1.0, dtype=torch.float64)) and bool((prior.diff() < 0).all())
+    with pytest.raises(ValueError, match="draft_vocab_prior"):
+        top_k_vocab(counts, 3, prior=-1.0)
 
 
 def test_answer_counts_and_d2t_t2d_tables():

@@ -74,6 +74,11 @@ def test_throughput_summary():
     assert t["tokens_per_s"] == pytest.approx({"spec": 75.0, "generate": 50.0, "prompt_lookup": 75.0})
     assert t["speedup_vs_generate"] == pytest.approx(1.5) and t["speedup_vs_prompt_lookup"] == pytest.approx(1.0)
     assert t["greedy_match_rate"] == 0.5 and t["prompt_lookup_match_rate"] == 1.0
+    assert t["speedup_vs_generate_by_dataset"] == {"all": pytest.approx(1.5)}
+    rows[0]["dataset"], rows[1]["dataset"] = "gsm8k", "mt-bench"
+    rows.append({"dataset": "mt-bench", "spec_tokens": 50, "spec_s": 1.0})  # no generate timing: left out
+    assert throughput_summary(rows)["speedup_vs_generate_by_dataset"] == {"gsm8k": pytest.approx(2.0),
+                                                                          "mt-bench": pytest.approx(1.0)}
 
 
 def test_report_files_are_strict_json_and_readable_markdown(tmp_path):
