@@ -111,8 +111,8 @@ def main() -> None:
         "median_s": med,
         "propose_over_target_step": {n: med[f"propose_{n}"] / one for n in drafts},
         "verify_over_target_step": med[f"target_{V}"] / one,
+        "draft_round_batched_over_per_request": batched,
     }
-    result["draft_round_batched_over_per_request"] = batched
     if packed:  # both relative to the plain one-token step, which packing for V rows leaves as it was
         result["verify_over_target_step_prepacked"] = med[f"target_{V}_prepacked"] / one
         result["target_1_prepacked_over_target_1"] = med["target_1_prepacked"] / one

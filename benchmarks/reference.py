@@ -115,8 +115,9 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
 
     def train(name: str, draft: str, vocab: str, steps: int) -> list[str]:
         return [py, "-m", "train", f"target={b.target}", "train=reference", f"draft={draft}", "data=demo-offline",
-                vocab, f"draft.draft_vocab_prior={b.draft_vocab_prior:g}", f"data.path={run / 'data'}", f"train.max_steps={steps}", f"train.seed={b.seed}",
-                f"train.output_dir={run / ('train-' + name)}", "logger.tensorboard=false"]
+                vocab, f"draft.draft_vocab_prior={b.draft_vocab_prior:g}", f"data.path={run / 'data'}",
+                f"train.max_steps={steps}", f"train.seed={b.seed}", f"train.output_dir={run / ('train-' + name)}",
+                "logger.tensorboard=false"]
 
     for name in DRAFT_NAMES:
         cmds[f"train-{name}"] = train(name, name, vocab, b.train_steps)

@@ -2,16 +2,17 @@
 
 On an x86 CPU, ``F.linear`` over a few rows (a verification block of gamma + 1 tokens) calls MKL's sgemm,
 which re-packs the whole weight matrix on every call. For a 576-wide model that repacking costs more than the
-multiply: a target forward over 8 tokens took 1.84x a one-token step, although both read the same weights
-once. Packing each weight once (MKL's packed-GEMM API, exposed by torch as ``torch.ops.mkl``) removes it.
-torch's packed kernel only runs for the exact row count it was packed for and falls back to ``F.linear``
-otherwise, so each packed count costs one more copy of the weights, and every other count (the one-token
-step of plain decoding, a prefill) runs exactly the kernel it ran before.
+multiply: on SmolLM2 a target forward over 8 tokens cost 1.87 one-token steps, although both read the same
+weights once (1.60 prepacked; ``benchmarks/decode_cost.py``). Packing each weight once (MKL's packed-GEMM
+API, exposed by torch as ``torch.ops.mkl``) removes it. torch's packed kernel only runs for the exact row
+count it was packed for and falls back to ``F.linear`` otherwise, so each packed count costs one more copy of
+the weights, and every other count (the one-token step of plain decoding, a prefill) runs exactly the kernel
+it ran before.
 
 Numbers: the packed GEMM sums in its own order, so its outputs differ from the unpacked call's in the last
 bits (relative ~1e-7, like any change of kernel: the one-row and the multi-row kernels already differ so).
 Speculative decoding stays lossless by construction; greedy identity with plain decoding is measured by
-every eval as before. ``benchmarks/decode_cost.py`` measures the speed side by side.
+every eval as before.
 
 Only frozen fp32 weights on a CPU with torch's MKL build are packed; elsewhere ``prepack_linears`` is a no-op
 that says why. Gradients never flow through a packed call: with autograd recording a call to a parameter

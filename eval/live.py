@@ -480,10 +480,11 @@ def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, tempe
         "greedy_match_rate": match,
         "settings": {"gamma": gamma, "max_new_tokens": max_new_tokens, "temperature": temperature,
                      "repeats": repeats, "distinct_prompts": n_prompts, "layout": "packed (one row, 4-D mask)",
-                     "draft": "one propose_batch() over the active requests", "timed": "rounds only (prefill excluded)",
+                     "draft": "one propose_batch() over the active requests",
+                     "timed": "rounds only (prefill excluded)",
                      "sts_temperatures": [float(t) for t in temperatures],
-                     "objective": ("tau* / (D(R) + 1 / SPS(B)), D(R) = draft_seconds_per_round[R - 1]" if draft_cost
-                                   else "tau* x SPS(B) (paper)"),
+                     "objective": ("tau* / (D(R) + 1 / SPS(B)), D(R) = draft_seconds_per_round[R - 1]"
+                                   if draft_cost else "tau* x SPS(B) (paper)"),
                      "round_costs": costs},
     }
 

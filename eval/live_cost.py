@@ -11,11 +11,11 @@ of other requests and no cleanup, and so mis-states what a longer verification c
 Drafting: every round first drafts a full block for each active request (``draft_round``: one batched
 ``propose_batch`` call over the R active requests, their contexts padded to the longest and masked), then
 schedules. A round therefore takes D(R) + 1 / SPS(B) seconds, where D(R), the profiled time of one drafting
-call for R requests (``profile_draft_seconds``, R = 1 .. N), does not depend on the lengths chosen. Algorithm 1 maximising tau* x SPS(B) ignores D and, where D is a good
-part of the round, verifies too little (each round's drafting is paid whatever is verified, so an extra
-accepted token is worth more than SPS alone says). ``eval.scheduler.with_draft_cost`` turns SPS into whole
-rounds per second, 1 / (1 / SPS(B) + D), and Algorithm 1 runs unchanged on it (``scheduler_live.draft_cost``;
-false = the paper's objective).
+call for R requests (``profile_draft_seconds``, R = 1 .. N), does not depend on the lengths chosen.
+Algorithm 1 maximising tau* x SPS(B) ignores D and, where D is a good part of the round, verifies too little
+(each round's drafting is paid whatever is verified, so an extra accepted token is worth more than SPS alone
+says). ``eval.scheduler.with_draft_cost`` turns SPS into whole rounds per second, 1 / (1 / SPS(B) + D), and
+Algorithm 1 runs unchanged on it (``scheduler_live.draft_cost``; false = the paper's objective).
 """
 
 from __future__ import annotations

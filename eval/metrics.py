@@ -117,19 +117,26 @@ def acceptance_summary(records: Sequence[Mapping], gamma: int) -> dict:
 METHODS = ("spec", "generate", "prompt_lookup")
 
 
+def _timed(rows: Sequence[Mapping], method: str) -> tuple[int, float, int]:
+    """(tokens, seconds, prompts) of ``method`` over the rows that timed it."""
+    timed = [r for r in rows if r.get(f"{method}_s") is not None]
+    return (sum(int(r[f"{method}_tokens"]) for r in timed), sum(float(r[f"{method}_s"]) for r in timed),
+            len(timed))
+
+
 def speedup_by_dataset(rows: Sequence[Mapping], method: str = "spec", baseline: str = "generate") -> dict:
     """{dataset: tokens/s of ``method`` / tokens/s of ``baseline``} over the prompt rows of each dataset that
     timed both (rows without a ``dataset`` key are pooled under "all")."""
-    totals: dict[str, list[float]] = {}
+    groups: dict[str, list[Mapping]] = {}
     for r in rows:
-        if r.get(f"{method}_s") is None or r.get(f"{baseline}_s") is None:
-            continue
-        t = totals.setdefault(str(r.get("dataset", "all")), [0.0, 0.0, 0.0, 0.0])
-        t[0] += int(r[f"{method}_tokens"])
-        t[1] += float(r[f"{method}_s"])
-        t[2] += int(r[f"{baseline}_tokens"])
-        t[3] += float(r[f"{baseline}_s"])
-    return {ds: (a / b) / (c / d) for ds, (a, b, c, d) in totals.items() if a and b and c and d}
+        if r.get(f"{method}_s") is not None and r.get(f"{baseline}_s") is not None:
+            groups.setdefault(str(r.get("dataset", "all")), []).append(r)
+    out = {}
+    for ds, group in groups.items():
+        (a, b, _), (c, d, _) = _timed(group, method), _timed(group, baseline)
+        if a and b and c and d:
+            out[ds] = (a / b) / (c / d)
+    return out
 
 
 def throughput_summary(rows: Sequence[Mapping]) -> dict:
@@ -140,12 +147,10 @@ def throughput_summary(rows: Sequence[Mapping]) -> dict:
     """
     tokens_per_s, totals = {}, {}
     for m in METHODS:
-        timed = [r for r in rows if r.get(f"{m}_s") is not None]
-        if not timed:
+        n_tok, secs, prompts = _timed(rows, m)
+        if not prompts:
             continue
-        n_tok = sum(int(r[f"{m}_tokens"]) for r in timed)
-        secs = sum(float(r[f"{m}_s"]) for r in timed)
-        totals[m] = {"tokens": n_tok, "seconds": secs, "prompts": len(timed)}
+        totals[m] = {"tokens": n_tok, "seconds": secs, "prompts": prompts}
         tokens_per_s[m] = n_tok / secs if secs > 0 else None
 
     def ratio(a, b):
