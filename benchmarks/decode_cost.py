@@ -1,7 +1,8 @@
 """What one speculative round costs on the SmolLM2 target: the draft's propose() as a fraction of a one-token
 target step, full vs reduced draft vocabulary, and the verification step over gamma + 1 tokens, with the
 target's GEMM weights as loaded and prepacked for gamma + 1 rows (``dspark_model/prepack.py``, what eval does
-on a CPU) alternated in the same process; and one drafting round for R concurrent requests (contexts of
+on a CPU) alternated in the same process; the same two costs for every shorter length, as eval's
+``gamma_tuning`` profiles them (``round_cost_by_length``); and one drafting round for R concurrent requests (contexts of
 different lengths), one batched ``propose_batch`` call vs R ``propose`` calls (eval/live.py's drafting).
 
 All timings in one process, alternated and repeated (median), on a context of ``--context`` tokens from a
@@ -30,7 +31,7 @@ def main() -> None:
     from dspark_model.atomic import atomic_write_json
     from dspark_model.config import DraftConfig, TargetSpec
     from dspark_model.draft import build_draft_for
-    from dspark_model.prepack import PackedLinear, prepack_linears
+    from dspark_model.prepack import PackedLinear, prepack_linears, unpack_linears
     from dspark_model.target import crop_cache, load_target
     from eval.scheduler import describe_hardware
 
@@ -104,6 +105,9 @@ def main() -> None:
             times[f"propose_{n}"].append(propose(n))
     med = {k: statistics.median(v) for k, v in times.items()}
     one = med["target_1"]
+    unpack_linears(target.model)
+    by_length = _round_cost_by_length(target, drafts[f"vocab-{args.vocab[0]}"][0] if args.vocab else drafts["full"][0],
+                                      ids[0].tolist(), args.gamma, args.repeats)
     batched = _batched_drafting(drafts[f"vocab-{args.vocab[0]}"][0] if args.vocab else drafts["full"][0],
                                 out.tap_hidden, ids, args.requests, args.gamma, args.repeats)
     result = {
@@ -112,6 +116,7 @@ def main() -> None:
         "propose_over_target_step": {n: med[f"propose_{n}"] / one for n in drafts},
         "verify_over_target_step": med[f"target_{V}"] / one,
         "draft_round_batched_over_per_request": batched,
+        "round_cost_by_length": by_length,
     }
     if packed:  # both relative to the plain one-token step, which packing for V rows leaves as it was
         result["verify_over_target_step_prepacked"] = med[f"target_{V}_prepacked"] / one
@@ -119,6 +124,19 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if "over" in k}, indent=1))
+
+
+def _round_cost_by_length(target, draft, ids: list[int], gamma: int, repeats: int) -> dict:
+    """{gamma': {propose, verify, verify_prepacked}} for gamma' = 1..gamma, in one-token target steps timed
+    alongside: eval's own cost profile (``eval.gamma_tuning.profile_round_costs``, every length and kernel
+    alternated), the forward over gamma' + 1 tokens with and without packing for that count."""
+    from eval.gamma_tuning import profile_round_costs
+
+    costs = profile_round_costs(target, draft, ids, range(1, gamma + 1), 0.0, True, repeats=repeats)
+    return {str(g): {"propose": c["draft_s"] / c["one_token_s"], "verify": c["verify_s"] / c["one_token_s"],
+                     "verify_prepacked": None if c["verify_prepacked_s"] is None
+                     else c["verify_prepacked_s"] / c["one_token_s"]}
+            for g, c in costs.items()}
 
 
 def _batched_drafting(draft, taps, ids, requests, gamma: int, repeats: int) -> dict:

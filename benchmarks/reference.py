@@ -20,6 +20,9 @@ Stages, each a plain command of the toolkit (printed before it runs) that resume
 3. ``eval-<draft>-t<T>`` (dspark, dflash, eagle3): ``python -m eval`` on the three sets of
    ``../shared/datasets/eval`` at T=0 and T=1 (EAGLE-3: chain drafting of gamma = 7 tokens, no tree). DSpark runs with both baselines (plain ``generate`` and prompt lookup, measured in the same run) and
    is calibrated; DFlash at T=0 runs with ``generate`` (for its greedy-identity check and its own speed-up).
+   ``eval-<draft>-t0-tuned`` (dspark, dflash): the same T=0 eval with ``gamma_tuning.enabled=true``, the
+   verification length chosen for this machine by an untimed pilot on other prompts of the eval sets and a
+   timing of each length's round (``eval/gamma_tuning.py``), with ``generate`` timed beside it.
 4. ``heldout-data`` + ``heldout-tau``: the eval prompts regenerated greedily by the target (``data_prep``) and
    ``benchmarks/heldout_tau.py`` on them: the target's probability mass inside the draft vocabulary (the
    ceiling the restriction sets) and each draft's greedy acceptance replayed on those answers.
@@ -130,18 +133,24 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
     if b.ablation_steps:
         cmds[f"train-{ABLATION}"] = train(ABLATION, "dspark", "draft.draft_vocab_size=null", b.ablation_steps)
     baseline = [EAGLE3] if b.eagle3_steps >= 0 else []
+
+    def evaluate(name: str, t: float, folder: str, *extra: str) -> list[str]:
+        return [py, "-m", "eval", f"draft={run / ('train-' + name) / 'final'}", "prompts=shared-eval",
+                f"num_prompts={b.eval_prompts_per_source}", f"max_new_tokens={b.eval_tokens}", f"temperature={t:g}",
+                f"seed={b.seed}", f"cpu_threads={b.threads}", f"out_dir={run / 'eval' / folder}", *extra]
+
     for name in (*DRAFT_NAMES, *baseline, *([ABLATION] if b.ablation_steps else [])):
         for t in (TEMPERATURES if name in (*DRAFT_NAMES, EAGLE3) else (0.0,)):
             first = name == "dspark"
-            cmds[f"eval-{name}-t{t:g}"] = [
-                py, "-m", "eval", f"draft={run / ('train-' + name) / 'final'}", "prompts=shared-eval",
-                f"num_prompts={b.eval_prompts_per_source}", f"max_new_tokens={b.eval_tokens}",
-                f"temperature={t:g}", f"seed={b.seed}", f"cpu_threads={b.threads}",
-                f"out_dir={run / 'eval' / f'{name}-t{t:g}'}",
-                f"baselines.generate={str(first or t == 0).lower()}",
+            cmds[f"eval-{name}-t{t:g}"] = evaluate(
+                name, t, f"{name}-t{t:g}", f"baselines.generate={str(first or t == 0).lower()}",
                 f"baselines.prompt_lookup={str(first).lower()}",
                 # the T=0 calibration is the one a server would use; T=1 is reported beside it
-                f"calibration.write_to_checkpoint={str(t == 0).lower()}"]
+                f"calibration.write_to_checkpoint={str(t == 0).lower()}")
+    for name in DRAFT_NAMES:  # the verification length chosen for this machine (eval/gamma_tuning.py)
+        cmds[f"eval-{name}-t0-tuned"] = evaluate(name, 0.0, f"{name}-t0-tuned", "gamma_tuning.enabled=true",
+                                                 "baselines.generate=true", "baselines.prompt_lookup=false",
+                                                 "calibration.enabled=false")
     drafts = [f"{n}={run / ('train-' + n) / 'final'}" for n in (*DRAFT_NAMES, *([ABLATION] if b.ablation_steps else []))]
     cmds["heldout-tau"] = [py, str(ROOT / "benchmarks" / "heldout_tau.py"), "--data", str(run / "heldout"),
                            "--threads", str(b.threads), "--out", str(run / "heldout_tau.json"), "--draft", *drafts]

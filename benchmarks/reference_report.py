@@ -27,6 +27,7 @@ TEMPERATURES = (0.0, 1.0)
 TEMPS = tuple(f"{t:g}" for t in TEMPERATURES)  # as in the eval folder names: eval/<draft>-t<T>
 GOALS = {"tau_ratio": 1.20, "tau_ratio_eagle3": 1.35, "speedup_vs_generate": 1.0, "ece_after": 0.015, "auroc": 0.85,
          "scheduler_vs_best_fixed": 1.0, "tau_pooled_t0": 2.0, "acceptance_k1_t0": 0.5}
+TUNED = "tuned"  # eval/<draft>-t0-tuned: the same draft at the verification length tuned for the machine
 LIVE_DIR = "scheduler-live"  # eval/<LIVE_DIR>: the scheduler-live stage's eval folder
 LIVE_KEYS = ("requests", "algorithm1_tokens_per_s", "best_fixed_tokens_per_s", "best_fixed_length",
              "algorithm1_vs_best_fixed", "greedy_match_rate", "best_fixed_heldout_tokens_per_s",
@@ -148,6 +149,7 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         "speedup_vs_generate": per("speedup_vs_generate"),
         "speedup_vs_generate_by_dataset": speed,
         "speedup_vs_prompt_lookup": {"dspark": per("speedup_vs_prompt_lookup")["dspark"]},
+        "tuned_gamma_t0": _tuned(run),
         "greedy_match_rate": {d: reports[d, "0"].greedy_match_rate if reports[d, "0"] else None for d in drafts},
         "ece_before": calib.get("T=0", {}).get("ece_before"),
         "ece_after": calib.get("T=0", {}).get("ece_after"),
@@ -172,7 +174,8 @@ def build(run: Path, state: dict) -> tuple[dict, dict]:
         },
         "eval_settings": {f"{d}-t{t}": r.settings for (d, t), r in reports.items() if r},
         **_vocab_and_speed(run, stages, train),
-        "missing": missing + [s for s in ("train-memory", "cache-dtypes", "heldout-tau")
+        "missing": missing + [s for s in ("train-memory", "cache-dtypes", "heldout-tau",
+                                          *(f"eval-{d}-t0-{TUNED}" for d in DRAFT_NAMES))
                               if not stages.get(s, {}).get("done")],
     }
     result["goals"] = goals(result)
@@ -225,6 +228,27 @@ def _vocab_and_speed(run: Path, stages: dict, train: dict) -> dict:
     }
 
 
+def _tuned(run: Path) -> dict:
+    """Each draft at T=0 with the verification length eval tuned for this machine (``eval-<draft>-t0-tuned``):
+    the chosen gamma, tau and the speed-up against ``generate`` measured in that run."""
+    out = {}
+    for d in DRAFT_NAMES:
+        folder = run / "eval" / f"{d}-t{TEMPS[0]}-{TUNED}"
+        r = _report(folder / "report.json")
+        if r is None:
+            continue
+        tuning = r.settings.get("gamma_tuning") or {}
+        out[d] = {"gamma": r.settings.get("gamma"), "trained_block_size": r.settings.get("draft_block_size"),
+                  "prepacked_rows": r.settings.get("target_gemm_prepacked_rows"), "tau": r.tau,
+                  "tau_by_dataset": r.tau_by_dataset, "speedup_vs_generate": r.speedup_vs_generate,
+                  "speedup_vs_generate_by_dataset": _speedup_by_dataset(folder),
+                  "greedy_match_rate": r.greedy_match_rate, "tokens_per_s": r.tokens_per_s,
+                  "pilot": {k: tuning.get(k) for k in ("pilot_prompts", "pilot_rounds", "survival")},
+                  "expected_tokens_per_s": {g: c.get("expected_tokens_per_s")
+                                            for g, c in (tuning.get("candidates") or {}).items()}}
+    return out
+
+
 def live_ratios(live: dict) -> list[float]:
     """Algorithm 1 / best fixed length per request count, live: against the best fixed length picked on
     held-out repeats when the run had two or more (the in-sample best is biased upwards, eval/live.py)."""
@@ -250,6 +274,8 @@ def goals(r: dict) -> dict:
         "tau_ratio_dspark_over_eagle3_min": rec(min(over_eagle3) if over_eagle3 else None,
                                                 GOALS["tau_ratio_eagle3"]),
         "speedup_vs_generate_min_dspark": rec(min(speed) if speed else None, GOALS["speedup_vs_generate"]),
+        "speedup_vs_generate_tuned_gamma_t0_dspark": rec(
+            (r.get("tuned_gamma_t0") or {}).get("dspark", {}).get("speedup_vs_generate"), GOALS["speedup_vs_generate"]),
         "greedy_match_rate_min": rec(min((v for v in r["greedy_match_rate"].values() if v is not None),
                                          default=None), 1.0),
         "ece_after": rec(r["ece_after"], GOALS["ece_after"], higher=False),
@@ -411,6 +437,13 @@ def markdown(r: dict, figs: list[str], fig_rel: str) -> str:
               if any(v.get("T=0") is not None for v in sets.values())]
     if by_set:
         lines += ["", "Speed-up vs `generate` per eval set at T=0: " + "; ".join(by_set) + "."]
+    tuned = [f"{d} γ = {t['gamma']} of {t['trained_block_size']}: τ {_f(t['tau'])}, {_f(t['speedup_vs_generate'], 2)}× "
+             f"`generate` pooled (" + ", ".join(f"{ds} {_f(v, 2)}" for ds, v in t["speedup_vs_generate_by_dataset"].items())
+             + f"), greedy identity {_f(t['greedy_match_rate'], 3)}" for d, t in r.get("tuned_gamma_t0", {}).items()]
+    if tuned:
+        lines += ["", "At the verification length eval tunes for this machine (`gamma_tuning.enabled=true`: an "
+                  "untimed pilot on other prompts of the same sets, each length's round timed; "
+                  "`eval/gamma_tuning.py`), T=0: " + "; ".join(tuned) + "."]
     lines += ["", "Greedy identity (T=0, speculative output == `generate` output): " +
               ", ".join(f"{d} {_f(v, 3)}" for d, v in r["greedy_match_rate"].items()), ""]
     lines += ["**Calibration (DSpark confidence head, Sequential Temperature Scaling, held-out prompts):**", "",

@@ -81,8 +81,10 @@ def check_identity(ckpt: Path, spec, target, allow_mismatch: bool) -> None:
                     log)
 
 
-def load_eval_prompts(cfg: EvalConfig) -> list:
-    """The prompts, at most ``num_prompts`` per source; relative paths also tried against the repo root."""
+def load_eval_prompts(cfg: EvalConfig, num_prompts: int | None = None) -> list:
+    """The prompts, at most ``num_prompts`` (default ``cfg.num_prompts``) per source; relative paths also tried
+    against the repo root."""
+    num_prompts = num_prompts if num_prompts is not None else cfg.num_prompts
     from data_prep.sources import load_prompts
 
     sources = []
@@ -91,8 +93,8 @@ def load_eval_prompts(cfg: EvalConfig) -> list:
         if src.path and not src.path.startswith("pkg://") and not Path(src.path).expanduser().is_absolute():
             if not Path(src.path).exists() and (ROOT / src.path).exists():
                 src.path = str((ROOT / src.path).resolve())
-        if cfg.num_prompts is not None:
-            src.num_samples = min(cfg.num_prompts, src.num_samples or cfg.num_prompts)
+        if num_prompts is not None:
+            src.num_samples = min(num_prompts, src.num_samples or num_prompts)
         sources.append(src)
     return load_prompts(sources, seed=cfg.seed).prompts
 
@@ -135,13 +137,22 @@ def run(cfg: EvalConfig) -> str:
                            warmup=cfg.warmup, progress=cfg.progress)
     log.info("evaluating %s on %s: %d prompts, gamma=%d, T=%g -> %s", cfg.draft_checkpoint, spec.id,
              len(prompts), gamma, cfg.temperature, out_dir)
-    prepacked = [gamma + 1] if cfg.prepack_gemm and prepack_linears(target.model, [gamma + 1]) else []
+    tuning, calibration = choose_length(cfg, target, draft, prompts, settings, gamma), cfg.calibration
+    if tuning["gamma"] != gamma:
+        settings = dataclasses.replace(settings, gamma=tuning["gamma"])
+        if calibration.enabled and calibration.write_to_checkpoint and draft.confidence_head is not None:
+            log.info("gamma_tuning chose gamma=%d < %d: its calibration stays in %s, not written to the checkpoint "
+                     "(servers verify up to the block size)", tuning["gamma"], gamma, out_dir)
+            calibration = dataclasses.replace(calibration, write_to_checkpoint=False)
+        gamma = tuning["gamma"]
+    prepacked = [gamma + 1] if tuning["prepack"] and prepack_linears(target.model, [gamma + 1]) else []
     records, rows, outputs = compare_on_prompts(target, draft, prompts, settings)
     unpack_linears(target.model)  # the live stage profiles and runs its own batch sizes on the plain kernels
-    report = build_report(acceptance_summary(records, gamma), throughput_summary(rows),
-                          run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt, prepacked))
+    record = run_settings_record(cfg, spec, target, draft, settings, prompts, ckpt, prepacked)
+    record["gamma_tuning"] = tuning
+    report = build_report(acceptance_summary(records, gamma), throughput_summary(rows), record)
     if cfg.calibration.enabled and draft.confidence_head is not None:
-        report = dataclasses.replace(report, **calibrate(records, target, out_dir, ckpt, cfg.calibration, cfg.seed,
+        report = dataclasses.replace(report, **calibrate(records, target, out_dir, ckpt, calibration, cfg.seed,
                                                          spec, weights_sha256))
     if cfg.scheduler_live.enabled:
         from eval.live import run_live_stage
@@ -152,6 +163,28 @@ def run(cfg: EvalConfig) -> str:
     log.info("tau %.3f | tokens/s %s | greedy match %s | report: %s/report.md", report.tau or 0,
              {k: round(v, 1) for k, v in report.tokens_per_s.items() if v}, report.greedy_match_rate, out_dir)
     return out_dir
+
+
+def choose_length(cfg: EvalConfig, target, draft, prompts, settings, gamma: int) -> dict:
+    """The verification length and kernel to time with: ``gamma_tuning``'s pilot and profile when enabled;
+    otherwise ``gamma``, prepacked where ``prepack_gemm`` and a timing of both kernels says it pays.
+    Returns the report's ``settings.gamma_tuning`` record (``gamma``, ``prepack``, what was measured)."""
+    from dspark_model.prepack import prepack_problem
+    from eval import gamma_tuning
+
+    can_pack = cfg.prepack_gemm and prepack_problem(target.model) is None
+    if cfg.gamma_tuning.enabled:
+        pilot = gamma_tuning.pilot_prompts(lambda n: load_eval_prompts(cfg, n), prompts,
+                                           cfg.gamma_tuning.pilot_prompts, cfg.num_prompts)
+        return gamma_tuning.tune_gamma(target, draft, pilot, settings, gamma, can_pack,
+                                       cfg.gamma_tuning.profile_repeats)
+    if not can_pack:
+        return {"gamma": gamma, "prepack": False, "enabled": False}
+    costs = gamma_tuning.profile_round_costs(target, draft, gamma_tuning.first_turn_ids(target, prompts[0], settings),
+                                             [gamma], settings.temperature, True, repeats=5, seed=settings.seed)
+    c = costs[gamma]
+    return {"gamma": gamma, "prepack": c["verify_prepacked_s"] < c["verify_s"], "enabled": False,
+            "verify_s": c["verify_s"], "verify_prepacked_s": c["verify_prepacked_s"]}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

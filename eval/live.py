@@ -49,24 +49,27 @@ from __future__ import annotations
 
 import logging
 import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from eval.calibration import apply_sts, prefix_survival
-from eval.live_cost import draft_round, profile_draft_seconds, profile_packed_sps
+from eval.live_batch import (  # noqa: F401  (re-exported: the batched decoding the measurement runs)
+    BatchOutput,
+    BatchRun,
+    PackedContext,
+    Policy,
+    batched_speculative_generate,
+    check_window,
+)
+from eval.live_cost import profile_draft_seconds, profile_packed_sps
 from eval.scheduler import SpsLike, SpsTable, describe_hardware, schedule_algorithm1, with_draft_cost
-from eval.speculative import SpecOutput, sample_token, target_distribution, verify_block
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUESTS = (1, 2, 4, 8, 16)
 PLOT_NAME = "scheduler_live.png"
-# policy(confidences (R, gamma) float array or None, gamma) -> verification lengths (R,) in 0..gamma
-Policy = Callable[[np.ndarray | None, int], np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,229 +108,6 @@ def algorithm1_policy(temperatures: Sequence[float], sps: SpsLike,
         return schedule_algorithm1(survival, with_draft_cost(sps, drafting))
 
     return choose
-
-
-# ----------------------------------------------------------------------------------------------------
-# The packed KV cache of all active requests
-# ----------------------------------------------------------------------------------------------------
-
-class PackedContext:
-    """The target's KV cache of every active request in one row; each column's request and position."""
-
-    def __init__(self, device: torch.device):
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()  # plain full-attention layers (see the module docstring)
-        self.owner = torch.empty(0, dtype=torch.long, device=device)  # (L,) request index of each column
-        self.position = torch.empty(0, dtype=torch.long, device=device)  # (L,) its position in that request
-
-    @property
-    def length(self) -> int:
-        return int(self.owner.numel())
-
-    def mask(self, owner: torch.Tensor, position: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(1, 1, Q, L + Q) additive mask for Q new tokens: own request, position <= the query's."""
-        keys_owner = torch.cat([self.owner, owner])  # (L + Q,)
-        keys_pos = torch.cat([self.position, position])
-        allowed = (owner[:, None] == keys_owner[None, :]) & (keys_pos[None, :] <= position[:, None])  # (Q, L+Q)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=owner.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
-
-    def forward(self, target, ids: torch.Tensor, owner: torch.Tensor, position: torch.Tensor):
-        """One target forward over the packed tokens ``ids`` (Q,); their columns join the cache."""
-        out = target.forward(ids[None], attention_mask=self.mask(owner, position, target.dtype),
-                             past_key_values=self.cache, position_ids=position[None], use_cache=True)
-        self.owner = torch.cat([self.owner, owner])
-        self.position = torch.cat([self.position, position])
-        return out
-
-    def keep(self, keep: torch.Tensor) -> None:
-        """Drop the columns where ``keep`` (L,) is False, in every layer."""
-        if bool(keep.all()):
-            return
-        index = keep.nonzero().squeeze(1)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
-        self.owner, self.position = self.owner[index], self.position[index]
-
-
-def check_window(config, longest: int) -> None:
-    """Refuse a target whose sliding-window layers a request of ``longest`` positions could outgrow."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    sliding = window is not None and (layer_types is None or "sliding_attention" in layer_types)
-    if sliding and longest > int(window):
-        raise ValueError(f"batched decoding masks full attention over a packed cache; this target has "
-                         f"sliding-window layers (window {window}) and a request may reach {longest} positions: "
-                         f"lower max_new_tokens or the prompt length below the window")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Batched speculative decoding
-# ----------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Request:
-    index: int
-    max_new_tokens: int
-    generator: torch.Generator | None
-    context: object  # the draft's context cache of this request
-    anchor: int
-    position: int  # position of the anchor (not yet in either cache)
-    out: SpecOutput = field(default_factory=lambda: SpecOutput(tokens=[]))
-    done: bool = False
-
-
-@dataclass
-class BatchOutput:
-    """One batched generation: per-request outputs (input order) and the batch's accounting."""
-
-    outputs: list[SpecOutput]
-    rounds: int = 0  # verification forwards (the prefill is one more target forward)
-    batch_tokens: list[int] = field(default_factory=list)  # B = sum_r (1 + l_r) of each round
-    verified: list[list[int]] = field(default_factory=list)  # the chosen l_r of each round's active requests
-    prefill_s: float = 0.0
-    decode_s: float = 0.0  # every round: drafting, scheduling, verification, cache cleanup
-    draft_s: float = 0.0  # the draft's part of decode_s
-
-    @property
-    def decode_tokens(self) -> int:
-        """Tokens emitted by the rounds (each request's first token comes from the prefill)."""
-        return sum(max(len(o.tokens) - 1, 0) for o in self.outputs)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _prefill(target, draft, packed: PackedContext, prompts, max_new, temperature, generators) -> list[_Request]:
-    """All prompts in one packed forward; each request's draft context and first token."""
-    device = target.device
-    lengths = [len(p) for p in prompts]
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # (sum T,)
-    owner = torch.repeat_interleave(torch.arange(len(prompts), device=device),
-                                    torch.tensor(lengths, device=device))
-    position = torch.cat([torch.arange(n, device=device) for n in lengths])
-    out = packed.forward(target, ids, owner, position)
-    ends = np.cumsum(lengths)
-    last = torch.as_tensor(ends - 1, device=device)
-    probs = target_distribution(target.logits(out.final_hidden[0, last]), temperature)  # (N, V)
-    requests = []
-    for i, (start, end) in enumerate(zip(ends - np.array(lengths), ends)):
-        context = draft.new_cache()
-        draft.extend_context(context, out.tap_hidden[:, int(start):int(end)])
-        first = int(probs[i].argmax()) if temperature <= 0 else sample_token(probs[i], generators[i])
-        request = _Request(i, max_new[i], generators[i], context, first, lengths[i])
-        request.out.tokens.append(first)
-        request.out.target_forwards = 1
-        requests.append(request)
-    return requests
-
-
-def _finish(request: _Request, eos: set) -> None:
-    """Truncate to max_new_tokens (as ``generate`` does) and settle whether an EOS ended the output."""
-    out = request.out
-    out.tokens = out.tokens[:request.max_new_tokens]
-    out.stopped_by_eos = bool(out.tokens) and out.tokens[-1] in eos
-    request.done = True
-
-
-def _verify_round(target, draft, packed, active, proposals, lengths, temperature, eos, columns_before):
-    """Run the packed verification forward and settle every active request; returns (keep mask, B)."""
-    device = target.device
-    ids, owner, position = [], [], []
-    for request, proposal, length in zip(active, proposals, lengths):
-        ids += [request.anchor] + proposal.tokens[0, :length].tolist()
-        owner += [request.index] * (length + 1)
-        position += range(request.position, request.position + length + 1)
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    out = packed.forward(target, as_long(ids), as_long(owner), as_long(position))
-    p_all = target_distribution(target.logits(out.final_hidden[0]), temperature)  # (B, V) fp32
-    keep = torch.ones(packed.length, dtype=torch.bool, device=device)
-    offset = 0
-    for request, proposal, length in zip(active, proposals, lengths):
-        verdict = verify_block(p_all[offset:offset + length + 1], proposal.tokens[0, :length].tolist(),
-                               proposal.probs[0, :length].float(), temperature, request.generator, eos)
-        n = verdict.accepted
-        new = proposal.tokens[0, :n].tolist() + ([verdict.next_token] if verdict.next_token is not None else [])
-        out_r = request.out
-        out_r.tokens.extend(new)
-        out_r.target_forwards += 1
-        out_r.rounds.append({"round": len(out_r.rounds), "gamma": int(proposal.tokens.shape[1]),
-                             "verified": length, "accepted": n, "emitted": len(new)})
-        if verdict.eos or verdict.next_token in eos or len(out_r.tokens) >= request.max_new_tokens:
-            _finish(request, eos)
-        else:  # keep the anchor and the n accepted tokens; the rejected tail leaves the cache
-            start = columns_before + offset
-            keep[start + n + 1:start + length + 1] = False
-            draft.extend_context(request.context, out.tap_hidden[:, offset:offset + n + 1])
-            request.position += n + 1
-            request.anchor = verdict.next_token
-        offset += length + 1
-    return keep, len(ids)
-
-
-@torch.no_grad()
-def batched_speculative_generate(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens,
-                                 policy: Policy, temperature: float = 0.0, gamma: int | None = None,
-                                 generators: Sequence[torch.Generator | None] | None = None,
-                                 eos_token_ids: Sequence[int] = ()) -> BatchOutput:
-    """Decode every prompt (lists of ids) concurrently; ``max_new_tokens``: one int or one per prompt.
-
-    Each round the draft proposes gamma tokens per active request, ``policy`` picks the verification lengths,
-    one packed target forward verifies them all (module docstring), and ``verify_block`` settles each request.
-    ``generators``: one per request (None: torch's default generator). Outputs are in input order.
-    """
-    gamma = gamma or draft.block_size
-    if gamma > draft.block_size:
-        raise ValueError(f"gamma={gamma} exceeds the draft's trained block size {draft.block_size}")
-    prompts = [list(p) for p in prompts]
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("batched_speculative_generate needs at least one prompt, none of them empty")
-    max_new = list(max_new_tokens) if isinstance(max_new_tokens, Sequence) else [int(max_new_tokens)] * len(prompts)
-    if len(max_new) != len(prompts) or min(max_new) < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, one value or one per prompt, got {max_new_tokens}")
-    check_window(target.config, max(len(p) + m for p, m in zip(prompts, max_new)) + gamma)
-    generators = list(generators) if generators is not None else [None] * len(prompts)
-    eos = {int(e) for e in eos_token_ids}
-    device = target.device
-    _sync(device)
-    start = time.perf_counter()
-    packed = PackedContext(device)
-    requests = _prefill(target, draft, packed, prompts, max_new, temperature, generators)
-    result = BatchOutput([r.out for r in requests])
-    for request in requests:
-        if request.anchor in eos or request.max_new_tokens <= 1:
-            _finish(request, eos)
-    _sync(device)
-    result.prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    while True:
-        done = torch.tensor([r.done for r in requests], device=device)
-        packed.keep(~done[packed.owner])  # finished requests leave the cache
-        active = [r for r in requests if not r.done]
-        if not active:
-            break
-        draft_start = time.perf_counter()
-        proposals = draft_round(draft, [r.context for r in active], [r.anchor for r in active], temperature,
-                                [r.generator for r in active], gamma)
-        confidences = None
-        if all(p.confidences is not None for p in proposals):
-            confidences = torch.cat([p.confidences for p in proposals]).double().cpu().numpy()  # (R, gamma)
-        _sync(device)
-        result.draft_s += time.perf_counter() - draft_start
-        lengths = [int(n) for n in policy(confidences, gamma)]
-        keep, batch = _verify_round(target, draft, packed, active, proposals, lengths, temperature, eos,
-                                    packed.length)
-        packed.keep(keep)
-        result.rounds += 1
-        result.batch_tokens.append(batch)
-        result.verified.append(lengths)
-    _sync(device)
-    result.decode_s = time.perf_counter() - start
-    return result
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -375,8 +155,8 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
 
     Request i decodes ``prompts[i % len(prompts)]`` with its own generator (seeded from ``seed`` and i, the
     same for every policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefill,
-    the same for every policy, is excluded and reported apart), median over ``repeats`` runs (the policies
-    run forwards in even repeats and backwards in odd ones; see ``_row`` for the held-out best). At T = 0,
+    the same for every policy, is excluded and reported apart), median over ``repeats`` runs; in each repeat
+    the policies' rounds are interleaved (``_lockstep``; see ``_row`` for the held-out best). At T = 0,
     ``reference(prompt ids)`` (plain greedy decoding) gives the tokens every request must match.
     Algorithm 1's costs for each N come from ``round_costs``: ``sps`` None = profiled in the packed layout
     (``profile_warmup`` / ``profile_repeats``), ``draft_cost`` = the profiled drafting time in the objective.
@@ -404,12 +184,9 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                                   "draft_seconds_per_round": seconds}
         policies = _policies(temperatures, table, gamma, seconds)
         runs: dict[str, list[dict]] = {name: [] for name in policies}
-        for r in range(repeats):  # forwards, then backwards: a drift in machine speed hits every policy alike
-            for name, policy in (list(policies.items()) if r % 2 == 0 else list(policies.items())[::-1]):
-                generators = [torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + i)
-                              for i in range(n_requests)]
-                out = batched_speculative_generate(target, draft, batch, max_new_tokens, policy, temperature,
-                                                   gamma, generators, eos)
+        for r in range(repeats):
+            outputs = _lockstep(target, draft, batch, max_new_tokens, policies, temperature, gamma, seed, eos, r)
+            for name, out in outputs.items():
                 runs[name].append(_run_stats(out))
                 if reference is not None and temperature <= 0:
                     for prompt, output in zip(batch, out.outputs):
@@ -424,6 +201,30 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                  rows[-1]["best_fixed_tokens_per_s"])
     return _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, costs,
                     draft_cost, matched / checked if checked else None)
+
+
+def _lockstep(target, draft, batch, max_new_tokens, policies: Mapping[str, Policy], temperature: float,
+              gamma: int, seed: int, eos, repeat: int) -> dict[str, BatchOutput]:
+    """One timed run of every policy on ``batch``, the policies' rounds interleaved: each prefill, then round
+    after round one step of every unfinished run, the order rotated each round. A policy's time is the sum of
+    its own prefill and rounds, so a drift in machine speed, even within a run, hits every policy alike."""
+    names = list(policies) if repeat % 2 == 0 else list(policies)[::-1]
+    runs = {}
+    for name in names:
+        generators = [torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + i)
+                      for i in range(len(batch))]
+        runs[name] = BatchRun(target, draft, batch, max_new_tokens, policies[name], temperature, gamma, generators,
+                              eos)
+    turn = 0
+    while True:
+        live = [n for n in names if not runs[n].done]
+        if not live:
+            break
+        shift = turn % len(live)
+        for name in live[shift:] + live[:shift]:
+            runs[name].step()
+        turn += 1
+    return {name: runs[name].output for name in policies}
 
 
 def _best_fixed(tps: Mapping[str, float]) -> int:

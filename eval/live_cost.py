@@ -62,7 +62,7 @@ def packed_step_fn(target, requests: int, context_len: int, temperature: float =
     ``requests`` contexts of ``context_len`` random tokens. The B tokens go to min(B, requests) requests, as
     evenly as they divide, each run at its own positions; logits and distributions of all B positions are
     computed, then the new columns are dropped (the loop's cleanup), so every call sees the same cache."""
-    from eval.live import PackedContext
+    from eval.live_batch import PackedContext
 
     device, vocab = target.device, target.vocab_size
     generator = torch.Generator().manual_seed(seed)

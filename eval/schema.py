@@ -65,6 +65,18 @@ class SchedulerLiveConfig:
 
 
 @dataclass
+class GammaTuningConfig:
+    """Choose gamma for this draft on this machine before timing (eval/gamma_tuning.py): an untimed pilot at
+    the full length on prompts outside the timed set gives the acceptance profile, the calls of one round are
+    timed per length, and the length with the most expected tokens per second is used. The calibration fitted
+    at a shorter length stays in the eval folder (never written to the checkpoint)."""
+
+    enabled: bool = False
+    pilot_prompts: int = 3  # per source, beyond the num_prompts timed ones
+    profile_repeats: int = 15  # timed calls per length (median), every length and kernel alternated
+
+
+@dataclass
 class EvalConfig:
     # `draft=<checkpoint dir>` on the command line (Hydra reserves the name `draft` for the architecture
     # group, so the entry point renames it to this field). "random" builds an untrained draft from
@@ -78,8 +90,9 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     cpu_threads: int | None = None  # torch intra-op threads (None = torch's default)
     # CPU, float32 target: pack its GEMM weights once for the gamma + 1 rows of a verification forward
-    # (dspark_model/prepack.py; one more copy of the weights in memory). Other row counts, plain decoding's
-    # one-token step included, run the kernels they ran before. false: never pack.
+    # (dspark_model/prepack.py; one more copy of the weights in memory), kept where both kernels, timed on the
+    # first prompt, measured the packed one faster (for 2-3 rows it is not, on SmolLM2). Other row counts,
+    # plain decoding's one-token step included, run the kernels they ran before. false: never pack.
     prepack_gemm: bool = True
     temperature: float = 0.0  # 0 = greedy
     gamma: int | None = None  # tokens drafted per round; None = the draft's trained block size
@@ -93,6 +106,7 @@ class EvalConfig:
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     scheduler_live: SchedulerLiveConfig = field(default_factory=SchedulerLiveConfig)
+    gamma_tuning: GammaTuningConfig = field(default_factory=GammaTuningConfig)
     # The target must be the one the checkpoint records (id, revision, weights fingerprint); true: warn only.
     allow_target_mismatch: bool = False
 
@@ -107,6 +121,16 @@ def validate(cfg: EvalConfig) -> None:
         (cfg.max_new_tokens >= 1, f"max_new_tokens={cfg.max_new_tokens} must be >= 1"),
         (cfg.num_prompts is None or cfg.num_prompts >= 1, f"num_prompts={cfg.num_prompts} must be >= 1 or null"),
     ]
+    tuning = cfg.gamma_tuning
+    if tuning.enabled:
+        checks += [
+            (cfg.num_prompts is not None, "gamma_tuning.enabled=true pilots on prompts outside the timed set, but "
+             "num_prompts=null times every prompt: set num_prompts=<n>"),
+            (tuning.pilot_prompts >= 1, f"gamma_tuning.pilot_prompts={tuning.pilot_prompts} must be >= 1"),
+            (tuning.profile_repeats >= 1, f"gamma_tuning.profile_repeats={tuning.profile_repeats} must be >= 1"),
+            (not cfg.scheduler_live.enabled, "gamma_tuning picks one length for batch-1 decoding, while "
+             "scheduler_live compares Algorithm 1 with every length itself: enable one of them per eval"),
+        ]
     live = cfg.scheduler_live
     if live.enabled:
         checks += [

@@ -41,7 +41,11 @@ def test_both_drafts_train_with_identical_settings(tmp_path):
     assert _arg(full, "draft.draft_vocab_size") == "null"
     evals = [k for k in cmds if k.startswith("eval-")]
     assert evals == ["eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1", "eval-eagle3-t0",
-                     "eval-eagle3-t1", "eval-dspark-fullvocab-t0"]
+                     "eval-eagle3-t1", "eval-dspark-fullvocab-t0", "eval-dspark-t0-tuned", "eval-dflash-t0-tuned"]
+    tuned = cmds["eval-dspark-t0-tuned"]  # the T=0 eval of the same draft, but for the tuned length
+    assert [x for x in tuned if x not in cmds["eval-dspark-t0"]] == [
+        f"out_dir={tmp_path / 'eval' / 'dspark-t0-tuned'}", "gamma_tuning.enabled=true", "baselines.prompt_lookup=false",
+        "calibration.enabled=false"]
     assert cmds["heldout-tau"][-3:] == [f"{n}={tmp_path / ('train-' + n) / 'final'}"
                                         for n in ("dspark", "dflash", "dspark-fullvocab")]
     assert all(_arg(cmds[k], "prompts") == "shared-eval" for k in evals)
@@ -225,7 +229,8 @@ def test_whole_benchmark_on_a_tiny_target(tmp_path):
             "--draft-vocab-size", "64", "--ablation-steps", "2", "--eagle3-steps", "2",
             "--only", "data", "heldout-data", "train-dspark", "train-dflash", "train-dspark-fullvocab",
             "train-eagle3", "eval-dspark-t0", "eval-dspark-t1", "eval-dflash-t0", "eval-dflash-t1",
-            "eval-eagle3-t0", "eval-eagle3-t1", "eval-dspark-fullvocab-t0", "heldout-tau", "cache-dtypes"]
+            "eval-eagle3-t0", "eval-eagle3-t1", "eval-dspark-fullvocab-t0", "eval-dspark-t0-tuned",
+            "eval-dflash-t0-tuned", "heldout-tau", "cache-dtypes"]
     main(args)
     r = json.loads((tmp_path / "reference.json").read_text())
     assert r["greedy_match_rate"] == {"dspark": 1.0, "dflash": 1.0, "eagle3": 1.0}
@@ -240,6 +245,11 @@ def test_whole_benchmark_on_a_tiny_target(tmp_path):
     assert r["missing"] == ["train-memory"]
     assert r["draft_vocab_size"] == 64 and 0 < r["vocab_mass_in_draft"] <= 1
     assert r["ablation_full_vs_reduced_vocab"]["full"]["steps"] == 2
+    for d in ("dspark", "dflash"):
+        tuned = r["tuned_gamma_t0"][d]
+        assert 1 <= tuned["gamma"] <= tuned["trained_block_size"] and tuned["greedy_match_rate"] == 1.0
+    assert r["goals"]["speedup_vs_generate_tuned_gamma_t0_dspark"]["measured"] == r["tuned_gamma_t0"]["dspark"][
+        "speedup_vs_generate"]
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     main(args)  # everything done: only collected again
     assert json.loads((tmp_path / "run" / "state.json").read_text())["stages"] == state["stages"]

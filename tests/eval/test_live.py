@@ -72,6 +72,27 @@ def test_batched_greedy_equals_plain_greedy_per_request(seed, init, family):
     assert len(chosen) >= 2, f"Algorithm 1 chose a single length {chosen}: the test would not exercise it"
 
 
+def test_interleaved_runs_of_every_policy_equal_each_run_alone_at_t1():
+    # the live measurement steps all policies' runs in turn; each run keeps its own cache, context and
+    # generators, so interleaving changes nothing but which round runs when
+    target = _target(1, init=0.3)
+    draft = _draft(target, block_size=4)
+    prompts, max_new = _prompts(4, seed=5), [10, 3, 8, 10]
+    policies = _policies(4)
+    together = live._lockstep(target, draft, prompts, max_new, policies, 1.0, 4, seed=3, eos=[], repeat=1)
+    assert list(together) == list(policies)
+    for name, policy in policies.items():
+        generators = [torch.Generator().manual_seed(3 * 1_000_003 + i) for i in range(len(prompts))]
+        alone = batched_speculative_generate(target, draft, prompts, max_new, policy, 1.0, 4, generators)
+        assert [o.tokens for o in together[name].outputs] == [o.tokens for o in alone.outputs], name
+        assert together[name].verified == alone.verified and together[name].rounds == alone.rounds
+        assert together[name].decode_s > together[name].draft_s > 0 and together[name].prefill_s > 0
+    run = live.BatchRun(target, draft, prompts[:1], 2, fixed_policy(2), 0.0)
+    while run.step():
+        pass
+    assert run.done and not run.step() and run.output.rounds == len(run.output.verified) >= 1
+
+
 def test_an_eos_ends_its_request_and_the_others_continue():
     target = _target(2, init=0.3)
     draft = _draft(target)
