@@ -206,14 +206,35 @@ def load_speculators(export: Path, target):
     config.transformer_layer_config._attn_implementation = "eager"
     model, info = DSparkDraftModel.from_pretrained(export, config=config, output_loading_info=True,
                                                    dtype=torch.float32)  # before the verifier weights go in
-    notes = finish_speculators_loading(model, target, own_head=model.use_draft_vocab)
+    notes = finish_speculators_loading(model, target, model.use_draft_vocab, export)
     return model.float().to(target.device).eval(), info, notes
 
 
-def finish_speculators_loading(model, target, own_head: bool) -> list[str]:
+# The tensors speculators' __init__ fills with NaN ("never loaded"), which load_verifier_weights replaces
+# from the verifier only while they are still NaN.
+NAN_MARKED = ("embed_tokens.weight", "lm_head.weight", "verifier_lm_head.weight")
+
+
+def finish_speculators_loading(model, target, own_head: bool, export: Path | None = None) -> list[str]:
     """With output_loading_info, SpeculatorModel.from_pretrained returns before its two post-load steps; run
     them as it would (no t2d/d2t given: the checkpoint's own tables are kept), the verifier's weights from
-    the target when the export names no local folder. -> notes for the report."""
+    the target when the export names no local folder. -> notes for the report.
+
+    ``export``: the folder loaded. speculators marks its verifier tensors NaN in ``__init__`` and fills one
+    from the verifier only while it is NaN; transformers 5 builds the model on the meta device and leaves a
+    tensor the file lacks as uninitialised memory (not even reported missing for EAGLE-3), so whether
+    speculators then loads the verifier's embedding depended on that memory: an export without
+    ``embed_tokens``, as speculators saves them, ran with a garbage embedding in some processes. Those of the
+    marked tensors that ``export/model.safetensors`` lacks are therefore marked NaN again first."""
+    if export is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(Path(export) / "model.safetensors"), framework="pt") as f:
+            saved = set(f.keys())
+        state = model.state_dict()
+        with torch.no_grad():
+            for name in set(NAN_MARKED) - saved:
+                state[name].fill_(float("nan"))
     model.load_vocab_mappings(None, None)
     verifier = model.config.speculators_config.verifier.name_or_path
     if verifier and Path(verifier).is_dir():

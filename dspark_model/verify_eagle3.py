@@ -83,7 +83,7 @@ def load_speculators_eagle3(export: Path, target):
     config.transformer_layer_config._attn_implementation = "eager"
     model, info = super(Eagle3DraftModel, Eagle3DraftModel).from_pretrained(  # the base loader, see above
         export, config=config, output_loading_info=True, dtype=torch.float32)
-    notes = finish_speculators_loading(model, target, own_head=True)  # an EAGLE-3 head is always the draft's
+    notes = finish_speculators_loading(model, target, True, export)  # an EAGLE-3 head is always the draft's
     verifier = config.speculators_config.verifier.name_or_path
     if verifier and Path(verifier).is_dir():
         model.config.eagle_aux_hidden_state_layer_ids = resolve_target_layer_ids(model.target_layer_ids, verifier)

@@ -22,6 +22,7 @@ and returns the whole table for the report (``settings.gamma_tuning``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import statistics
@@ -121,8 +122,8 @@ def profile_round_costs(target, draft, prompt_ids: Sequence[int], gammas: Sequen
         return call
 
     def propose(gamma: int):
-        def call():
-            draft.propose(context, anchor_t, temperature, generator, gamma)
+        def call():  # a shallow copy: a draft may consume its context (EAGLE-3 commits the pending pairs)
+            draft.propose(copy.copy(context), anchor_t, temperature, generator, gamma)
             sync()
         return call
 

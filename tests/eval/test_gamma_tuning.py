@@ -80,6 +80,10 @@ def test_profile_round_costs_times_every_length_and_leaves_the_target_as_it_was(
     assert all(torch.equal(before[k], after[k]) for k in before)
     plain = profile_round_costs(tiny_target, draft, list(range(3, 20)), [2], 1.0, prepack=False, repeats=1)
     assert plain[2]["verify_prepacked_s"] is None
+    # a draft that consumes its context on every proposal (EAGLE-3) is timed as often as the others
+    eagle3 = build_draft_for(tiny_target, tiny_draft_config(architecture="eagle3", num_layers=1,
+                                                            sequential_head="none", confidence_head=False)).eval()
+    assert sorted(profile_round_costs(tiny_target, eagle3, list(range(3, 20)), [1, 3], 0.0, False, 2)) == [1, 3]
 
 
 def test_eval_with_gamma_tuning_times_the_chosen_length_and_keeps_its_calibration_local(tmp_path):
