@@ -477,9 +477,13 @@ def markdown(r: dict, figs: list[str], fig_rel: str) -> str:
             sp = f"{_f(sp['algorithm1'])} / {_f(sp[f'fixed_{length}'])}" if sp else "-"
             lines.append(f"| {n} | {_f(a1, 2)} | fixed_{length} | {_f(best, 2)} | {_f(ratio)} | "
                          f"{_f(heldout[i], 2)} | {_f(heldout_ratio[i])} | {sp} |")
-        lines += ["", f"({(live.get('settings') or {}).get('repeats', '?')} repeat(s), medians; the goal is judged on the held-out "
-                  "column when there are two repeats or more: the best of seven noisy measurements overstates "
-                  "what picking one fixed length in advance would give)"]
+        settings = live.get("settings") or {}
+        per_slot = settings.get("requests_per_slot", 1)
+        lines += ["", f"({settings.get('repeats', '?')} repeat(s), medians; "
+                  + (f"N x {per_slot} requests per run, at most N at a time; " if per_slot > 1
+                     else "one closed batch of N requests per run; ")
+                  + "the goal is judged on the held-out column when there are two repeats or more: the best of "
+                  "seven noisy measurements overstates what picking one fixed length in advance would give)"]
     tm = r["train_memory"]
     if tm:
         lines += ["", f"**Training peak memory** (same run, benchmarks/train_memory.py settings): chunked "

@@ -150,11 +150,13 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                            seed: int = 0, eos_token_ids: Sequence[int] = (), repeats: int = 1,
                            reference: Callable[[list[int]], list[int]] | None = None,
                            warmup: bool = True, draft_cost: bool = True, profile_warmup: int = 1,
-                           profile_repeats: int = 5) -> dict:
+                           profile_repeats: int = 5, requests_per_slot: int = 1) -> dict:
     """Tokens/s of Algorithm 1 and of every fixed length 1..gamma with N concurrent requests, N in ``requests``.
 
-    Request i decodes ``prompts[i % len(prompts)]`` with its own generator (seeded from ``seed`` and i, the
-    same for every policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefill,
+    N x ``requests_per_slot`` requests are decoded, at most N at a time: a waiting request takes the place of
+    a finished one (``BatchRun``), so with more than one per slot the batch stays full as on a server, instead
+    of draining while its last, slowest request finishes. Request i decodes ``prompts[i % len(prompts)]``
+    with its own generator (seeded from ``seed`` and i, the same for every policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefill,
     the same for every policy, is excluded and reported apart), median over ``repeats`` runs; in each repeat
     the policies' rounds are interleaved (``_lockstep``; see ``_row`` for the held-out best). At T = 0,
     ``reference(prompt ids)`` (plain greedy decoding) gives the tokens every request must match.
@@ -167,8 +169,9 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
     """
     gamma = gamma or draft.block_size
     prompts = [list(p) for p in prompts]
-    if not prompts or repeats < 1 or not requests or min(requests) < 1:
-        raise ValueError("measure_scheduler_live needs prompts, repeats >= 1 and request counts >= 1")
+    if not prompts or repeats < 1 or not requests or min(requests) < 1 or requests_per_slot < 1:
+        raise ValueError("measure_scheduler_live needs prompts, repeats >= 1, request counts >= 1 and "
+                         "requests_per_slot >= 1")
     eos = list(eos_token_ids)
     if warmup:
         batched_speculative_generate(target, draft, prompts[:2], min(8, max_new_tokens), fixed_policy(gamma),
@@ -177,15 +180,16 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
     checked = matched = 0
     rows, costs = [], {}
     for n_requests in requests:
-        batch = [prompts[i % len(prompts)] for i in range(n_requests)]
-        table, seconds = round_costs(target, draft, batch, gamma, max_new_tokens, temperature, sps, draft_cost,
-                                     profile_warmup, profile_repeats)
+        batch = [prompts[i % len(prompts)] for i in range(n_requests * requests_per_slot)]
+        table, seconds = round_costs(target, draft, batch[:n_requests], gamma, max_new_tokens, temperature, sps,
+                                     draft_cost, profile_warmup, profile_repeats)
         costs[str(n_requests)] = {"sps": table.to_dict() if isinstance(table, SpsTable) else None,
                                   "draft_seconds_per_round": seconds}
         policies = _policies(temperatures, table, gamma, seconds)
         runs: dict[str, list[dict]] = {name: [] for name in policies}
         for r in range(repeats):
-            outputs = _lockstep(target, draft, batch, max_new_tokens, policies, temperature, gamma, seed, eos, r)
+            outputs = _lockstep(target, draft, batch, max_new_tokens, policies, temperature, gamma, seed, eos, r,
+                                n_requests)
             for name, out in outputs.items():
                 runs[name].append(_run_stats(out))
                 if reference is not None and temperature <= 0:
@@ -199,12 +203,14 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
         log.info("scheduler_live N=%d: algorithm1 %.1f tok/s, best fixed L=%d %.1f tok/s", n_requests,
                  rows[-1]["tokens_per_s"]["algorithm1"], rows[-1]["best_fixed_length"],
                  rows[-1]["best_fixed_tokens_per_s"])
-    return _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, costs,
-                    draft_cost, matched / checked if checked else None)
+    summary = _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, costs,
+                       draft_cost, matched / checked if checked else None)
+    summary["settings"]["requests_per_slot"] = requests_per_slot
+    return summary
 
 
 def _lockstep(target, draft, batch, max_new_tokens, policies: Mapping[str, Policy], temperature: float,
-              gamma: int, seed: int, eos, repeat: int) -> dict[str, BatchOutput]:
+              gamma: int, seed: int, eos, repeat: int, concurrency: int | None = None) -> dict[str, BatchOutput]:
     """One timed run of every policy on ``batch``, the policies' rounds interleaved: each prefill, then round
     after round one step of every unfinished run, the order rotated each round. A policy's time is the sum of
     its own prefill and rounds, so a drift in machine speed, even within a run, hits every policy alike."""
@@ -214,7 +220,7 @@ def _lockstep(target, draft, batch, max_new_tokens, policies: Mapping[str, Polic
         generators = [torch.Generator(device=target.device).manual_seed(seed * 1_000_003 + i)
                       for i in range(len(batch))]
         runs[name] = BatchRun(target, draft, batch, max_new_tokens, policies[name], temperature, gamma, generators,
-                              eos)
+                              eos, concurrency)
     turn = 0
     while True:
         live = [n for n in names if not runs[n].done]
@@ -374,7 +380,8 @@ def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir
                                   settings.gamma, max_new, settings.temperature, settings.seed,
                                   settings.eos_token_ids, live_cfg.repeats,
                                   reference if live_cfg.check_greedy else None, settings.warmup,
-                                  live_cfg.draft_cost, live_cfg.profile_warmup, live_cfg.profile_repeats)
+                                  live_cfg.draft_cost, live_cfg.profile_warmup, live_cfg.profile_repeats,
+                                  live_cfg.requests_per_slot)
     os.makedirs(out_dir, exist_ok=True)
     live["figure"] = os.path.basename(plot_live(live, os.path.join(out_dir, PLOT_NAME)))
     return live

@@ -118,12 +118,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prefill(target, draft, packed: PackedContext, prompts, max_new, temperature, generators) -> list[_Request]:
-    """All prompts in one packed forward; each request's draft context and first token."""
+def _prefill(target, draft, packed: PackedContext, prompts, max_new, temperature, generators,
+             first_index: int = 0) -> list[_Request]:
+    """All prompts in one packed forward (their columns join ``packed``); each request's draft context and
+    first token. The requests are numbered from ``first_index``; ``max_new`` and ``generators`` are theirs."""
     device = target.device
     lengths = [len(p) for p in prompts]
     ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=device)  # (sum T,)
-    owner = torch.repeat_interleave(torch.arange(len(prompts), device=device),
+    owner = torch.repeat_interleave(torch.arange(first_index, first_index + len(prompts), device=device),
                                     torch.tensor(lengths, device=device))
     position = torch.cat([torch.arange(n, device=device) for n in lengths])
     out = packed.forward(target, ids, owner, position)
@@ -135,7 +137,7 @@ def _prefill(target, draft, packed: PackedContext, prompts, max_new, temperature
         context = draft.new_cache()
         draft.extend_context(context, out.tap_hidden[:, int(start):int(end)])
         first = int(probs[i].argmax()) if temperature <= 0 else sample_token(probs[i], generators[i])
-        request = _Request(i, max_new[i], generators[i], context, first, lengths[i])
+        request = _Request(first_index + i, max_new[i], generators[i], context, first, lengths[i])
         request.out.tokens.append(first)
         request.out.target_forwards = 1
         requests.append(request)
@@ -188,11 +190,16 @@ def _verify_round(target, draft, packed, active, proposals, lengths, temperature
 class BatchRun:
     """One batched generation advanced a round at a time: construction runs the prefill, each ``step()`` one
     round (drafting, scheduling, verification, cache cleanup), timed into ``output``. ``measure_scheduler_live``
-    steps the runs of all policies in turn, so a drift in machine speed hits every policy alike."""
+    steps the runs of all policies in turn, so a drift in machine speed hits every policy alike.
+
+    ``concurrency``: at most this many requests decode at once (default: all); the others wait in input order
+    and each takes the place of a finished one at the end of a round, as a server keeps its slots busy. The
+    prefill of a late request is timed into ``prefill_s``, not ``decode_s``."""
 
     def __init__(self, target, draft, prompts: Sequence[Sequence[int]], max_new_tokens, policy: Policy,
                  temperature: float = 0.0, gamma: int | None = None,
-                 generators: Sequence[torch.Generator | None] | None = None, eos_token_ids: Sequence[int] = ()):
+                 generators: Sequence[torch.Generator | None] | None = None, eos_token_ids: Sequence[int] = (),
+                 concurrency: int | None = None):
         gamma = gamma or draft.block_size
         if gamma > draft.block_size:
             raise ValueError(f"gamma={gamma} exceeds the draft's trained block size {draft.block_size}")
@@ -204,28 +211,52 @@ class BatchRun:
         if len(max_new) != len(prompts) or min(max_new) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, one value or one per prompt, got {max_new_tokens}")
         check_window(target.config, max(len(p) + m for p, m in zip(prompts, max_new)) + gamma)
-        generators = list(generators) if generators is not None else [None] * len(prompts)
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1 or None, got {concurrency}")
+        self.generators = list(generators) if generators is not None else [None] * len(prompts)
         self.target, self.draft, self.policy, self.temperature, self.gamma = target, draft, policy, temperature, gamma
+        self.prompts, self.max_new = prompts, max_new
         self.eos = {int(e) for e in eos_token_ids}
-        _sync(target.device)
+        self.packed = PackedContext(target.device)
+        self.requests: list[_Request] = []
+        self.output = BatchOutput([None] * len(prompts))
+        self.slots = concurrency or len(prompts)
+        self._fill()
+
+    def _fill(self) -> None:
+        """Prefill waiting prompts into the packed cache until ``slots`` requests are active or none waits
+        (timed into prefill_s); a request can finish at its prefill (EOS first, max_new_tokens 1)."""
+        while len(self.requests) < len(self.prompts):
+            free = self.slots - sum(not r.done for r in self.requests)
+            if free <= 0:
+                return
+            self._admit(free)
+
+    def _admit(self, count: int) -> None:
+        first = len(self.requests)
+        new = range(first, min(first + count, len(self.prompts)))
+        _sync(self.target.device)
         start = time.perf_counter()
         with torch.no_grad():
-            self.packed = PackedContext(target.device)
-            self.requests = _prefill(target, draft, self.packed, prompts, max_new, temperature, generators)
-        self.output = BatchOutput([r.out for r in self.requests])
-        for request in self.requests:
+            requests = _prefill(self.target, self.draft, self.packed, [self.prompts[i] for i in new],
+                                [self.max_new[i] for i in new], self.temperature,
+                                [self.generators[i] for i in new], first)
+        for request in requests:
+            self.output.outputs[request.index] = request.out
             if request.anchor in self.eos or request.max_new_tokens <= 1:
                 _finish(request, self.eos)
-        _sync(target.device)
-        self.output.prefill_s = time.perf_counter() - start
+        self.requests += requests
+        _sync(self.target.device)
+        self.output.prefill_s += time.perf_counter() - start
 
     @property
     def done(self) -> bool:
-        return all(r.done for r in self.requests)
+        return len(self.requests) == len(self.prompts) and all(r.done for r in self.requests)
 
     @torch.no_grad()
     def step(self) -> bool:
-        """One round over the active requests; False (and nothing run) once every request is done."""
+        """One round over the active requests, then waiting requests take the places of finished ones;
+        False (and nothing run) once every request is done."""
         if self.done:
             return False
         device, result, packed = self.target.device, self.output, self.packed
@@ -246,27 +277,30 @@ class BatchRun:
         keep, batch = _verify_round(self.target, self.draft, packed, active, proposals, lengths, self.temperature,
                                     self.eos, packed.length)
         packed.keep(keep)
-        if self.done:
+        if all(r.done for r in self.requests):
             packed.keep(torch.zeros(packed.length, dtype=torch.bool, device=device))
         result.rounds += 1
         result.batch_tokens.append(batch)
         result.verified.append(lengths)
         _sync(device)
         result.decode_s += time.perf_counter() - start
+        self._fill()
         return True
 
 
 def batched_speculative_generate(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens,
                                  policy: Policy, temperature: float = 0.0, gamma: int | None = None,
                                  generators: Sequence[torch.Generator | None] | None = None,
-                                 eos_token_ids: Sequence[int] = ()) -> BatchOutput:
-    """Decode every prompt (lists of ids) concurrently; ``max_new_tokens``: one int or one per prompt.
+                                 eos_token_ids: Sequence[int] = (), concurrency: int | None = None) -> BatchOutput:
+    """Decode every prompt (lists of ids) concurrently, at most ``concurrency`` at a time (``BatchRun``);
+    ``max_new_tokens``: one int or one per prompt.
 
     Each round the draft proposes gamma tokens per active request, ``policy`` picks the verification lengths,
     one packed target forward verifies them all (module docstring), and ``verify_block`` settles each request.
     ``generators``: one per request (None: torch's default generator). Outputs are in input order.
     """
-    run = BatchRun(target, draft, prompts, max_new_tokens, policy, temperature, gamma, generators, eos_token_ids)
+    run = BatchRun(target, draft, prompts, max_new_tokens, policy, temperature, gamma, generators, eos_token_ids,
+                   concurrency)
     while run.step():
         pass
     return run.output

@@ -55,6 +55,9 @@ class SchedulerLiveConfig:
     num_prompts: int | None = None  # distinct prompts, round-robin over datasets; None = max(requests)
     max_new_tokens: int | None = None  # per request; None = the eval's max_new_tokens
     repeats: int = 2  # timed runs per (N, policy), medians; >= 2: best fixed length also picked on held-out repeats
+    # N x requests_per_slot requests per run, at most N at a time: a waiting one takes a finished one's place
+    # (as on a server); 1 = one closed batch of N, which drains while its slowest request finishes
+    requests_per_slot: int = 2
     check_greedy: bool = True  # at T = 0, every request's output must equal plain greedy generate
     # Algorithm 1's costs, profiled per N in the packed layout the live loop runs (eval/live_cost.py):
     profile_warmup: int = 1  # untimed calls per batch size
@@ -141,6 +144,7 @@ def validate(cfg: EvalConfig) -> None:
             (live.max_new_tokens is None or live.max_new_tokens >= 1,
              f"scheduler_live.max_new_tokens={live.max_new_tokens} must be >= 1 or null"),
             (live.repeats >= 1, f"scheduler_live.repeats={live.repeats} must be >= 1"),
+            (live.requests_per_slot >= 1, f"scheduler_live.requests_per_slot={live.requests_per_slot} must be >= 1"),
             (live.profile_repeats >= 1 and live.profile_warmup >= 0,
              "scheduler_live.profile_repeats must be >= 1 and scheduler_live.profile_warmup >= 0"),
         ]

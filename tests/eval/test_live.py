@@ -93,6 +93,28 @@ def test_interleaved_runs_of_every_policy_equal_each_run_alone_at_t1():
     assert run.done and not run.step() and run.output.rounds == len(run.output.verified) >= 1
 
 
+def test_waiting_requests_take_the_places_of_finished_ones_and_stay_lossless():
+    target = _target(2, init=0.3)
+    draft = _draft(target, block_size=4)
+    prompts, max_new = _prompts(6, seed=11), [9, 2, 14, 1, 6, 11]  # request 3 is done at its prefill
+    expected = [hf_generate(target, p, n, 0.0) for p, n in zip(prompts, max_new)]
+    for policy in (fixed_policy(2), algorithm1_policy([1.0] * 4, sps_power(0.2))):
+        run = live.BatchRun(target, draft, prompts, max_new, policy, 0.0, concurrency=2)
+        assert len(run.requests) == 2 and run.output.outputs[2:] == [None] * 4  # the rest wait
+        while run.step():
+            assert sum(not r.done for r in run.requests) <= 2
+        assert [o.tokens for o in run.output.outputs] == expected
+        assert max(len(v) for v in run.output.verified) == 2 and len(run.requests) == 6
+        assert run.packed.length == 0  # every column left with its request
+    # at T = 1 each request still draws exactly what it draws alone
+    generators = [torch.Generator().manual_seed(i) for i in range(6)]
+    out = batched_speculative_generate(target, draft, prompts, max_new, fixed_policy(4), 1.0, 4, generators,
+                                       concurrency=3)
+    for i, (prompt, n) in enumerate(zip(prompts, max_new)):
+        assert out.outputs[i].tokens == speculative_generate(target, draft, prompt, n, 1.0, 4,
+                                                             torch.Generator().manual_seed(i)).tokens
+
+
 def test_an_eos_ends_its_request_and_the_others_continue():
     target = _target(2, init=0.3)
     draft = _draft(target)
@@ -229,10 +251,14 @@ def test_algorithm1_with_profiled_costs_stays_greedy_identical_per_request():
         return hf_generate(target, ids, 6, 0.0, eos_token_ids=[256])
 
     record = measure_scheduler_live(target, draft, prompts, [1.0] * 4, requests=(2, 3), max_new_tokens=6,
-                                    eos_token_ids=[256], reference=greedy, profile_repeats=1)
+                                    eos_token_ids=[256], reference=greedy, profile_repeats=1, requests_per_slot=2)
     assert record["greedy_match_rate"] == 1.0
     assert record["settings"]["objective"].startswith("tau* / (D(R) + 1 / SPS(B))")
-    assert set(record["settings"]["round_costs"]) == {"2", "3"}
+    assert set(record["settings"]["round_costs"]) == {"2", "3"} and record["settings"]["requests_per_slot"] == 2
+    # each N decoded 2N requests, at most N per round; the costs are profiled for N requests
+    assert len(record["settings"]["round_costs"]["3"]["draft_seconds_per_round"]) == 3
+    for detail in record["details"]:
+        assert detail["algorithm1"]["tokens"] <= 2 * detail["requests"] * 5
 
 
 def test_live_stage_uses_the_calibration_beside_the_draft_and_takes_prompts_round_robin(tmp_path):
