@@ -40,6 +40,7 @@ class RunSettings:
     prompt_lookup_max_ngram: int = 2
     warmup: bool = True
     progress: bool = True
+    progress_label: str = "eval prompts"
 
 
 def _sync(device: torch.device) -> None:
@@ -163,7 +164,7 @@ def compare_on_prompts(target, draft, prompts: Sequence, s: RunSettings):
         run_prompt(target, draft, prompts[0], s, seed=s.seed, max_new_tokens=min(16, s.max_new_tokens))
     records, rows, outputs = [], [], []
     per_dataset: dict[str, int] = {}
-    bar = tqdm(prompts, desc="eval prompts", unit="prompt", disable=not s.progress)
+    bar = tqdm(prompts, desc=s.progress_label, unit="prompt", disable=not s.progress)
     for index, prompt in enumerate(bar):
         prompt_id = per_dataset.get(str(prompt.source), 0)
         per_dataset[str(prompt.source)] = prompt_id + 1

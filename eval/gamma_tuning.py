@@ -206,7 +206,7 @@ def tune_gamma(target, draft, prompts: Sequence, settings, max_gamma: int, prepa
     if not prompts:
         raise ValueError("gamma tuning: no pilot prompts")
     pilot = dataclasses.replace(settings, gamma=max_gamma, run_generate=False, run_prompt_lookup=False,
-                                warmup=False)
+                                warmup=False, progress_label="gamma-tuning pilot (untimed)")
     log.info("gamma tuning: pilot at gamma=%d on %d prompts (untimed)", max_gamma, len(prompts))
     records, _, outputs = compare_on_prompts(target, draft, prompts, pilot)
     surv = survival(records, max_gamma)
