@@ -171,6 +171,7 @@ def choose_length(cfg: EvalConfig, target, draft, prompts, settings, gamma: int)
     Returns the report's ``settings.gamma_tuning`` record (``gamma``, ``prepack``, what was measured)."""
     from dspark_model.prepack import prepack_problem
     from eval import gamma_tuning
+    from eval.speculative import first_turn_ids
 
     can_pack = cfg.prepack_gemm and prepack_problem(target.model) is None
     if cfg.gamma_tuning.enabled:
@@ -180,8 +181,9 @@ def choose_length(cfg: EvalConfig, target, draft, prompts, settings, gamma: int)
                                        cfg.gamma_tuning.profile_repeats)
     if not can_pack:
         return {"gamma": gamma, "prepack": False, "enabled": False}
-    costs = gamma_tuning.profile_round_costs(target, draft, gamma_tuning.first_turn_ids(target, prompts[0], settings),
-                                             [gamma], settings.temperature, True, repeats=5, seed=settings.seed)
+    context = first_turn_ids(target.tokenizer, prompts[0], settings.chat_template_kwargs)
+    costs = gamma_tuning.profile_round_costs(target, draft, context, [gamma], settings.temperature, True, repeats=5,
+                                             seed=settings.seed)
     c = costs[gamma]
     return {"gamma": gamma, "prepack": c["verify_prepacked_s"] < c["verify_s"], "enabled": False,
             "verify_s": c["verify_s"], "verify_prepacked_s": c["verify_prepacked_s"]}

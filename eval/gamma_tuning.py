@@ -5,8 +5,8 @@ over the gamma + 1 tokens of the block, V(gamma + 1), and yields 1 + sum_{k <= g
 where s_k is the probability that at least k drafted tokens are accepted. Verifying fewer tokens than the
 draft was trained for loses only the tail of that sum, and on a CPU it can save a good part of the forward:
 on SmolLM2 (2 threads) a forward over 3 tokens costs ~1.2 one-token steps, over 8 tokens ~1.6 prepacked and
-~1.8-1.9 plain (``benchmarks/decode_cost.py``, ``round_cost_by_length``). Where the draft's first positions carry most of its acceptance,
-the best length is short.
+~1.8-1.9 plain (``benchmarks/decode_cost.py``, ``round_cost_by_length``). Where the draft's first positions
+carry most of its acceptance, the best length is short.
 
 ``tune_gamma`` measures both sides instead of assuming them:
 
@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 
 def survival(records: Sequence[dict], gamma: int) -> np.ndarray:
     """(gamma,) share of rounds that accepted at least k drafted tokens, k = 1..gamma."""
+    from eval.calibration import survival_labels
+
     accepted = np.asarray([int(r["accepted"]) for r in records])
     if accepted.size == 0:
         raise ValueError("gamma tuning: the pilot decoded no rounds; give it more prompts or longer answers")
-    return (accepted[:, None] >= np.arange(1, gamma + 1)[None, :]).mean(axis=0)
+    return survival_labels(accepted, gamma).mean(axis=0)
 
 
 def expected_tokens(surv: np.ndarray, gamma: int) -> float:
@@ -90,11 +92,12 @@ def profile_round_costs(target, draft, prompt_ids: Sequence[int], gammas: Sequen
     """{gamma: {draft_s, verify_s, verify_prepacked_s (None without packing), one_token_s}} on the context
     ``prompt_ids``: the draft's ``propose`` of gamma tokens, and the target forward over gamma + 1 tokens with
     the logits and distributions the loop computes, its cache cropped back after every call; one_token_s is
-    plain decoding's one-token step, timed alongside. All calls are alternated in
-    every repeat (machine drift hits every candidate alike); with ``prepack`` (CPU only) the plain and packed
-    kernels of each count too, packs held for as many counts at once as memory allows and dropped after."""
+    plain decoding's one-token step, timed alongside. All calls are alternated in every repeat (machine drift
+    hits every candidate alike); with ``prepack`` (CPU only) the plain and packed kernels of each count too,
+    packs held for as many counts at once as memory allows and dropped after."""
     from dspark_model.prepack import PackedLinear, prepack_linears, unpack_linears
     from dspark_model.target import crop_cache
+    from eval.live_cost import sync
     from eval.speculative import _first_token, target_distribution
 
     device = target.device
@@ -105,10 +108,6 @@ def profile_round_costs(target, draft, prompt_ids: Sequence[int], gammas: Sequen
     anchor_t = torch.tensor([anchor], device=device)
     linears = [m for m in target.model.modules() if type(m) in (torch.nn.Linear, PackedLinear)]
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def verify(rows: int, packed: bool | None):
         def call():
             if packed is not None:  # the same modules with and without their packs
@@ -117,14 +116,14 @@ def profile_round_costs(target, draft, prompt_ids: Sequence[int], gammas: Sequen
             block = torch.full((1, rows), anchor, dtype=torch.long, device=device)
             out = target.forward(block, past_key_values=cache, use_cache=True)
             target_distribution(target.logits(out.final_hidden[0]), temperature)
-            sync()
+            sync(device)
             crop_cache(cache, length)
         return call
 
     def propose(gamma: int):
         def call():  # a shallow copy: a draft may consume its context (EAGLE-3 commits the pending pairs)
             draft.propose(copy.copy(context), anchor_t, temperature, generator, gamma)
-            sync()
+            sync(device)
         return call
 
     gammas = list(gammas)
@@ -187,21 +186,12 @@ def pilot_prompts(load, timed: Sequence, per_source: int, num_prompts: int | Non
     return extra
 
 
-def first_turn_ids(target, prompt, settings) -> list[int]:
-    """Token ids of ``prompt``'s first user turn (with its system message), ready for the answer."""
-    from eval.speculative import chat_prompt_ids
-
-    system = getattr(prompt, "system", None)
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt.turns[0]}]
-    return chat_prompt_ids(target.tokenizer, messages, settings.chat_template_kwargs)
-
-
 def tune_gamma(target, draft, prompts: Sequence, settings, max_gamma: int, prepack: bool,
                repeats: int = 15) -> dict:
     """Pilot (untimed) at ``max_gamma`` on ``prompts``, cost profile, choice. Returns the record that goes into
     the report: chosen gamma and prepacking, pilot size, survival s_k and the candidates' table."""
     from eval.baselines import compare_on_prompts
+    from eval.speculative import first_turn_ids
 
     if not prompts:
         raise ValueError("gamma tuning: no pilot prompts")
@@ -211,7 +201,8 @@ def tune_gamma(target, draft, prompts: Sequence, settings, max_gamma: int, prepa
     records, _, outputs = compare_on_prompts(target, draft, prompts, pilot)
     surv = survival(records, max_gamma)
     # the first pilot prompt and its answer: a context as long as a late round's
-    context = first_turn_ids(target, prompts[0], settings) + outputs[0]["turns"][0]["spec_tokens"][:-1]
+    answer = outputs[0]["turns"][0]["spec_tokens"][:-1]
+    context = first_turn_ids(target.tokenizer, prompts[0], settings.chat_template_kwargs) + answer
     costs = profile_round_costs(target, draft, context, range(1, max_gamma + 1), settings.temperature, prepack,
                                 repeats=repeats, seed=settings.seed)
     gamma, packed, table = choose_gamma(surv, costs)

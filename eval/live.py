@@ -55,14 +55,7 @@ import numpy as np
 import torch
 
 from eval.calibration import apply_sts, prefix_survival
-from eval.live_batch import (  # noqa: F401  (re-exported: the batched decoding the measurement runs)
-    BatchOutput,
-    BatchRun,
-    PackedContext,
-    Policy,
-    batched_speculative_generate,
-    check_window,
-)
+from eval.live_batch import BatchOutput, BatchRun, Policy, batched_speculative_generate
 from eval.live_cost import profile_draft_seconds, profile_packed_sps
 from eval.scheduler import SpsLike, SpsTable, describe_hardware, schedule_algorithm1, with_draft_cost
 
@@ -156,8 +149,9 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
     N x ``requests_per_slot`` requests are decoded, at most N at a time: a waiting request takes the place of
     a finished one (``BatchRun``), so with more than one per slot the batch stays full as on a server, instead
     of draining while its last, slowest request finishes. Request i decodes ``prompts[i % len(prompts)]``
-    with its own generator (seeded from ``seed`` and i, the same for every policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefill,
-    the same for every policy, is excluded and reported apart), median over ``repeats`` runs; in each repeat
+    with its own generator (seeded from ``seed`` and i, the same for every policy). Tokens/s = tokens emitted
+    by the rounds / wall time of the rounds (the prefills, the same for every policy, are excluded and
+    reported apart), median over ``repeats`` runs; in each repeat
     the policies' rounds are interleaved (``_lockstep``; see ``_row`` for the held-out best). At T = 0,
     ``reference(prompt ids)`` (plain greedy decoding) gives the tokens every request must match.
     Algorithm 1's costs for each N come from ``round_costs``: ``sps`` None = profiled in the packed layout
@@ -358,7 +352,7 @@ def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir
     import os
 
     from eval.baselines import hf_generate
-    from eval.speculative import chat_prompt_ids
+    from eval.speculative import first_turn_ids
 
     problem = live_problem(draft, calibration_enabled=True)
     temperatures = None if problem else live_temperatures(draft, calibration_dir)
@@ -368,9 +362,7 @@ def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir
         return {"error": problem}
     n_prompts = live_cfg.num_prompts or max(live_cfg.requests)
     chosen = interleave_by_source(prompts, n_prompts)
-    prompt_ids = [chat_prompt_ids(target.tokenizer, ([{"role": "system", "content": p.system}] if p.system else [])
-                                  + [{"role": "user", "content": p.turns[0]}], settings.chat_template_kwargs)
-                  for p in chosen]
+    prompt_ids = [first_turn_ids(target.tokenizer, p, settings.chat_template_kwargs) for p in chosen]
     max_new = live_cfg.max_new_tokens or settings.max_new_tokens
 
     def reference(ids):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eval.live_cost import draft_round
+from eval.live_cost import draft_round, sync
 from eval.speculative import SpecOutput, sample_token, target_distribution, verify_block
 
 # policy(confidences (R, gamma) float array or None, gamma) -> verification lengths (R,) in 0..gamma
@@ -111,11 +111,6 @@ class BatchOutput:
     def decode_tokens(self) -> int:
         """Tokens emitted by the rounds (each request's first token comes from the prefill)."""
         return sum(max(len(o.tokens) - 1, 0) for o in self.outputs)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _prefill(target, draft, packed: PackedContext, prompts, max_new, temperature, generators,
@@ -235,7 +230,7 @@ class BatchRun:
     def _admit(self, count: int) -> None:
         first = len(self.requests)
         new = range(first, min(first + count, len(self.prompts)))
-        _sync(self.target.device)
+        sync(self.target.device)
         start = time.perf_counter()
         with torch.no_grad():
             requests = _prefill(self.target, self.draft, self.packed, [self.prompts[i] for i in new],
@@ -246,8 +241,14 @@ class BatchRun:
             if request.anchor in self.eos or request.max_new_tokens <= 1:
                 _finish(request, self.eos)
         self.requests += requests
-        _sync(self.target.device)
+        self._drop_finished()
+        sync(self.target.device)
         self.output.prefill_s += time.perf_counter() - start
+
+    def _drop_finished(self) -> None:
+        """Every column of a finished request leaves the packed cache."""
+        done = torch.tensor([r.done for r in self.requests], device=self.target.device)
+        self.packed.keep(~done[self.packed.owner])
 
     @property
     def done(self) -> bool:
@@ -260,10 +261,8 @@ class BatchRun:
         if self.done:
             return False
         device, result, packed = self.target.device, self.output, self.packed
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
-        done = torch.tensor([r.done for r in self.requests], device=device)
-        packed.keep(~done[packed.owner])  # finished requests leave the cache
         active = [r for r in self.requests if not r.done]
         draft_start = time.perf_counter()
         proposals = draft_round(self.draft, [r.context for r in active], [r.anchor for r in active],
@@ -271,18 +270,17 @@ class BatchRun:
         confidences = None
         if all(p.confidences is not None for p in proposals):
             confidences = torch.cat([p.confidences for p in proposals]).double().cpu().numpy()  # (R, gamma)
-        _sync(device)
+        sync(device)
         result.draft_s += time.perf_counter() - draft_start
         lengths = [int(n) for n in self.policy(confidences, self.gamma)]
         keep, batch = _verify_round(self.target, self.draft, packed, active, proposals, lengths, self.temperature,
                                     self.eos, packed.length)
         packed.keep(keep)
-        if all(r.done for r in self.requests):
-            packed.keep(torch.zeros(packed.length, dtype=torch.bool, device=device))
+        self._drop_finished()
         result.rounds += 1
         result.batch_tokens.append(batch)
         result.verified.append(lengths)
-        _sync(device)
+        sync(device)
         result.decode_s += time.perf_counter() - start
         self._fill()
         return True

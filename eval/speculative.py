@@ -208,6 +208,14 @@ def speculative_generate(target, draft, input_ids, max_new_tokens: int, temperat
 chat_prompt_ids = generation_prompt_ids
 
 
+def first_turn_ids(tokenizer, prompt, chat_template_kwargs: dict | None = None) -> list[int]:
+    """Token ids of ``prompt``'s first user turn (after its system message, if any), ready for the answer."""
+    system = getattr(prompt, "system", None)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt.turns[0]}]
+    return chat_prompt_ids(tokenizer, messages, chat_template_kwargs)
+
+
 @dataclass
 class TurnResult:
     prompt_ids: list[int]

@@ -10,14 +10,8 @@ import torch
 
 import eval.live as live
 from eval.baselines import hf_generate
-from eval.live import (
-    PackedContext,
-    algorithm1_policy,
-    batched_speculative_generate,
-    check_window,
-    fixed_policy,
-    measure_scheduler_live,
-)
+from eval.live import algorithm1_policy, fixed_policy, measure_scheduler_live
+from eval.live_batch import BatchRun, PackedContext, batched_speculative_generate, check_window
 from eval.speculative import speculative_generate
 from tests.eval.test_speculative import (  # noqa: F401  (small_vocab_pair is a fixture)
     N_SAMPLES,
@@ -87,7 +81,7 @@ def test_interleaved_runs_of_every_policy_equal_each_run_alone_at_t1():
         assert [o.tokens for o in together[name].outputs] == [o.tokens for o in alone.outputs], name
         assert together[name].verified == alone.verified and together[name].rounds == alone.rounds
         assert together[name].decode_s > together[name].draft_s > 0 and together[name].prefill_s > 0
-    run = live.BatchRun(target, draft, prompts[:1], 2, fixed_policy(2), 0.0)
+    run = BatchRun(target, draft, prompts[:1], 2, fixed_policy(2), 0.0)
     while run.step():
         pass
     assert run.done and not run.step() and run.output.rounds == len(run.output.verified) >= 1
@@ -99,7 +93,7 @@ def test_waiting_requests_take_the_places_of_finished_ones_and_stay_lossless():
     prompts, max_new = _prompts(6, seed=11), [9, 2, 14, 1, 6, 11]  # request 3 is done at its prefill
     expected = [hf_generate(target, p, n, 0.0) for p, n in zip(prompts, max_new)]
     for policy in (fixed_policy(2), algorithm1_policy([1.0] * 4, sps_power(0.2))):
-        run = live.BatchRun(target, draft, prompts, max_new, policy, 0.0, concurrency=2)
+        run = BatchRun(target, draft, prompts, max_new, policy, 0.0, concurrency=2)
         assert len(run.requests) == 2 and run.output.outputs[2:] == [None] * 4  # the rest wait
         while run.step():
             assert sum(not r.done for r in run.requests) <= 2
