@@ -66,6 +66,10 @@ def test_autograd_takes_the_plain_kernel_and_unpack_restores_linear():
     unpack_linears(model)
     assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear, Scaled]
     assert not hasattr(model[0], "_packs")
+    prepack_linears(model, [4])
+    model[0].__class__ = nn.Linear  # switched back to time the plain kernel (eval.gamma_tuning does so)
+    unpack_linears(model)  # its packs go too
+    assert not any(hasattr(m, "_packs") for m in model) and type(model[2]) is nn.Linear
 
 
 def test_packing_is_refused_with_a_reason_for_non_fp32_weights():
