@@ -105,6 +105,7 @@ def run(cfg: EvalConfig) -> str:
     from dspark_model.prepack import prepack_linears, unpack_linears
     from dspark_model.target import resolve_device
     from eval.baselines import RunSettings, compare_on_prompts
+    from eval.gamma_tuning import calibration_config_for
     from eval.metrics import acceptance_summary, throughput_summary
     from eval.report import build_report, calibrate, run_settings_record, write_outputs
     from eval.speculative import eos_token_ids_of
@@ -137,14 +138,10 @@ def run(cfg: EvalConfig) -> str:
                            warmup=cfg.warmup, progress=cfg.progress)
     log.info("evaluating %s on %s: %d prompts, gamma=%d, T=%g -> %s", cfg.draft_checkpoint, spec.id,
              len(prompts), gamma, cfg.temperature, out_dir)
-    tuning, calibration = choose_length(cfg, target, draft, prompts, settings, gamma), cfg.calibration
+    tuning = choose_length(cfg, target, draft, prompts, settings, gamma)
+    calibration = calibration_config_for(cfg.calibration, tuning["gamma"], gamma)
     if tuning["gamma"] != gamma:
-        settings = dataclasses.replace(settings, gamma=tuning["gamma"])
-        if calibration.enabled and calibration.write_to_checkpoint and draft.confidence_head is not None:
-            log.info("gamma_tuning chose gamma=%d < %d: its calibration stays in %s, not written to the checkpoint "
-                     "(servers verify up to the block size)", tuning["gamma"], gamma, out_dir)
-            calibration = dataclasses.replace(calibration, write_to_checkpoint=False)
-        gamma = tuning["gamma"]
+        settings, gamma = dataclasses.replace(settings, gamma=tuning["gamma"]), tuning["gamma"]
     prepacked = [gamma + 1] if tuning["prepack"] and prepack_linears(target.model, [gamma + 1]) else []
     records, rows, outputs = compare_on_prompts(target, draft, prompts, settings)
     unpack_linears(target.model)  # the live stage profiles and runs its own batch sizes on the plain kernels

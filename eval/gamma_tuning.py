@@ -212,3 +212,14 @@ def tune_gamma(target, draft, prompts: Sequence, settings, max_gamma: int, prepa
     return {"gamma": gamma, "prepack": packed, "enabled": True, "max_gamma": max_gamma, "pilot_prompts": len(prompts),
             "pilot_rounds": len(records), "survival": [float(s) for s in surv], "context_tokens": len(context),
             "profile_repeats": repeats, "candidates": {str(g): t for g, t in table.items()}}
+
+
+def calibration_config_for(calibration, chosen: int, block: int):
+    """The calibration settings for an eval timed at ``chosen`` tokens per round: a calibration fitted below the
+    draft's block size ``block`` stays in the eval's output and never replaces the checkpoint's, since servers
+    verify up to the block size."""
+    if chosen < block and calibration.enabled and calibration.write_to_checkpoint:
+        log.info("gamma_tuning chose gamma=%d < %d: its calibration stays in the eval's output folder, not written "
+                 "to the checkpoint (servers verify up to the block size)", chosen, block)
+        return dataclasses.replace(calibration, write_to_checkpoint=False)
+    return calibration

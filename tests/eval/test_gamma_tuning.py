@@ -89,14 +89,15 @@ def test_profile_round_costs_times_every_length_and_leaves_the_target_as_it_was(
 def test_eval_with_gamma_tuning_times_the_chosen_length_and_keeps_its_calibration_local(tmp_path):
     ckpt = _checkpoint(tmp_path)
     out = tmp_path / "out"
-    proc = _run(f"draft={ckpt}", f"out_dir={out}", _sources(_prompt_file(tmp_path)), "num_prompts=1",
-                "max_new_tokens=12", "gamma_tuning.enabled=true", "gamma_tuning.pilot_prompts=2",
+    # two timed prompts (a calibration holds one out), the third one is the pilot
+    proc = _run(f"draft={ckpt}", f"out_dir={out}", _sources(_prompt_file(tmp_path)), "num_prompts=2",
+                "max_new_tokens=12", "gamma_tuning.enabled=true", "gamma_tuning.pilot_prompts=1",
                 "gamma_tuning.profile_repeats=1", "calibration.sps_batch_sizes=[1,4]", "progress=false",
                 "baselines.prompt_lookup=false")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     tuning = report["settings"]["gamma_tuning"]
-    assert tuning["enabled"] and tuning["max_gamma"] == 4 and tuning["pilot_prompts"] == 2
+    assert tuning["enabled"] and tuning["max_gamma"] == 4 and tuning["pilot_prompts"] == 1
     assert sorted(tuning["candidates"]) == ["1", "2", "3", "4"] and len(tuning["survival"]) == 4
     best = max(tuning["candidates"].values(), key=lambda c: c["expected_tokens_per_s"])
     assert tuning["candidates"][str(tuning["gamma"])] == best
@@ -104,8 +105,20 @@ def test_eval_with_gamma_tuning_times_the_chosen_length_and_keeps_its_calibratio
     assert report["settings"]["target_gemm_prepacked_rows"] == ([tuning["gamma"] + 1] if tuning["prepack"] else [])
     assert report["greedy_match_rate"] == 1.0
     assert all(json.loads(r)["gamma"] == tuning["gamma"] for r in (out / "rounds.jsonl").read_text().splitlines())
-    # a calibration fitted below the block size never replaces the checkpoint's
+    # the calibration ran; fitted below the block size it never replaces the checkpoint's
+    assert report["calibration_error"] is None and (out / "calibration" / "calibration.json").exists()
     assert (ckpt / "calibration.json").exists() == (tuning["gamma"] == 4)
+
+
+def test_a_calibration_fitted_below_the_block_size_stays_out_of_the_checkpoint():
+    from eval.gamma_tuning import calibration_config_for
+    from eval.schema import CalibrationConfig
+
+    on = CalibrationConfig()
+    assert on.enabled and on.write_to_checkpoint
+    assert calibration_config_for(on, 4, 4) is on
+    kept_local = calibration_config_for(on, 2, 4)
+    assert not kept_local.write_to_checkpoint and kept_local.n_bins == on.n_bins and on.write_to_checkpoint
 
 
 def test_gamma_tuning_without_prompts_beyond_the_timed_ones_is_one_clear_error(tmp_path):
