@@ -82,6 +82,7 @@ class Budget:
     ablation_steps: int = 334  # the full-vocabulary DSpark ablation (equal wall-clock, see above); 0 skips it
     eagle3_steps: int = 0  # EAGLE-3 baseline: 0 = DSpark's training wall clock (equal_wall_train.py); -1 skips it
     live_repeats: int = 2  # scheduler-live: timed runs per (N, policy); 2 gives the held-out best fixed length
+    live_min_requests: int = 8  # scheduler-live: requests per run at least (2N otherwise; N = 1 timed only two)
     throughput_rows: int = 8  # rows per variant in the train-throughput stage; 0 skips it
     eval_prompts_per_source: int = 5
     eval_tokens: int = 96
@@ -170,7 +171,8 @@ def stage_commands(run: Path, b: Budget) -> dict[str, list[str]]:
         f"num_prompts={b.eval_prompts_per_source}", f"max_new_tokens={b.eval_tokens}", "temperature=0",
         f"seed={b.seed}", f"cpu_threads={b.threads}", f"out_dir={run / 'eval' / 'scheduler-live'}",
         "baselines.generate=false", "baselines.prompt_lookup=false", "calibration.write_to_checkpoint=false",
-        "scheduler_live.enabled=true", f"scheduler_live.repeats={b.live_repeats}"]
+        "scheduler_live.enabled=true", f"scheduler_live.repeats={b.live_repeats}",
+        f"scheduler_live.min_requests={b.live_min_requests}"]
     return cmds
 
 

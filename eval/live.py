@@ -115,7 +115,7 @@ def _policies(temperatures, sps, gamma: int, draft_seconds: Sequence[float] = ()
 def _run_stats(out: BatchOutput) -> dict:
     request_rounds = sum(len(v) for v in out.verified)
     return {"tokens": out.decode_tokens, "decode_s": out.decode_s, "draft_s": out.draft_s,
-            "prefill_s": out.prefill_s, "rounds": out.rounds,
+            "prefill_s": out.prefill_s, "rounds": out.rounds, "requests_decoded": len(out.outputs),
             "mean_verified": sum(map(sum, out.verified)) / request_rounds if request_rounds else None,
             "tokens_per_request_round": out.decode_tokens / request_rounds if request_rounds else None,
             "mean_batch_tokens": statistics.fmean(out.batch_tokens) if out.batch_tokens else None}
@@ -143,12 +143,12 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                            seed: int = 0, eos_token_ids: Sequence[int] = (), repeats: int = 1,
                            reference: Callable[[list[int]], list[int]] | None = None,
                            warmup: bool = True, draft_cost: bool = True, profile_warmup: int = 1,
-                           profile_repeats: int = 5, requests_per_slot: int = 1) -> dict:
+                           profile_repeats: int = 5, requests_per_slot: int = 1, min_requests: int = 0) -> dict:
     """Tokens/s of Algorithm 1 and of every fixed length 1..gamma with N concurrent requests, N in ``requests``.
 
-    N x ``requests_per_slot`` requests are decoded, at most N at a time: a waiting request takes the place of
-    a finished one (``BatchRun``), so with more than one per slot the batch stays full as on a server, instead
-    of draining while its last, slowest request finishes. Request i decodes ``prompts[i % len(prompts)]``
+    max(N x ``requests_per_slot``, ``min_requests``) requests are decoded, at most N at a time: a waiting
+    request takes the place of a finished one (``BatchRun``), so with more than one per slot the batch stays
+    full as on a server, instead of draining while its last, slowest request finishes. Request i decodes ``prompts[i % len(prompts)]``
     with its own generator (seeded from ``seed`` and i, the same for every policy). Tokens/s = tokens emitted
     by the rounds / wall time of the rounds (the prefills, the same for every policy, are excluded and
     reported apart), median over ``repeats`` runs; in each repeat
@@ -174,7 +174,7 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
     checked = matched = 0
     rows, costs = [], {}
     for n_requests in requests:
-        batch = [prompts[i % len(prompts)] for i in range(n_requests * requests_per_slot)]
+        batch = [prompts[i % len(prompts)] for i in range(max(n_requests * requests_per_slot, min_requests))]
         table, seconds = round_costs(target, draft, batch[:n_requests], gamma, max_new_tokens, temperature, sps,
                                      draft_cost, profile_warmup, profile_repeats)
         costs[str(n_requests)] = {"sps": table.to_dict() if isinstance(table, SpsTable) else None,
@@ -199,7 +199,7 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                  rows[-1]["best_fixed_tokens_per_s"])
     summary = _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, costs,
                        draft_cost, matched / checked if checked else None)
-    summary["settings"]["requests_per_slot"] = requests_per_slot
+    summary["settings"].update(requests_per_slot=requests_per_slot, min_requests=min_requests)
     return summary
 
 
@@ -373,7 +373,7 @@ def run_live_stage(target, draft, prompts: Sequence, live_cfg, settings, out_dir
                                   settings.eos_token_ids, live_cfg.repeats,
                                   reference if live_cfg.check_greedy else None, settings.warmup,
                                   live_cfg.draft_cost, live_cfg.profile_warmup, live_cfg.profile_repeats,
-                                  live_cfg.requests_per_slot)
+                                  live_cfg.requests_per_slot, live_cfg.min_requests)
     os.makedirs(out_dir, exist_ok=True)
     live["figure"] = os.path.basename(plot_live(live, os.path.join(out_dir, PLOT_NAME)))
     return live

@@ -58,6 +58,9 @@ class SchedulerLiveConfig:
     # N x requests_per_slot requests per run, at most N at a time: a waiting one takes a finished one's place
     # (as on a server); 1 = one closed batch of N, which drains while its slowest request finishes
     requests_per_slot: int = 2
+    # at least this many requests per run (0 = N x requests_per_slot only): small N otherwise times only a
+    # handful of requests, which a few slow rounds can swing by several percent
+    min_requests: int = 0
     check_greedy: bool = True  # at T = 0, every request's output must equal plain greedy generate
     # Algorithm 1's costs, profiled per N in the packed layout the live loop runs (eval/live_cost.py):
     profile_warmup: int = 1  # untimed calls per batch size
@@ -145,6 +148,7 @@ def validate(cfg: EvalConfig) -> None:
              f"scheduler_live.max_new_tokens={live.max_new_tokens} must be >= 1 or null"),
             (live.repeats >= 1, f"scheduler_live.repeats={live.repeats} must be >= 1"),
             (live.requests_per_slot >= 1, f"scheduler_live.requests_per_slot={live.requests_per_slot} must be >= 1"),
+            (live.min_requests >= 0, f"scheduler_live.min_requests={live.min_requests} must be >= 0"),
             (live.profile_repeats >= 1 and live.profile_warmup >= 0,
              "scheduler_live.profile_repeats must be >= 1 and scheduler_live.profile_warmup >= 0"),
         ]

@@ -303,3 +303,6 @@ def test_throughput_after_is_the_variant_the_reference_recipe_trains_with():
 def test_scheduler_live_stage_runs_the_budget_s_repeats(tmp_path):
     assert _arg(stage_commands(tmp_path, Budget())["scheduler-live"], "scheduler_live.repeats") == "2"
     assert _arg(stage_commands(tmp_path, Budget(live_repeats=3))["scheduler-live"], "scheduler_live.repeats") == "3"
+    live = stage_commands(tmp_path, Budget(live_min_requests=12))["scheduler-live"]
+    assert _arg(live, "scheduler_live.min_requests") == "12"
+    assert _arg(stage_commands(tmp_path, Budget())["scheduler-live"], "scheduler_live.min_requests") == "8"

@@ -23,8 +23,13 @@ from tests.eval.test_cli import _checkpoint, _prompt_file, _run
     ({"gamma": 0}, "gamma=0 must be >= 1"),
     ({"temperature": -0.5}, "temperature=-0.5 must be >= 0"),
     ({"max_new_tokens": 0}, "max_new_tokens=0 must be >= 1"),
+    ({"scheduler_live": {"min_requests": -1}}, "scheduler_live.min_requests=-1 must be >= 0"),
 ])
 def test_bad_settings_fail_before_any_model_loads(tmp_path, setting, message):
+    from eval.schema import SchedulerLiveConfig
+
+    if "scheduler_live" in setting:
+        setting = {"scheduler_live": SchedulerLiveConfig(enabled=True, **setting["scheduler_live"])}
     cfg = EvalConfig(draft_checkpoint=str(tmp_path / "no-draft"), out_dir=str(tmp_path / "out"), **setting)
     with pytest.raises(EvalConfigError, match=message):  # not "no draft checkpoint there": checked first
         run(cfg)

@@ -253,6 +253,20 @@ def test_algorithm1_with_profiled_costs_stays_greedy_identical_per_request():
     assert len(record["settings"]["round_costs"]["3"]["draft_seconds_per_round"]) == 3
     for detail in record["details"]:
         assert detail["algorithm1"]["tokens"] <= 2 * detail["requests"] * 5
+        assert detail["algorithm1"]["requests_decoded"] == detail["fixed_1"]["requests_decoded"] == 2 * detail["requests"]
+
+
+def test_min_requests_raises_the_requests_decoded_at_small_n_only():
+    target = _target(2, init=0.3)
+    draft = _draft(target, block_size=3)
+    prompts = _prompts(3, seed=5)
+    record = measure_scheduler_live(target, draft, prompts, [1.0] * 3, requests=(1, 3), max_new_tokens=4,
+                                    eos_token_ids=[256], profile_repeats=1, requests_per_slot=2, min_requests=5,
+                                    reference=lambda ids: hf_generate(target, ids, 4, 0.0, eos_token_ids=[256]))
+    decoded = {d["requests"]: {p["requests_decoded"] for name, p in d.items() if isinstance(p, dict)}
+               for d in record["details"]}
+    assert decoded == {1: {5}, 3: {6}} and record["settings"]["min_requests"] == 5
+    assert record["greedy_match_rate"] == 1.0
 
 
 def test_live_stage_uses_the_calibration_beside_the_draft_and_takes_prompts_round_robin(tmp_path):
