@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from eval.speculative import run_conversation, speculative_generate
+from eval.speculative import run_conversation, speculative_generate, sync
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,6 @@ class RunSettings:
     warmup: bool = True
     progress: bool = True
     progress_label: str = "eval prompts"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def hf_generate(target, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0,
@@ -91,10 +86,10 @@ class _Timer:
 
     def wrap(self, fn):
         def timed(prompt_ids):
-            _sync(self.device)
+            sync(self.device)
             start = time.perf_counter()
             result = fn(prompt_ids)
-            _sync(self.device)
+            sync(self.device)
             self.seconds += time.perf_counter() - start
             return result
         return timed

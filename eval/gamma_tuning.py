@@ -97,8 +97,7 @@ def profile_round_costs(target, draft, prompt_ids: Sequence[int], gammas: Sequen
     packs held for as many counts at once as memory allows and dropped after."""
     from dspark_model.prepack import PackedLinear, prepack_linears, unpack_linears
     from dspark_model.target import crop_cache
-    from eval.live_cost import sync
-    from eval.speculative import _first_token, target_distribution
+    from eval.speculative import _first_token, sync, target_distribution
 
     device = target.device
     ids = torch.tensor([list(prompt_ids)], device=device)

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eval.live_cost import draft_round, sync
-from eval.speculative import SpecOutput, sample_token, target_distribution, verify_block
+from eval.live_cost import draft_round
+from eval.speculative import SpecOutput, sample_token, sync, target_distribution, verify_block
 
 # policy(confidences (R, gamma) float array or None, gamma) -> verification lengths (R,) in 0..gamma
 Policy = Callable[[np.ndarray | None, int], np.ndarray]

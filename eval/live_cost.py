@@ -27,12 +27,7 @@ import torch
 
 from dspark_model.draft import DraftProposal
 from eval.scheduler import SpsTable, profile_sps
-from eval.speculative import target_distribution
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from eval.speculative import sync, target_distribution
 
 
 def draft_round(draft, contexts, anchors, temperature: float, generators, gamma: int) -> list:

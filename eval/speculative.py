@@ -59,6 +59,12 @@ class SpecOutput:
 # Verification of one block (pure tensors: unit-testable with hand-built distributions)
 # ----------------------------------------------------------------------------------------------------
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on a GPU); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def target_distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """(N, V) logits -> (N, V) fp32 distributions: softmax at ``temperature``, one-hot argmax at T = 0."""
     logits = logits.float()
