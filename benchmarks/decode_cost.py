@@ -106,10 +106,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     one = med["target_1"]
     unpack_linears(target.model)
-    by_length = _round_cost_by_length(target, drafts[f"vocab-{args.vocab[0]}"][0] if args.vocab else drafts["full"][0],
-                                      ids[0].tolist(), args.gamma, args.repeats)
-    batched = _batched_drafting(drafts[f"vocab-{args.vocab[0]}"][0] if args.vocab else drafts["full"][0],
-                                out.tap_hidden, ids, args.requests, args.gamma, args.repeats)
+    draft = drafts[f"vocab-{args.vocab[0]}"][0] if args.vocab else drafts["full"][0]
+    by_length = _round_cost_by_length(target, draft, ids[0].tolist(), args.gamma, args.repeats)
+    batched = _batched_drafting(draft, out.tap_hidden, ids, args.requests, args.gamma, args.repeats)
     result = {
         "gamma": args.gamma, "context": T, "threads": args.threads, "machine": describe_hardware(),
         "median_s": med,

@@ -182,7 +182,7 @@ def choose_length(cfg: EvalConfig, target, draft, prompts, settings, gamma: int)
     costs = gamma_tuning.profile_round_costs(target, draft, context, [gamma], settings.temperature, True, repeats=5,
                                              seed=settings.seed)
     c = costs[gamma]
-    return {"gamma": gamma, "prepack": c["verify_prepacked_s"] < c["verify_s"], "enabled": False,
+    return {"gamma": gamma, "prepack": gamma_tuning.prepack_pays(c), "enabled": False,
             "verify_s": c["verify_s"], "verify_prepacked_s": c["verify_prepacked_s"]}
 
 

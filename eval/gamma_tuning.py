@@ -63,27 +63,16 @@ def _median_alternated(calls: dict, repeats: int, warmup: int = 2) -> dict:
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def _available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def packs_at_once(model, counts: int) -> int:
     """How many row counts to hold packs for at the same time while profiling: all of them where half the free
     memory holds that many copies of the linear weights, else fewer (at least one)."""
+    import psutil
+
     weights = sum(m.weight.numel() * m.weight.element_size() for m in model.modules()
                   if isinstance(m, torch.nn.Linear))
-    free = _available_bytes()
-    if free is None or weights == 0:
+    if weights == 0:
         return 1
-    return max(1, min(counts, int(free // 2 // weights)))
+    return max(1, min(counts, int(psutil.virtual_memory().available // 2 // weights)))
 
 
 @torch.no_grad()
@@ -149,12 +138,17 @@ def profile_round_costs(target, draft, prompt_ids: Sequence[int], gammas: Sequen
     return costs
 
 
+def prepack_pays(cost: dict) -> bool:
+    """Whether one length's profiled forward (``profile_round_costs``) was faster with prepacked weights."""
+    return cost["verify_prepacked_s"] is not None and cost["verify_prepacked_s"] < cost["verify_s"]
+
+
 def choose_gamma(surv: np.ndarray, costs: dict[int, dict]) -> tuple[int, bool, dict]:
     """(gamma, prepack, table): the candidate with the most expected tokens per second; ``prepack`` when that
     gamma's prepacked forward was the faster. The table has each candidate's figures."""
     table = {}
     for gamma, c in sorted(costs.items()):
-        packed = c["verify_prepacked_s"] is not None and c["verify_prepacked_s"] < c["verify_s"]
+        packed = prepack_pays(c)
         round_s = c["draft_s"] + (c["verify_prepacked_s"] if packed else c["verify_s"])
         tokens = expected_tokens(surv, gamma)
         table[gamma] = {**c, "prepack": packed, "expected_tokens_per_round": tokens, "round_s": round_s,

@@ -148,11 +148,11 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
 
     max(N x ``requests_per_slot``, ``min_requests``) requests are decoded, at most N at a time: a waiting
     request takes the place of a finished one (``BatchRun``), so with more than one per slot the batch stays
-    full as on a server, instead of draining while its last, slowest request finishes. Request i decodes ``prompts[i % len(prompts)]``
-    with its own generator (seeded from ``seed`` and i, the same for every policy). Tokens/s = tokens emitted
-    by the rounds / wall time of the rounds (the prefills, the same for every policy, are excluded and
-    reported apart), median over ``repeats`` runs; in each repeat
-    the policies' rounds are interleaved (``_lockstep``; see ``_row`` for the held-out best). At T = 0,
+    full as on a server, instead of draining while its last, slowest request finishes. Request i decodes
+    ``prompts[i % len(prompts)]`` with its own generator (seeded from ``seed`` and i, the same for every
+    policy). Tokens/s = tokens emitted by the rounds / wall time of the rounds (the prefills, the same for
+    every policy, are excluded and reported apart), median over ``repeats`` runs; in each repeat the
+    policies' rounds are interleaved (``_lockstep``; see ``_row`` for the held-out best). At T = 0,
     ``reference(prompt ids)`` (plain greedy decoding) gives the tokens every request must match.
     Algorithm 1's costs for each N come from ``round_costs``: ``sps`` None = profiled in the packed layout
     (``profile_warmup`` / ``profile_repeats``), ``draft_cost`` = the profiled drafting time in the objective.

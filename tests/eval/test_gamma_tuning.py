@@ -137,3 +137,17 @@ def test_gamma_tuning_and_the_live_scheduler_are_not_combined():
                      scheduler_live=SchedulerLiveConfig(enabled=True))
     with pytest.raises(EvalConfigError, match="enable one of them per eval"):
         validate(cfg)
+
+
+def test_prepack_pays_only_when_a_packed_forward_was_measured_faster():
+    from eval.gamma_tuning import prepack_pays
+
+    assert prepack_pays(_cost(0.1, 1.0, 0.9)) and not prepack_pays(_cost(0.1, 1.0, 1.1))
+    assert not prepack_pays(_cost(0.1, 1.0, None))  # nothing was packed (no layer could be): never compared
+
+
+def test_packs_at_once_stays_between_one_and_every_count(tiny_target):
+    from eval.gamma_tuning import packs_at_once
+
+    assert 1 <= packs_at_once(tiny_target.model, 7) <= 7
+    assert packs_at_once(torch.nn.Sequential(torch.nn.ReLU()), 7) == 1  # no linear weights to hold
