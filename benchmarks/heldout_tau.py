@@ -8,9 +8,10 @@ from its first position (anchor p -> next anchor p + n + 1) replays the rounds o
 over that answer: tau = tokens / rounds, as ``python -m eval`` would count it, at a fraction of the cost.
 The rows must be greedy generations of the same target (``python -m data_prep`` with temperature 0).
 
-Also reported per draft: conditional acceptance per slot along that walk, and for a reduced draft
-vocabulary the target's probability mass inside the K tokens on these rows (the ceiling the restriction
-sets) and the share of answer positions whose target argmax lies outside K.
+Also reported per draft: tau and first-slot acceptance per prompt source, conditional acceptance per slot
+along that walk, and for a reduced draft vocabulary the target's probability mass inside the K tokens on
+these rows (the ceiling the restriction sets) and the share of answer positions whose target argmax lies
+outside K.
 
     .venv/bin/python benchmarks/heldout_tau.py --data runs/heldout --draft a=runs/train/a/final b=...
 """
@@ -50,23 +51,27 @@ def _accept_runs(draft, target, ids, lm, chunk: int = 96):
     return runs, out.final_hidden[0], t_arg
 
 
-def evaluate(draft, target, rows) -> dict:
-    """Replay greedy speculative rounds over every row's answer; see the module docstring."""
+def evaluate(draft, target, rows, sources=None) -> dict:
+    """Replay greedy speculative rounds over every row's answer; see the module docstring. ``sources``: each
+    row's prompt source, for tau and first-slot acceptance per source (``by_source``)."""
     import torch
 
     G = draft.block_size
     tokens = rounds = 0
     reached, accepted = [0] * G, [0] * G
     mass, outside, positions = 0.0, 0, 0
-    for ids, lm in rows:
+    per: dict[str, list[int]] = {}  # source -> [tokens, rounds, first slot accepted]
+    for i, (ids, lm) in enumerate(rows):
         runs, fin, t_arg = _accept_runs(draft, target, ids, lm)
         p = min(runs) if runs else None
+        mine = per.setdefault(sources[i] if sources else "all", [0, 0, 0])
         while p is not None and p in runs:
             n = runs[p]
             for k in range(min(n + 1, G)):
                 reached[k] += 1
                 accepted[k] += k < n
             tokens, rounds = tokens + n + 1, rounds + 1
+            mine[0], mine[1], mine[2] = mine[0] + n + 1, mine[1] + 1, mine[2] + (n > 0)
             p += n + 1
         if draft.reduced_vocab:
             q = (lm[1:] > 0).nonzero().squeeze(-1)  # positions whose next token is an answer token
@@ -77,6 +82,9 @@ def evaluate(draft, target, rows) -> dict:
     result = {"tau": tokens / max(rounds, 1), "rounds": rounds,
               "conditional_acceptance": [a / r if r else None for a, r in zip(accepted, reached)],
               "draft_vocab_size": draft.out_vocab_size}
+    if sources:
+        result["by_source"] = {name: {"tau": t / max(r, 1), "rounds": r, "acceptance_k1": a / max(r, 1)}
+                               for name, (t, r, a) in sorted(per.items())}
     if draft.reduced_vocab:
         result.update(vocab_mass_in_draft=mass / max(positions, 1),
                       argmax_outside_vocab=outside / max(positions, 1))
@@ -86,6 +94,7 @@ def evaluate(draft, target, rows) -> dict:
 def main() -> None:
     import torch
 
+    from data_prep.store import load_tokenized
     from dspark_model.atomic import atomic_write_json
     from dspark_model.checkpoint import load_draft, target_spec_from_checkpoint
     from dspark_model.target import load_target
@@ -103,9 +112,11 @@ def main() -> None:
     target = load_target(target_spec_from_checkpoint(drafts[0][1]), "cpu")  # the target the drafts name
     data = load_data_dir(args.data, args.max_length, None)
     rows = list(zip(data.input_ids, data.loss_mask))
+    row_ids = load_tokenized(args.data)[0]["row_id"]
+    sources = [row_ids[i].rpartition(":")[0] for i in data.rows]  # row ids are <source>:<line or index>
     results = {}
     for name, path in drafts:
-        results[name] = evaluate(load_draft(path, target), target, rows)
+        results[name] = evaluate(load_draft(path, target), target, rows, sources)
         print(name, json.dumps(results[name]), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,10 @@ def _scheduler_live(run: Path) -> dict | None:
     live = report.scheduler_live if report is not None else None
     if not live or "error" in live:
         return live
-    return {**{k: live.get(k) for k in LIVE_KEYS}, "settings": live.get("settings")}
+    full = live.get("full_batch")
+    if full:  # the same comparison over the rounds with every slot busy (eval/live.py), its per-N lists
+        full = {k: full.get(k) for k in LIVE_KEYS if k in full}
+    return {**{k: live.get(k) for k in LIVE_KEYS}, "full_batch": full, "settings": live.get("settings")}
 
 
 def build(run: Path, state: dict) -> tuple[dict, dict]:
@@ -264,6 +267,7 @@ def goals(r: dict) -> dict:
     speed = [v for v in r["speedup_vs_generate"].get("dspark", {}).values() if v is not None]
     sched = [row["ratio"] for row in r["scheduler_by_load"] or []]
     live = live_ratios(r.get("scheduler_live") or {})
+    full = live_ratios((r.get("scheduler_live") or {}).get("full_batch") or {})
 
     def rec(value, target, higher=True):
         return {"measured": value, "target": target,
@@ -284,6 +288,8 @@ def goals(r: dict) -> dict:
                                                       GOALS["scheduler_vs_best_fixed"]),
         "scheduler_live_vs_best_fixed_min_over_requests": rec(min(live) if live else None,
                                                               GOALS["scheduler_vs_best_fixed"]),
+        "scheduler_live_full_batch_vs_best_fixed_min_over_requests": rec(min(full) if full else None,
+                                                                         GOALS["scheduler_vs_best_fixed"]),
         "tau_pooled_t0_dspark": rec(r["tau"].get("dspark", {}).get("pooled", {}).get("T=0"), GOALS["tau_pooled_t0"]),
         "conditional_acceptance_k1_t0_dspark": rec(
             ((r["conditional_acceptance"].get("dspark", {}).get("T=0") or {}).get("pooled") or [None])[0],
@@ -466,24 +472,34 @@ def markdown(r: dict, figs: list[str], fig_rel: str) -> str:
                   "together on the target, one packed verification forward per round, DSpark T=0; greedy match "
                   f"{_f(live.get('greedy_match_rate'))}):", "",
                   "| requests | Algorithm 1 tokens/s | best fixed length | its tokens/s | ratio | best fixed, "
-                  "picked on held-out repeats | ratio | spread over repeats (Alg. 1 / best fixed) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "picked on held-out repeats | ratio | spread over repeats (Alg. 1 / best fixed) | all N slots "
+                  "busy: ratio to the held-out best fixed (its length) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         n_rows = len(live["requests"])
         heldout = live.get("best_fixed_heldout_tokens_per_s") or [None] * n_rows
         heldout_ratio = live.get("algorithm1_vs_best_fixed_heldout") or [None] * n_rows
         spread = live.get("spread") or [None] * n_rows
+        full = live.get("full_batch") or {}
+        full_ratio = live_ratios(full) if full else []
+        full_ratio = full_ratio if len(full_ratio) == n_rows else [None] * n_rows
+        full_length = full.get("best_fixed_length") or [None] * n_rows
         for i, (n, a1, best, length, ratio) in enumerate(zip(*(live[k] for k in LIVE_KEYS[:5]))):
             sp = spread[i]
             sp = f"{_f(sp['algorithm1'])} / {_f(sp[f'fixed_{length}'])}" if sp else "-"
+            steady = f"{_f(full_ratio[i])} (fixed_{full_length[i]})" if full_ratio[i] is not None else "-"
             lines.append(f"| {n} | {_f(a1, 2)} | fixed_{length} | {_f(best, 2)} | {_f(ratio)} | "
-                         f"{_f(heldout[i], 2)} | {_f(heldout_ratio[i])} | {sp} |")
+                         f"{_f(heldout[i], 2)} | {_f(heldout_ratio[i])} | {sp} | {steady} |")
         settings = live.get("settings") or {}
         per_slot = settings.get("requests_per_slot", 1)
         lines += ["", f"({settings.get('repeats', '?')} repeat(s), medians; "
-                  + (f"N x {per_slot} requests per run, at most N at a time; " if per_slot > 1
+                  + (f"max(N x {per_slot}, {settings['min_requests']}) requests per run, at most N at a time; "
+                     if per_slot > 1 and settings.get("min_requests")
+                     else f"N x {per_slot} requests per run, at most N at a time; " if per_slot > 1
                      else "one closed batch of N requests per run; ")
                   + "the goal is judged on the held-out column when there are two repeats or more: the best of "
-                  "seven noisy measurements overstates what picking one fixed length in advance would give)"]
+                  "seven noisy measurements overstates what picking one fixed length in advance would give; the "
+                  "last column times only the rounds run with every one of the N slots busy, the steady state of a "
+                  "server at N requests, leaving out the drain at the end of the run)"]
     tm = r["train_memory"]
     if tm:
         lines += ["", f"**Training peak memory** (same run, benchmarks/train_memory.py settings): chunked "

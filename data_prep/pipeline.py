@@ -149,9 +149,15 @@ def _run(cfg: DataPrepConfig, out_dir: Path) -> DataManifest:
         import torch
 
         torch.set_num_threads(cfg.num_threads)
-    prompt_set = load_prompts(cfg.prompts.sources, strict=cfg.strict, seed=cfg.seed,
+    sources = cfg.prompts.sources
+    target = tokenizer = None
+    if any(src.synthesize for src in sources):  # the target writes these prompts first (data_prep/synthesize.py)
+        target, tokenizer = _load(cfg)
+        sources = _synthesize(cfg, sources, target, tokenizer, out_dir, kwargs)
+    prompt_set = load_prompts(sources, strict=cfg.strict, seed=cfg.seed,
                               max_chars=cfg.max_prompt_chars, num_prompts=cfg.num_prompts)
-    target, tokenizer = _load(cfg)
+    if tokenizer is None:
+        target, tokenizer = _load(cfg)
     prompts, lengths, n_long = drop_long_prompts(prompt_set.prompts, tokenizer, cfg.max_length, kwargs,
                                                  cfg.strict)
     skipped = Counter(prompt_set.skipped)
@@ -176,6 +182,14 @@ def _run(cfg: DataPrepConfig, out_dir: Path) -> DataManifest:
         manifest.write(out_dir / "manifest.json")
     _summary(out_dir, manifest)
     return manifest
+
+
+def _synthesize(cfg: DataPrepConfig, sources, target, tokenizer, out_dir: Path, kwargs: dict) -> list:
+    from data_prep.synthesize import synthesize_source
+
+    stop_ids = stop_token_ids(tokenizer, getattr(target.model, "generation_config", None))
+    return [synthesize_source(src, target.model, tokenizer, stop_ids, out_dir, cfg.seed, kwargs, cfg.target.id,
+                              cfg.overwrite, cfg.workers) if src.synthesize else src for src in sources]
 
 
 def _load(cfg: DataPrepConfig):

@@ -81,6 +81,7 @@ class DataPrepConfig:
 def validate(cfg: DataPrepConfig) -> None:
     """Cheap checks before anything is loaded; raises DataPrepError naming the field."""
     from data_prep.errors import DataPrepError
+    from dspark_model.chat_template import is_plain
 
     g = cfg.generation
     checks = [
@@ -91,6 +92,24 @@ def validate(cfg: DataPrepConfig) -> None:
         (g.batch_size >= 1 and g.concurrency >= 1, "generation.batch_size and generation.concurrency must be >= 1"),
         (cfg.workers >= 1, f"workers must be >= 1, got {cfg.workers}"),
     ]
+    for src in cfg.prompts.sources:
+        if src.synthesize is None:
+            continue
+        where = f"synthesized prompt source {src.name or '<unnamed>'!r}"
+        checks += [
+            (src.name is not None, "a synthesized prompt source (synthesize: N) needs a name"),
+            (not (src.path or src.hf_name), f"{where} also sets path / hf_name; keep one of the three"),
+            (src.synthesize >= 1, f"{where}: synthesize must be >= 1, got {src.synthesize}"),
+            (math.isfinite(src.synthesize_temperature) and src.synthesize_temperature > 0,
+             f"{where}: synthesize_temperature must be > 0 (greedy would write the same prompt every time)"),
+            (0 < src.synthesize_top_p <= 1, f"{where}: synthesize_top_p must lie in (0, 1]"),
+            (src.synthesize_max_tokens >= 1 and src.synthesize_batch_size >= 1,
+             f"{where}: synthesize_max_tokens and synthesize_batch_size must be >= 1"),
+            (g.backend == "local", f"{where} needs generation.backend=local: a chat server cannot continue the "
+                                   f"raw opening of a user turn"),
+            (not is_plain(cfg.chat_template if cfg.chat_template is not None else cfg.target.chat_template),
+             f"{where} needs a chat template: with chat_template=plain there is no user turn to open"),
+        ]
     for ok, message in checks:
         if not ok:
             raise DataPrepError(message)

@@ -46,6 +46,13 @@ class PromptSource:
     split: str = "train"
     field: str | None = None  # column holding turns / messages / prompt; None = detect from the row
     num_samples: int | None = None  # a seeded subset of this source's valid rows; None = all
+    # Prompts written by the target itself (data_prep/synthesize.py): this many, sampled from its chat template's
+    # opening of a user turn; needs a name, no path / hf_name
+    synthesize: int | None = None
+    synthesize_temperature: float = 1.0
+    synthesize_top_p: float = 1.0
+    synthesize_max_tokens: int = 128  # a sample that has not closed its turn by then is dropped
+    synthesize_batch_size: int = 32
 
 
 @dataclass
@@ -213,14 +220,19 @@ def source_name(src: PromptSource) -> str:
         return Path(src.path).stem
     if src.hf_name:
         return src.hf_name.rstrip("/").split("/")[-1]
-    raise SourceError("a prompt source has neither path nor hf_name; set one of them")
+    if src.synthesize:
+        raise SourceError("a synthesized prompt source (synthesize: N) needs a name; set name=<its name>")
+    raise SourceError("a prompt source has neither path nor hf_name; set one of them (or synthesize: N)")
 
 
 def _read_source(src: PromptSource, strict: bool, max_chars: int | None, skipped: Counter):
     """All valid prompts of one source, in source order, plus its info record."""
     name = source_name(src)
-    if src.path and src.hf_name:
-        raise SourceError(f"prompt source {name!r} sets both path and hf_name; keep one")
+    if sum(map(bool, (src.path, src.hf_name, src.synthesize))) > 1:
+        raise SourceError(f"prompt source {name!r} sets more than one of path, hf_name and synthesize; keep one")
+    if src.synthesize:
+        raise SourceError(f"prompt source {name!r} is synthesized by the target: data_prep writes it "
+                          f"(data_prep/synthesize.py) before the prompts are read")
     if src.path:
         path = resolve_path(src.path)
         if not path.is_file():

@@ -116,6 +116,8 @@ def _run_stats(out: BatchOutput) -> dict:
     request_rounds = sum(len(v) for v in out.verified)
     return {"tokens": out.decode_tokens, "decode_s": out.decode_s, "draft_s": out.draft_s,
             "prefill_s": out.prefill_s, "rounds": out.rounds, "requests_decoded": len(out.outputs),
+            "full_batch_tokens": out.full_batch_tokens, "full_batch_s": out.full_batch_s,
+            "full_batch_rounds": out.full_batch_rounds,
             "mean_verified": sum(map(sum, out.verified)) / request_rounds if request_rounds else None,
             "tokens_per_request_round": out.decode_tokens / request_rounds if request_rounds else None,
             "mean_batch_tokens": statistics.fmean(out.batch_tokens) if out.batch_tokens else None}
@@ -159,7 +161,8 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
     Returns the ``scheduler_live`` record: requests, algorithm1_tokens_per_s, best_fixed_tokens_per_s,
     best_fixed_length, algorithm1_vs_best_fixed, best_fixed_heldout_tokens_per_s and
     algorithm1_vs_best_fixed_heldout (None below two repeats), spread, fixed_tokens_per_s {L: [...]},
-    per-policy details, settings.
+    the same lists under ``full_batch`` for the rounds run with all N slots busy (``_row``), per-policy
+    details, settings.
     """
     gamma = gamma or draft.block_size
     prompts = [list(p) for p in prompts]
@@ -194,9 +197,11 @@ def measure_scheduler_live(target, draft, prompts: Sequence[Sequence[int]], temp
                         checked += 1
                         matched += output.tokens == expected[key]
         rows.append(_row(n_requests, runs))
-        log.info("scheduler_live N=%d: algorithm1 %.1f tok/s, best fixed L=%d %.1f tok/s", n_requests,
-                 rows[-1]["tokens_per_s"]["algorithm1"], rows[-1]["best_fixed_length"],
-                 rows[-1]["best_fixed_tokens_per_s"])
+        row, full = rows[-1], rows[-1]["full_batch"]
+        log.info("scheduler_live N=%d: algorithm1 %.1f tok/s, best fixed L=%d %.1f tok/s; all slots busy: "
+                 "%.1f vs L=%d %.1f", n_requests, row["tokens_per_s"]["algorithm1"], row["best_fixed_length"],
+                 row["best_fixed_tokens_per_s"], full["tokens_per_s"]["algorithm1"], full["best_fixed_length"],
+                 full["best_fixed_tokens_per_s"])
     summary = _summary(rows, gamma, max_new_tokens, temperature, repeats, len(prompts), temperatures, costs,
                        draft_cost, matched / checked if checked else None)
     summary["settings"].update(requests_per_slot=requests_per_slot, min_requests=min_requests)
@@ -238,51 +243,72 @@ def _median_tps(each: Mapping[str, list[float]], which=slice(None)) -> dict[str,
     return {name: statistics.median(v[which]) for name, v in each.items()}
 
 
-def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
-    """One request count: median tokens/s of each policy, the best fixed length, per-policy details.
+def _compare(each: Mapping[str, list[float]]) -> dict:
+    """Median tokens/s of each policy (``each``: policy -> tokens/s of every repeat), the best fixed length, and
+    with two repeats or more the best fixed length picked on held-out repeats and each policy's spread.
 
     The best of several noisy fixed-length measurements is biased upwards (the largest of seven draws), so
     with two repeats or more the best fixed length is also chosen on the even repeats and measured on the odd
     ones and the other way round (``best_fixed_heldout_tokens_per_s``, the mean of the two): an unbiased
     figure for "the best fixed length, picked in advance". ``spread``: each policy's (max - min) / median
     tokens/s over the repeats."""
-    each = {name: [r["tokens"] / max(r["decode_s"], 1e-9) for r in rs] for name, rs in runs.items()}
     tps = _median_tps(each)
     best = _best_fixed(tps)
-    details = {name: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None
-                      for key in rs[0]} for name, rs in runs.items()}
-    row = {"requests": n_requests, "tokens_per_s": tps, "best_fixed_length": best,
-           "best_fixed_tokens_per_s": tps[f"fixed_{best}"], "details": details, "best_fixed_heldout_tokens_per_s": None}
+    out = {"tokens_per_s": tps, "best_fixed_length": best, "best_fixed_tokens_per_s": tps[f"fixed_{best}"],
+           "best_fixed_heldout_tokens_per_s": None, "spread": None}
     if min(len(v) for v in each.values()) >= 2:
         even, odd = _median_tps(each, slice(0, None, 2)), _median_tps(each, slice(1, None, 2))
-        row["best_fixed_heldout_tokens_per_s"] = (odd[f"fixed_{_best_fixed(even)}"]
+        out["best_fixed_heldout_tokens_per_s"] = (odd[f"fixed_{_best_fixed(even)}"]
                                                   + even[f"fixed_{_best_fixed(odd)}"]) / 2
-        row["spread"] = {name: (max(v) - min(v)) / tps[name] for name, v in each.items()}
-    return row
+        out["spread"] = {name: (max(v) - min(v)) / tps[name] if tps[name] else None for name, v in each.items()}
+    return out
+
+
+def _rates(runs: Mapping[str, list[dict]], tokens: str, seconds: str) -> dict[str, list[float]]:
+    return {name: [r[tokens] / max(r[seconds], 1e-9) for r in rs] for name, rs in runs.items()}
+
+
+def _row(n_requests: int, runs: Mapping[str, list[dict]]) -> dict:
+    """One request count: ``_compare`` on the whole runs (every round: tokens / decode_s), per-policy
+    details, and under ``full_batch`` ``_compare`` on the rounds run with all N slots busy (the steady state of
+    a server at N requests; the drain at the end of a finite run, where fewer requests remain, is left out)."""
+    details = {name: {key: statistics.median(r[key] for r in rs) if rs[0][key] is not None else None
+                      for key in rs[0]} for name, rs in runs.items()}
+    return {"requests": n_requests, **_compare(_rates(runs, "tokens", "decode_s")), "details": details,
+            "full_batch": _compare(_rates(runs, "full_batch_tokens", "full_batch_s"))}
+
+
+def _comparison(rows: Sequence[Mapping], gamma: int) -> dict:
+    """The per-N lists of one comparison (``_compare`` records, one per request count)."""
+    algorithm1 = [row["tokens_per_s"]["algorithm1"] for row in rows]
+    best = [row["best_fixed_tokens_per_s"] for row in rows]
+    heldout = [row["best_fixed_heldout_tokens_per_s"] for row in rows]
+    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+    return {
+        "algorithm1_tokens_per_s": algorithm1,
+        "best_fixed_tokens_per_s": best,
+        "best_fixed_length": [row["best_fixed_length"] for row in rows],
+        "algorithm1_vs_best_fixed": [ratio(a, b) for a, b in zip(algorithm1, best)],
+        "best_fixed_heldout_tokens_per_s": heldout,
+        "algorithm1_vs_best_fixed_heldout": [ratio(a, b) for a, b in zip(algorithm1, heldout)],
+        "spread": [row.get("spread") for row in rows],
+        "fixed_tokens_per_s": {str(length): [row["tokens_per_s"][f"fixed_{length}"] for row in rows]
+                               for length in range(1, gamma + 1)},
+    }
 
 
 def _summary(rows, gamma, max_new_tokens, temperature, repeats, n_prompts, temperatures, costs, draft_cost,
              match) -> dict:
-    algorithm1 = [row["tokens_per_s"]["algorithm1"] for row in rows]
-    best = [row["best_fixed_tokens_per_s"] for row in rows]
-    heldout = [row["best_fixed_heldout_tokens_per_s"] for row in rows]
     return {
         "requests": [row["requests"] for row in rows],
-        "algorithm1_tokens_per_s": algorithm1,
-        "best_fixed_tokens_per_s": best,
-        "best_fixed_length": [row["best_fixed_length"] for row in rows],
-        "algorithm1_vs_best_fixed": [a / b if b else None for a, b in zip(algorithm1, best)],
-        "best_fixed_heldout_tokens_per_s": heldout,
-        "algorithm1_vs_best_fixed_heldout": [a / b if b else None for a, b in zip(algorithm1, heldout)],
-        "spread": [row.get("spread") for row in rows],
-        "fixed_tokens_per_s": {str(length): [row["tokens_per_s"][f"fixed_{length}"] for row in rows]
-                               for length in range(1, gamma + 1)},
+        **_comparison(rows, gamma),
+        "full_batch": _comparison([row["full_batch"] for row in rows], gamma),
         "details": [{"requests": row["requests"], **row["details"]} for row in rows],
         "greedy_match_rate": match,
         "settings": {"gamma": gamma, "max_new_tokens": max_new_tokens, "temperature": temperature,
                      "repeats": repeats, "distinct_prompts": n_prompts, "layout": "packed (one row, 4-D mask)",
                      "draft": "one propose_batch() over the active requests",
-                     "timed": "rounds only (prefill excluded)",
+                     "timed": "rounds only (prefill excluded); full_batch: the rounds with all N slots busy",
                      "sts_temperatures": [float(t) for t in temperatures],
                      "objective": ("tau* / (D(R) + 1 / SPS(B)), D(R) = draft_seconds_per_round[R - 1]"
                                    if draft_cost else "tau* x SPS(B) (paper)"),

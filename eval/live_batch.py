@@ -106,6 +106,11 @@ class BatchOutput:
     prefill_s: float = 0.0
     decode_s: float = 0.0  # every round: drafting, scheduling, verification, cache cleanup
     draft_s: float = 0.0  # the draft's part of decode_s
+    # the rounds run with every slot busy (``BatchRun``'s concurrency, or all requests): the steady state of a
+    # server at that load, without the drain at the end, where fewer requests remain than slots
+    full_batch_rounds: int = 0
+    full_batch_tokens: int = 0  # tokens those rounds emitted
+    full_batch_s: float = 0.0  # their part of decode_s
 
     @property
     def decode_tokens(self) -> int:
@@ -264,6 +269,8 @@ class BatchRun:
         sync(device)
         start = time.perf_counter()
         active = [r for r in self.requests if not r.done]
+        full = len(active) == min(self.slots, len(self.prompts))
+        emitted_before = sum(len(r.out.tokens) for r in active)
         draft_start = time.perf_counter()
         proposals = draft_round(self.draft, [r.context for r in active], [r.anchor for r in active],
                                 self.temperature, [r.generator for r in active], self.gamma)
@@ -281,7 +288,12 @@ class BatchRun:
         result.batch_tokens.append(batch)
         result.verified.append(lengths)
         sync(device)
-        result.decode_s += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        result.decode_s += seconds
+        if full:
+            result.full_batch_rounds += 1
+            result.full_batch_tokens += sum(len(r.out.tokens) for r in active) - emitted_before
+            result.full_batch_s += seconds
         self._fill()
         return True
 

@@ -243,9 +243,16 @@ def render_markdown(report: Mapping) -> str:
     live = report.get("scheduler_live")
     if live and "error" not in live:
         lines += ["## Algorithm 1 live (concurrent requests, one packed verification forward per round)", ""]
-        lines += _table(["requests", "Algorithm 1 tokens/s", "best fixed length", "its tokens/s", "ratio"],
+        full = live.get("full_batch") or {}
+        n_rows = len(live["requests"])
+        lines += _table(["requests", "Algorithm 1 tokens/s", "best fixed length", "its tokens/s", "ratio",
+                         "all slots busy: ratio", "its best fixed length"],
                         zip(live["requests"], live["algorithm1_tokens_per_s"], live["best_fixed_length"],
-                            live["best_fixed_tokens_per_s"], live["algorithm1_vs_best_fixed"]))
+                            live["best_fixed_tokens_per_s"], live["algorithm1_vs_best_fixed"],
+                            full.get("algorithm1_vs_best_fixed") or [None] * n_rows,
+                            full.get("best_fixed_length") or [None] * n_rows))
+        lines += ["- all slots busy: only the rounds run with every one of the N slots taken (a server's steady "
+                  "state; the drain at the end of the run left out)"]
         lines += [f"- greedy match rate (every request of every run vs plain greedy): "
                   f"{_fmt(live.get('greedy_match_rate'))}", ""]
     elif live:

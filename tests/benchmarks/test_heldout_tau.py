@@ -40,6 +40,9 @@ def test_replayed_rounds_equal_the_decoding_loop(vocab):
             assert runs[p] == r["accepted"], (prompt, p)
             p += r["accepted"] + 1
     result = heldout_tau.evaluate(draft, target, [(ids, lm)])
-    assert result["tau"] >= 1.0 and result["rounds"] > 0
+    assert result["tau"] >= 1.0 and result["rounds"] > 0 and "by_source" not in result
+    split = heldout_tau.evaluate(draft, target, [(ids, lm), (ids, lm)], ["a", "b"])  # per source: each row alone
+    assert split["by_source"]["a"] == split["by_source"]["b"] and split["by_source"]["a"]["rounds"] == result["rounds"]
+    assert split["by_source"]["a"]["tau"] == pytest.approx(result["tau"]) and split["rounds"] == 2 * result["rounds"]
     if vocab:
         assert 0.0 < result["vocab_mass_in_draft"] <= 1.0

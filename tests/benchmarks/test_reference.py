@@ -276,7 +276,10 @@ def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path, ti
     _write_run(run, tiny_target)
     record = {"requests": [1, 4], "algorithm1_tokens_per_s": [10.0, 30.0], "best_fixed_tokens_per_s": [9.0, 31.0],
               "best_fixed_length": [3, 2], "algorithm1_vs_best_fixed": [10 / 9, 30 / 31], "greedy_match_rate": 1.0,
-              "fixed_tokens_per_s": {"1": [5.0, 20.0]}, "settings": {"gamma": 4}}
+              "fixed_tokens_per_s": {"1": [5.0, 20.0]}, "settings": {"gamma": 4},
+              "full_batch": {"algorithm1_tokens_per_s": [10.0, 36.0], "best_fixed_tokens_per_s": [9.0, 33.0],
+                             "best_fixed_length": [3, 1], "algorithm1_vs_best_fixed": [10 / 9, 36 / 33],
+                             "fixed_tokens_per_s": {"1": [5.0, 33.0]}}}
     (run / "eval" / "scheduler-live").mkdir()
     _report({"pooled": 1.0}, [], 1.0, None, None, {"scheduler_live": record}).write(
         run / "eval" / "scheduler-live" / "report.json")
@@ -288,6 +291,16 @@ def test_scheduler_live_is_a_last_stage_and_its_record_is_collected(tmp_path, ti
     assert goal["measured"] == pytest.approx(30 / 31) and goal["met"] is False
     assert (tmp_path / "results" / "reference" / "scheduler_live.png").is_file()
     assert "| 4 | 30.00 | fixed_2 | 31.00 | 0.968 |" in md.read_text()
+    full = r["goals"]["scheduler_live_full_batch_vs_best_fixed_min_over_requests"]  # the rounds with slots all busy
+    assert full["measured"] == pytest.approx(36 / 33) and full["met"] is True
+    assert "fixed_tokens_per_s" not in r["scheduler_live"]["full_batch"]
+    assert "| 1.091 (fixed_1) |" in md.read_text()
+    del record["full_batch"]  # a run recorded before the full-batch figures: its table says so, no goal
+    _report({"pooled": 1.0}, [], 1.0, None, None, {"scheduler_live": record}).write(
+        run / "eval" / "scheduler-live" / "report.json")
+    r = collect(run, {"stages": {}}, tmp_path / "results" / "reference.json", md)
+    assert r["goals"]["scheduler_live_full_batch_vs_best_fixed_min_over_requests"]["met"] is None
+    assert "| 0.968 | — | — | - | - |" in md.read_text()
 
 
 def test_throughput_after_is_the_variant_the_reference_recipe_trains_with():

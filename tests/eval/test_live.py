@@ -100,6 +100,7 @@ def test_waiting_requests_take_the_places_of_finished_ones_and_stay_lossless():
         assert [o.tokens for o in run.output.outputs] == expected
         assert max(len(v) for v in run.output.verified) == 2 and len(run.requests) == 6
         assert run.packed.length == 0  # every column left with its request
+    assert run.output.full_batch_rounds < run.output.rounds  # the last requests drain with a slot free
     # at T = 1 each request still draws exactly what it draws alone
     generators = [torch.Generator().manual_seed(i) for i in range(6)]
     out = batched_speculative_generate(target, draft, prompts, max_new, fixed_policy(4), 1.0, 4, generators,
@@ -107,6 +108,30 @@ def test_waiting_requests_take_the_places_of_finished_ones_and_stay_lossless():
     for i, (prompt, n) in enumerate(zip(prompts, max_new)):
         assert out.outputs[i].tokens == speculative_generate(target, draft, prompt, n, 1.0, 4,
                                                              torch.Generator().manual_seed(i)).tokens
+
+
+@pytest.mark.parametrize("concurrency", [None, 1, 2, 3])
+def test_full_batch_accounting_counts_the_rounds_run_with_every_slot_busy(concurrency):
+    target = _target(2, init=0.3)
+    draft = _draft(target, block_size=3)
+    prompts, max_new = _prompts(5, seed=4), [7, 3, 12, 5, 9]
+    run = BatchRun(target, draft, prompts, max_new, fixed_policy(2), 0.0, concurrency=concurrency)
+    slots = concurrency or len(prompts)
+    rounds = tokens = 0
+    while not run.done:
+        active = [r for r in run.requests if not r.done]
+        before = sum(len(r.out.tokens) for r in active)
+        run.step()
+        if len(active) == slots:
+            rounds += 1
+            tokens += sum(len(r.out.tokens) for r in active) - before
+    out = run.output
+    assert (out.full_batch_rounds, out.full_batch_tokens) == (rounds, tokens) and rounds >= 1
+    assert 0 < out.full_batch_s <= out.decode_s
+    if concurrency == 1:  # one slot is busy in every round
+        assert (out.full_batch_rounds, out.full_batch_tokens) == (out.rounds, out.decode_tokens)
+    else:
+        assert out.full_batch_rounds < out.rounds and out.full_batch_tokens < out.decode_tokens
 
 
 def test_an_eos_ends_its_request_and_the_others_continue():
@@ -209,6 +234,11 @@ def test_measure_scheduler_live_record_and_plot(tmp_path):
             record["algorithm1_tokens_per_s"][i] / record["best_fixed_tokens_per_s"][i])
     assert record["details"][2]["fixed_4"]["mean_verified"] == 4
     assert record["algorithm1_vs_best_fixed_heldout"] == [None] * 3  # one repeat: nothing held out
+    full = record["full_batch"]  # N = 1, one request: its every round has the batch full
+    assert full["algorithm1_tokens_per_s"][0] == record["algorithm1_tokens_per_s"][0]
+    assert full["fixed_tokens_per_s"]["2"][0] == record["fixed_tokens_per_s"]["2"][0]
+    assert all(d[name]["full_batch_rounds"] <= d[name]["rounds"] for d in record["details"] for name in d
+               if name != "requests")
     json.dumps(record)  # strict-JSON ready
     path = live.plot_live(record, str(tmp_path / "live.png"))
     assert (tmp_path / "live.png").stat().st_size > 0 and path.endswith("live.png")
@@ -317,8 +347,10 @@ def test_eval_cli_runs_the_live_stage_into_the_report(tmp_path):
 
 
 def test_best_fixed_is_also_picked_on_half_the_repeats_and_measured_on_the_other_half():
-    def runs(values):  # policy -> tokens/s of each repeat (1 s of decoding each)
-        return {name: [{"tokens": v, "decode_s": 1.0, "rounds": 1} for v in vs] for name, vs in values.items()}
+    def runs(values, full=None):  # policy -> tokens/s of each repeat (1 s of decoding each), and with the batch full
+        full = full or values
+        return {name: [{"tokens": v, "decode_s": 1.0, "rounds": 1, "full_batch_tokens": f, "full_batch_s": 0.5}
+                       for v, f in zip(vs, full[name])] for name, vs in values.items()}
 
     # fixed_1 wins the even repeats by luck, fixed_2 the odd ones: the in-sample best (12) overstates both
     row = live._row(2, runs({"algorithm1": [10, 10, 10, 10], "fixed_1": [14, 8, 14, 8], "fixed_2": [9, 13, 9, 13]}))
@@ -327,3 +359,12 @@ def test_best_fixed_is_also_picked_on_half_the_repeats_and_measured_on_the_other
     assert row["spread"]["fixed_1"] == pytest.approx(6 / 11) and row["spread"]["algorithm1"] == 0
     steady = live._row(2, runs({"algorithm1": [10, 10], "fixed_1": [12, 12], "fixed_2": [9, 9]}))
     assert steady["best_fixed_heldout_tokens_per_s"] == steady["best_fixed_tokens_per_s"] == 12
+    # the same comparison on the rounds with every slot busy, from their own tokens and seconds
+    drain = live._row(2, runs({"algorithm1": [10, 10], "fixed_1": [12, 12], "fixed_2": [9, 9]},
+                              {"algorithm1": [7, 7], "fixed_1": [5, 5], "fixed_2": [6, 6]}))
+    assert drain["best_fixed_length"] == 1 and drain["full_batch"]["best_fixed_length"] == 2
+    assert drain["full_batch"]["tokens_per_s"]["algorithm1"] == 14
+    assert drain["full_batch"]["best_fixed_heldout_tokens_per_s"] == 12
+    summary = live._summary([drain], 2, 8, 0.0, 2, 1, [1.0, 1.0], {}, True, 1.0)
+    assert summary["full_batch"]["algorithm1_vs_best_fixed_heldout"] == [14 / 12]
+    assert summary["algorithm1_vs_best_fixed_heldout"] == [10 / 12]
