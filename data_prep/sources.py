@@ -1,4 +1,5 @@
 """Prompt sources: local JSONL / Parquet files or Hugging Face datasets, mixed, with bad-row accounting.
+(A source with ``synthesize: N`` is written by the target first, data_prep/synthesize.py, then read as a file.)
 
 Accepted row shapes (one JSON object per line, or one Parquet / dataset row):
 

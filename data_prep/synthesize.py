@@ -9,9 +9,9 @@ them like any other prompt, and the draft learns from those answers.
 A prompt source with ``synthesize: N`` (and a ``name``) is written once to
 ``<out_dir>/synthesized/<name>.jsonl`` in the ``{"turns": [...]}`` shape every source reads, with every
 sample drawn and the settings that drew them beside it (``<name>.samples.json``); data_prep then reads that
-file as a plain file source. Rerunning reuses it; a larger N samples more batches after the ones already drawn (each batch has its
-own seed, so the first N prompts do not change); other settings, or another target or template, are refused
-unless ``overwrite=true``. Kept: samples that close their turn (a stop token) with a non-empty, new text;
+file as a plain file source. Rerunning reuses it; a larger N samples more batches after the ones already
+drawn (each batch has its own seed, so the first N prompts do not change); other settings, or another target
+or template, are refused unless ``overwrite=true``. Kept: samples that close their turn (a stop token) with a non-empty, new text;
 the rest are counted by reason.
 """
 
