@@ -229,11 +229,11 @@ def source_name(src: PromptSource) -> str:
 def _read_source(src: PromptSource, strict: bool, max_chars: int | None, skipped: Counter):
     """All valid prompts of one source, in source order, plus its info record."""
     name = source_name(src)
-    if sum(map(bool, (src.path, src.hf_name, src.synthesize))) > 1:
-        raise SourceError(f"prompt source {name!r} sets more than one of path, hf_name and synthesize; keep one")
     if src.synthesize:
         raise SourceError(f"prompt source {name!r} is synthesized by the target: data_prep writes it "
                           f"(data_prep/synthesize.py) before the prompts are read")
+    if src.path and src.hf_name:
+        raise SourceError(f"prompt source {name!r} sets both path and hf_name; keep one")
     if src.path:
         path = resolve_path(src.path)
         if not path.is_file():

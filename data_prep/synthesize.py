@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -75,19 +74,19 @@ def sample_prompts(model, tokenizer, prefix_ids: list[int], stop_ids: set[int], 
         return list(done)
 
 
-def _keep(batches: list[list[str]]) -> tuple[list[str], Counter]:
-    """Non-empty, not seen before (ignoring case and surrounding space), in sampling order."""
-    kept, seen, dropped = [], set(), Counter()
+def _keep(batches: list[list[str]]) -> tuple[list[str], int]:
+    """(non-empty texts not seen before, ignoring case and spacing, in sampling order; duplicates dropped)."""
+    kept, seen, duplicates = [], set(), 0
     for text in (t for batch in batches for t in batch):
         key = " ".join(text.lower().split())
         if not key:
             continue  # unfinished or empty, counted by the caller
         if key in seen:
-            dropped["duplicate"] += 1
+            duplicates += 1
             continue
         seen.add(key)
         kept.append(text)
-    return kept, dropped
+    return kept, duplicates
 
 
 def synthesize_source(src: PromptSource, model, tokenizer, stop_ids: set[int], out_dir: Path, seed: int,
@@ -108,7 +107,7 @@ def synthesize_source(src: PromptSource, model, tokenizer, stop_ids: set[int], o
         raise DataPrepError(f"{path} was synthesized with other settings ({', '.join(changed)} differ); use "
                             f"overwrite=true to write it again, or another out_dir")
     raw = state["batches"] if state else []
-    kept, dropped = _keep(raw)
+    kept, duplicates = _keep(raw)
     if len(kept) < src.synthesize:
         prefix_ids = encode(tokenizer, prefix)
         budget = 4 * -(-src.synthesize // src.synthesize_batch_size)  # give up after 4x the batches N needs
@@ -122,11 +121,10 @@ def synthesize_source(src: PromptSource, model, tokenizer, stop_ids: set[int], o
                 raw += more
                 atomic_write_json(settings_path, {"settings": settings, "batches": raw}, ensure_ascii=False)
                 before = len(kept)
-                kept, dropped = _keep(raw)
+                kept, duplicates = _keep(raw)
                 bar.update(min(len(kept), src.synthesize) - min(before, src.synthesize))
-    unfinished = sum(1 for batch in raw for t in batch if not t)
-    counts = {"sampled": sum(map(len, raw)), "kept": min(len(kept), src.synthesize), "unfinished": unfinished,
-              "duplicate": dropped["duplicate"]}
+    counts = {"sampled": sum(map(len, raw)), "kept": min(len(kept), src.synthesize),
+              "unfinished_or_empty": sum(1 for batch in raw for t in batch if not t), "duplicate": duplicates}
     if len(kept) < src.synthesize:
         log.warning("synthesized prompts %r: %d of the %d asked for (%s); raise synthesize_max_tokens or "
                     "synthesize_temperature", name, len(kept), src.synthesize, counts)
